@@ -1,0 +1,80 @@
+"""Image decoding: validate files, decode each once into a uint8 tensor cache."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..cache import cached_tensors, file_fingerprint, hash_key
+
+
+class BadImagesError(ValueError):
+    """Raised with the full list of unreadable images: ``.bad`` is ``[(path, reason), ...]``."""
+
+    def __init__(self, bad: list[tuple[str, str]]):
+        self.bad = bad
+        lines = "\n".join(f"  {p}: {r}" for p, r in bad)
+        super().__init__(
+            f"{len(bad)} image file(s) cannot be read:\n{lines}\n"
+            "Fix or remove them, or pass skip_bad_images=True to skip and record them."
+        )
+
+
+def check_image(path: str | Path) -> str | None:
+    """Return None when the image decodes fully, else the reason it does not."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    if path.stat().st_size == 0:
+        return "empty file"
+    try:
+        with Image.open(path) as im:
+            im.load()  # full decode: catches truncated files that verify() lets through
+    except Exception as e:  # PIL raises many types for corrupt data
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def check_images(paths, workers: int = 8) -> list[tuple[str, str]]:
+    """All unreadable images as ``(path, reason)``, in input order."""
+    paths = [str(p) for p in paths]
+    with ThreadPoolExecutor(workers) as ex:
+        reasons = list(ex.map(check_image, paths))
+    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
+
+
+def _decode(path: str, size: int) -> np.ndarray:
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = size / min(w, h)
+        # Resize so the short side is `size`, then center-crop the long side to `size`:
+        # a square cache keeps batches stackable; random crops happen later on the device.
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        w, h = im.size
+        l, t = (w - size) // 2, (h - size) // 2
+        im = im.crop((l, t, l + size, t + size))
+        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+def decode_images(paths, size: int, workers: int = 8, progress: bool = False) -> torch.Tensor:
+    """Decode images into an ``N x 3 x size x size`` uint8 tensor (short side resized, centre crop)."""
+    paths = [str(p) for p in paths]
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(workers) as ex:
+        it = ex.map(lambda p: _decode(p, size), paths)
+        for i, arr in enumerate(tqdm(it, total=len(paths), disable=not progress, desc="decode")):
+            out[i] = torch.from_numpy(arr)
+    return out
+
+
+def image_cache(paths, size: int, progress: bool = False) -> torch.Tensor:
+    """:func:`decode_images`, cached on disk keyed by the files' identity and ``size``."""
+    paths = [str(p) for p in paths]
+    key = hash_key("images-v1", size, file_fingerprint(paths))
+    return cached_tensors("images", key, lambda: {"images": decode_images(paths, size, progress=progress)})["images"]

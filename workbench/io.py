@@ -1,0 +1,114 @@
+"""Small file helpers shared by every stage: atomic writes, JSONL, metrics.json, cache root."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+def cache_root() -> Path:
+    """Root for large artifacts (image/feature caches, pretrained tiny models).
+
+    ``WORKBENCH_CACHE`` overrides the default ``~/.cache/workbench``.
+    """
+    root = Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "workbench"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _json_default(o: Any) -> Any:
+    # numpy / torch scalars and paths show up in metrics; make them plain JSON.
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def append_jsonl(path: str | Path, records: dict | Iterable[dict]) -> None:
+    """Append records as they arrive (one flush + fsync per call) so nothing is lost on a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(records, dict):
+        records = [records]
+    with open(path, "a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    """Yield records; a truncated last line (a killed writer) is skipped, any other bad line raises."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                return
+            raise ValueError(f"{path}:{i + 1}: invalid JSON line: {e}") from e
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    text = "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records)
+    atomic_write_text(path, text)
+
+
+def update_metrics(run_dir: str | Path, section: str, value: Any) -> dict:
+    """Set ``metrics.json[section] = value`` in ``run_dir`` (read-modify-write, atomic).
+
+    The special section ``accuracy`` is a list of rows ``{method, shots, seed, top1, top3, ci95}``;
+    rows with the same (method, shots, seed) are replaced, others kept.
+    """
+    path = Path(run_dir) / "metrics.json"
+    metrics = read_json(path) if path.exists() else {}
+    if section == "accuracy":
+        key = lambda r: (r["method"], str(r["shots"]), r.get("seed"))  # noqa: E731
+        new = {key(r): r for r in value}
+        metrics["accuracy"] = [r for r in metrics.get("accuracy", []) if key(r) not in new] + list(value)
+    else:
+        metrics[section] = value
+    write_json(path, metrics)
+    return metrics
