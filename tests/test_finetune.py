@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from toydata import make_matches, make_toy_dataset  # noqa: E402
 
 from workbench import finetune as ft  # noqa: E402
+from workbench import trainer  # noqa: E402
 from workbench.augment import apply_crops, center_normalize, crop_params, random_resized_crop  # noqa: E402
 from workbench.io import read_json, read_jsonl, write_jsonl  # noqa: E402
 
@@ -162,14 +163,14 @@ def test_resume_continues_exactly(toy, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path, monkeypatch):
     tr, images, rows, texts, labels = _run_inputs(toy)
     calls = {"n": 0}
-    real = ft.compute_loss
+    real = trainer.compute_loss
 
     def flaky(*a, **k):
         calls["n"] += 1
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] >= 4 else loss
 
-    monkeypatch.setattr(ft, "compute_loss", flaky)
+    monkeypatch.setattr(trainer, "compute_loss", flaky)
     m = _tiny()
     cfg = ft.FinetuneConfig(epochs=2, batch_size=8, validate=False, log_every=1, checkpoint_every=2)
     with pytest.raises(ft.NonFiniteLossError, match=r"loss became nan at step 4.*last good checkpoint.*step 3\)"):
