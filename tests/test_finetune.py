@@ -284,3 +284,13 @@ def test_ddp_two_processes_equal_one_process(toy, tmp_path, loss):
     w1, w2 = load_file(tmp_path / "one" / "best.safetensors"), load_file(tmp_path / "ddp" / "best.safetensors")
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+def test_benchmark_flops_reproduce_open_clip_profile():
+    """MFU in the benchmark rests on these: open_clip's profile gives 381.9 + 13.3 and 35.1 + 6.0 GFLOPs."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from bench_finetune import forward_flops
+
+    assert [round(x / 1e9, 1) for x in forward_flops("ViT-L-14-336")] == [381.9, 13.3]
+    assert [round(x / 1e9, 1) for x in forward_flops("ViT-B-16")] == [35.1, 6.0]
+    assert forward_flops("ViT-B-16", 32)[1] < forward_flops("ViT-B-16")[1] / 2

@@ -29,6 +29,9 @@ from .io import append_jsonl, atomic_write_bytes, read_jsonl, write_jsonl
 METHODS = ("gist", "finetune-classname")
 
 
+ATTENTION = ("auto", "default", "flash", "cudnn", "efficient")
+
+
 class NonFiniteLossError(RuntimeError):
     """Training hit a NaN/inf loss; the last good checkpoint on disk is kept."""
 
@@ -50,6 +53,7 @@ class FinetuneConfig:
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16", "fp32"
     compile: bool = False  # torch.compile each transformer block (fast to compile, same kernels)
+    attention: str = "auto"  # GPU attention kernel: "auto" (time cuDNN vs flash once), "default", "flash", "cudnn", "efficient"
     grad_checkpointing: bool = False
     freeze_text: bool = False
     class_weight: float = 1.0  # class-aware loss: target weight of same-class (other image) pairs
@@ -73,6 +77,7 @@ class FinetuneConfig:
             (self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay >= 0"),
             (self.precision in ("auto", "bf16", "fp32"), f"precision must be auto/bf16/fp32, got {self.precision!r}"),
             (self.warmup >= 0 and self.grad_clip >= 0, "warmup and grad_clip must be >= 0"),
+            (self.attention in ATTENTION, f"attention must be one of {ATTENTION}, got {self.attention!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -80,7 +85,7 @@ class FinetuneConfig:
 
     def fingerprint(self) -> str:
         """What must match for a checkpoint to resume this run exactly."""
-        skip = {"validate", "checkpoint_every", "log_every", "max_steps"}
+        skip = {"validate", "checkpoint_every", "log_every", "max_steps", "compile", "grad_checkpointing", "attention"}
         d = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -244,7 +249,10 @@ def prepare_model(clip, cfg: FinetuneConfig, device: torch.device):
         if hasattr(clip, "transformer") and not cfg.freeze_text:
             blocks += list(clip.transformer.resblocks)
         for blk in blocks:
-            blk.compile()
+            # static shapes: vision and text blocks share one forward() but differ in sequence
+            # length (and width); dynamic=False keeps a specialised graph for each instead of
+            # one shape-generic graph. Text lengths are bucketed (multiples of 8) by the Trainer.
+            blk.compile(dynamic=False)
     return clip
 
 
@@ -281,6 +289,74 @@ def _rewrite_log(log_path: Path | None, run: str, keep_upto_step: int) -> None:
 
 
 
+_SDPA_PICKS: dict = {}
+
+
+def _fastest_attention(device, heads: int, tokens: int, head_dim: int, batch: int = 32) -> str:
+    """Time forward+backward of bf16 attention at the vision tower's shape with flash and cuDNN
+    kernels; return the fastest whose output agrees with flash (once per process and shape)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    key = (str(device), heads, tokens, head_dim, batch)
+    if key in _SDPA_PICKS:
+        return _SDPA_PICKS[key]
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    times, ref = {}, None
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                out = F.scaled_dot_product_attention(q, k, v)
+                if ref is None:
+                    ref = out.detach()
+                elif not torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2):
+                    continue
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                for i in range(8):
+                    if i == 3:
+                        start.record()
+                    F.scaled_dot_product_attention(q, k, v).sum().backward()
+                end.record()
+                end.synchronize()
+                times[name] = start.elapsed_time(end)
+        except RuntimeError:  # kernel not available for this shape / build
+            continue
+    _SDPA_PICKS[key] = min(times, key=times.get) if times else "default"
+    return _SDPA_PICKS[key]
+
+
+def _attention_context(clip, cfg: FinetuneConfig, device: torch.device):
+    """Context manager that puts the chosen SDPA kernel first (others stay as fallbacks, e.g. for
+    the text tower's masked attention); a no-op on CPU or with ``attention="default"``."""
+    from contextlib import nullcontext
+
+    if device.type != "cuda" or cfg.attention == "default":
+        return nullcontext, "default"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    name = cfg.attention
+    if name == "auto":
+        v = clip.visual
+        try:
+            blk = v.transformer.resblocks[0]
+            heads, width = blk.attn.num_heads, blk.attn.embed_dim
+            tokens = v.grid_size[0] * v.grid_size[1] + 1
+            name = _fastest_attention(device, heads, tokens, width // heads)
+        except AttributeError:  # not an open_clip ViT: leave the choice to PyTorch
+            return nullcontext, "default"
+    if name == "default":
+        return nullcontext, name
+    kinds = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    order = [kinds[name]] + [b for b in (*kinds.values(), SDPBackend.MATH) if b != kinds[name]]
+    try:
+        sdpa_kernel(order, set_priority=True)
+    except TypeError:  # older PyTorch: no priorities; flash/cuDNN are its defaults anyway
+        return nullcontext, "default"
+    return (lambda: sdpa_kernel(order, set_priority=True)), name
+
+
 class Trainer:
     """What one training step needs, set up once: the model on its device (compiled, wrapped in DDP
     when distributed), the optimizer, tokenised texts and the image cache. :meth:`train_step` does one
@@ -293,6 +369,8 @@ class Trainer:
 
         self.clip, self.cfg, self.device = clip, cfg, torch.device(device)
         self.rank, self.world = _rank_world()
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.n = n = len(pair_rows)
         if n < 2:
             raise ValueError(f"{n} training pair(s); a contrastive loss needs at least 2")
@@ -329,6 +407,7 @@ class Trainer:
         pp = get_model_preprocess_cfg(clip)
         self.mean, self.std = pp.get("mean"), pp.get("std")
         self._perm, self._perm_epoch = None, -1
+        self.attention_ctx, self.attention = _attention_context(clip, cfg, self.device)
 
     def batch(self, step: int) -> dict:
         """This rank's share of global batch ``step``: augmented images on the device, text ids, labels."""
@@ -370,12 +449,13 @@ class Trainer:
         lr = lr_at(step, self.total, cfg.lr, cfg.warmup)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        with _autocast(self.device, cfg.precision):
-            out = self.net(d["images"], d["text"])
-        # the loss itself in float32, outside autocast (bf16 logits lose the ranking)
-        loss = compute_loss(cfg, out, d["labels"], d["image_ids"], d["text"], d["text_features"])
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with self.attention_ctx():
+            with _autocast(self.device, cfg.precision):
+                out = self.net(d["images"], d["text"])
+            # the loss itself in float32, outside autocast (bf16 logits lose the ranking)
+            loss = compute_loss(cfg, out, d["labels"], d["image_ids"], d["text"], d["text_features"])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.opt.step()
         with torch.no_grad():
