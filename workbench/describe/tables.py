@@ -22,7 +22,7 @@ def _balanced(records: list[dict], n: int | None) -> list[dict]:
         by_class[r["class"]][r.get("variant")].append(r)
     out = []
     for groups in by_class.values():
-        lists = [groups[v] for v in sorted(groups, key=lambda v: (v is not None, str(v)))]
+        lists = list(groups.values())  # variants in the generator's order
         taken, i = 0, 0
         while taken < n and any(i < len(lst) for lst in lists):
             for lst in lists:

@@ -32,11 +32,15 @@ def clean_text(text: str | None) -> str:
     """Strip whitespace, wrapping quotes, "Description:" leads and list markers; join lines."""
     if not text:
         return ""
-    lines = [_LEADS.sub("", ln).strip() for ln in str(text).strip().splitlines()]
-    text = " ".join(ln for ln in lines if ln)
+    text = _unquote(str(text).strip())
+    lines = [_LEADS.sub("", ln).strip() for ln in text.splitlines()]
+    return " ".join(_unquote(" ".join(ln for ln in lines if ln)).split())
+
+
+def _unquote(text: str) -> str:
     if len(text) >= 2 and text[0] in "\"'“" and text[-1] in "\"'”":
-        text = text[1:-1].strip()
-    return " ".join(text.split())
+        return text[1:-1].strip()
+    return text
 
 
 class Validator:
