@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..cache import cached_tensors, file_fingerprint, hash_key
 from . import Dataset
 from .gist import finalize
 from .layout import DatasetLayoutError, check_layout, humanize, read_table
@@ -106,8 +107,12 @@ def load(
 
 def _read_parts(root: Path, filenames: dict[int, str]) -> dict:
     names = dict(read_table(NAME, root / "parts" / "parts.txt", [("part_id", int), ("part", str)], "parts/parts.txt"))
-    cols = [("image_id", int), ("part_id", int), ("x", float), ("y", float), ("visible", float)]
-    df = pd.DataFrame(read_table(NAME, root / "parts" / "part_locs.txt", cols, "parts/part_locs.txt"), columns=[c for c, _ in cols])
+    cols = ["image_id", "part_id", "x", "y", "visible"]
+    try:  # 15 rows per image: pandas, not Python
+        df = pd.read_csv(root / "parts" / "part_locs.txt", sep=r"\s+", header=None, names=cols, engine="c")
+        df = df.astype({"image_id": np.int64, "part_id": np.int64, "x": float, "y": float, "visible": float})
+    except Exception as e:  # malformed text or missing fields (NaN to int)
+        raise DatasetLayoutError(f"{NAME}: parts/part_locs.txt cannot be parsed ('<image_id> <part_id> <x> <y> <visible>'): {e}") from None
     df["visible"] = df["visible"].astype(bool)
     df.insert(1, "filename", df["image_id"].map(filenames))
     df.insert(3, "part", df["part_id"].map(names))
@@ -124,23 +129,15 @@ def _read_attributes(root: Path, classnames: list[str]) -> dict:
         if cand.is_file():
             names = dict(read_table(NAME, cand, [("attribute_id", int), ("attribute", str)], "attributes.txt"))
             break
-    # ~3.7M rows: pandas, not Python. A few rows of the released file carry an extra field,
-    # so read 6 columns and use the first four.
-    try:
-        df = pd.read_csv(labels_path, sep=r"\s+", header=None, names=range(6), usecols=range(4), engine="c")
-    except Exception as e:  # pandas raises several types for malformed text
-        raise DatasetLayoutError(f"{NAME}: attributes/image_attribute_labels.txt cannot be parsed: {e}") from None
-    if df.isna().any().any():
-        raise DatasetLayoutError(f"{NAME}: attributes/image_attribute_labels.txt has rows with fewer than 4 fields")
-    df = df.astype(np.int64)
-    n_attr = int(max(df[1].max(), max(names, default=0)))
+    # ~3.7M rows take seconds to parse and every stage loads the dataset: parse once, cache.
+    key = hash_key("cub-attributes-v1", file_fingerprint([labels_path]))
+    t = cached_tensors("datasets", key, lambda: _parse_attribute_labels(labels_path))
+    image_ids, present, certainty = (t[k].numpy() for k in ("image_ids", "present", "certainty"))
+    n_attr = present.shape[1]
+    if names and max(names) > n_attr:
+        pad = np.zeros((len(image_ids), max(names) - n_attr), dtype=np.int8)
+        present, certainty, n_attr = np.hstack([present, pad]), np.hstack([certainty, pad]), max(names)
     attr_names = [names.get(a, f"attribute_{a}") for a in range(1, n_attr + 1)]
-    image_ids = np.sort(df[0].unique())
-    row = np.searchsorted(image_ids, df[0].to_numpy())
-    present = np.zeros((len(image_ids), n_attr), dtype=np.int8)
-    certainty = np.zeros((len(image_ids), n_attr), dtype=np.int8)
-    present[row, df[1].to_numpy() - 1] = df[2].to_numpy()
-    certainty[row, df[1].to_numpy() - 1] = df[3].to_numpy()
     idx = pd.Index(image_ids, name="image_id")
     out = {
         "attribute_names": attr_names,
@@ -153,6 +150,34 @@ def _read_attributes(root: Path, classnames: list[str]) -> dict:
         if mat.shape == (len(classnames), n_attr):
             out["class_attributes"] = pd.DataFrame(mat, index=classnames, columns=attr_names)
     return out
+
+
+def _parse_attribute_labels(path: Path) -> dict:
+    """``image_attribute_labels.txt`` -> image ids and dense (image x attribute) int8 matrices."""
+    import torch
+
+    # A few rows of the released file carry an extra field: read 6 columns, use the first four.
+    df = None
+    for sep in (" ", r"\s+"):  # single spaces in the release; the one-char separator is faster
+        try:
+            df = pd.read_csv(path, sep=sep, header=None, names=range(6), engine="c").iloc[:, :4]
+            if not df.isna().any().any():
+                break
+        except Exception as e:  # pandas raises several types for malformed text
+            err = e
+    else:
+        detail = err if df is None else "rows with fewer than 4 fields"
+        raise DatasetLayoutError(f"{NAME}: attributes/image_attribute_labels.txt cannot be parsed: {detail}")
+    df = df.astype(np.int64)
+    image_ids = np.sort(df[0].unique())
+    row = np.searchsorted(image_ids, df[0].to_numpy())
+    n_attr = int(df[1].max())
+    present = np.zeros((len(image_ids), n_attr), dtype=np.int8)
+    certainty = np.zeros((len(image_ids), n_attr), dtype=np.int8)
+    present[row, df[1].to_numpy() - 1] = df[2].to_numpy()
+    certainty[row, df[1].to_numpy() - 1] = df[3].to_numpy()
+    return {"image_ids": torch.from_numpy(image_ids), "present": torch.from_numpy(present),
+            "certainty": torch.from_numpy(certainty)}
 
 
 def parts_in_crop(ds: Dataset, filenames, size: int) -> pd.DataFrame:

@@ -13,9 +13,10 @@ import pandas as pd
 def _per_class_order(table: pd.DataFrame, mask: pd.Series, seed: int):
     """Yield ``(label, shuffled row index)`` for the rows in ``mask``, classes in label order."""
     rng = np.random.default_rng(seed)
-    sub = table[mask]
-    for label in sorted(sub["label"].unique()):
-        rows = sub[sub["label"] == label].sort_values("filename").index.to_numpy()
+    sub = table[mask].sort_values(["label", "filename"], kind="stable")
+    groups = sub.groupby("label").indices  # label -> positions in `sub`
+    for label in sorted(groups):
+        rows = sub.index.to_numpy()[groups[label]]
         yield label, rows[rng.permutation(len(rows))]
 
 
@@ -31,10 +32,11 @@ def carve_val(table: pd.DataFrame, per_class: int | None = None, fraction: float
     if per_class is not None and per_class < 0:
         raise ValueError(f"carve_val: per_class must be >= 0, got {per_class}")
     out = table.copy()
+    val = []
     for _, rows in _per_class_order(out, out["split"] == "train", seed):
         n = per_class if per_class is not None else int(round(fraction * len(rows)))
-        n = min(n, len(rows) - 1)  # keep one training image per class
-        out.loc[rows[:n], "split"] = "val"
+        val.extend(rows[: min(n, len(rows) - 1)])  # keep one training image per class
+    out.loc[val, "split"] = "val"
     return out
 
 
@@ -42,11 +44,10 @@ def fraction_split(table: pd.DataFrame, val: float, test: float, seed: int = 0) 
     """Assign ``split`` per class: ``round(test * n)`` test, ``round(val * n)`` val, the rest train."""
     if val < 0 or test < 0 or val + test >= 1:
         raise ValueError(f"split fractions need val >= 0, test >= 0 and val + test < 1; got val={val}, test={test}")
-    out = table.copy()
-    out["split"] = "train"
-    for _, rows in _per_class_order(out, pd.Series(True, index=out.index), seed):
+    split = pd.Series("train", index=table.index, dtype=object)
+    for _, rows in _per_class_order(table, pd.Series(True, index=table.index), seed):
         n_test = min(int(round(test * len(rows))), len(rows) - 1)
         n_val = min(int(round(val * len(rows))), len(rows) - 1 - n_test)
-        out.loc[rows[:n_test], "split"] = "test"
-        out.loc[rows[n_test : n_test + n_val], "split"] = "val"
-    return out
+        split[rows[:n_test]] = "test"
+        split[rows[n_test : n_test + n_val]] = "val"
+    return table.assign(split=split)
