@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/workbench run demo
 
+# nbval runs the notebooks exactly as stored, with their demo defaults (outputs in reports/lab).
 test: $(STAMP)
 	$(PY) -m pytest -q tests
-	# nbval runs the notebooks exactly as stored, with their demo defaults.
 	rm -rf reports/lab
 	if ls notebooks/[0-9][0-9]_*.ipynb >/dev/null 2>&1; then $(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks; fi
 
