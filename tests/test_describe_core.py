@@ -139,8 +139,9 @@ def test_template_backend_wraps_synthetic_descriptions(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "workbench.describe.template",
                         types.SimpleNamespace(synthetic_descriptions=synthetic_descriptions))
     ds = _toy_dataset(tmp_path)
-    res = generate_descriptions(ds, "template", n_per_class=3, run_dir=tmp_path / "run", seed=5, progress=False)
-    assert calls == [(2, 5)]  # ceil(3 / 2 variants)
+    res = generate_descriptions(ds, "template", n_per_class=3, run_dir=tmp_path / "run", seed=5, progress=False,
+                                per_variant=2)
+    assert calls == [(2, 5)]
     counts = Counter(r["class"] for r in res.records)
     assert counts == {"Red Finch": 3, "Blue Jay": 3}
     for c in ds.classnames:
@@ -150,7 +151,8 @@ def test_template_backend_wraps_synthetic_descriptions(tmp_path, monkeypatch):
     assert [r["id"] for r in recs] == [r["id"] for r in res.records]
     assert read_json(tmp_path / "run" / "metrics.json")["describe"]["backend"] == "template"
     # rerun: nothing appended twice
-    generate_descriptions(ds, "template", n_per_class=3, run_dir=tmp_path / "run", seed=5, progress=False)
+    generate_descriptions(ds, "template", n_per_class=3, run_dir=tmp_path / "run", seed=5, progress=False,
+                          per_variant=2)
     assert len(read_jsonl(tmp_path / "run" / "descriptions.jsonl")) == 6
 
 

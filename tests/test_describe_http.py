@@ -34,9 +34,9 @@ class FakeLLM(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, faults=(), gate_after=None):
+    def __init__(self, faults=(), gate_after=None, classes=CLASSES):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.faults = list(faults)
+        self.faults, self.classes = list(faults), list(classes)
         self.lock = threading.Lock()
         self.requests = 0
         self.bodies: list[str] = []  # fingerprint of every request received
@@ -75,7 +75,7 @@ class _Handler(BaseHTTPRequestHandler):
         fp = hashlib.sha256(raw).hexdigest()
         body = json.loads(raw)
         user = body["messages"][-1]["content"]
-        cls = next(c for c in CLASSES if c in user)
+        cls = next((c for c in srv.classes if c in user), user)
         with srv.lock:
             srv.requests += 1
             srv.bodies.append(fp)
@@ -125,7 +125,7 @@ class _Handler(BaseHTTPRequestHandler):
                 elif fault == "empty":
                     text = "  "
                 elif fault == "other":
-                    other = next(c for c in CLASSES if c not in user)
+                    other = next(c for c in srv.classes if c not in user)
                     text = f"The {other} has a bright crown and long dark wings."
                 elif fault == "dup":
                     text = srv.texts[cls][-1]  # an answer already given for this class
@@ -218,11 +218,18 @@ def test_faults_retries_and_validation(server_factory, tmp_path, monkeypatch):
     res3 = generate_descriptions(CLASSES, be, domain="birds", n_per_class=4, run_dir=run, progress=False)
     assert srv.requests == before + 4
     assert Counter(r["class"] for r in res3.records) == {c: 4 for c in CLASSES}
-    # another configuration is refused rather than mixed in
+    # another configuration replaces the file's records (moved aside, never mixed in) ...
     be_hot = OpenAIBackend(model="fake-llm", api_base=srv.url, api_key_env=KEY_ENV, temperature=1.0)
-    with pytest.raises(ValueError, match="another configuration"):
-        generate_descriptions(CLASSES, be_hot, domain="birds", n_per_class=3, run_dir=run, progress=False)
-    assert srv.requests == before + 4
+    with pytest.warns(UserWarning, match="moved 16 descriptions of another configuration"):
+        generate_descriptions(CLASSES, be_hot, domain="birds", n_per_class=2, run_dir=run, progress=False)
+    assert srv.requests == before + 4 + 8
+    assert {r["params"]["temperature"] for r in read_jsonl(run / "descriptions.jsonl")} == {1.0}
+    assert len(read_jsonl(run / "describe_replaced.jsonl")) == 16
+    # ... and switching back costs nothing: every answer is still in the response cache
+    with pytest.warns(UserWarning, match="moved 8 descriptions"):
+        res4 = generate_descriptions(CLASSES, be, domain="birds", n_per_class=4, run_dir=run, progress=False)
+    assert srv.requests == before + 4 + 8
+    assert [r["text"] for r in res4.records] == [r["text"] for r in res3.records]
 
 
 _CHILD = """

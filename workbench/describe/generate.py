@@ -14,6 +14,7 @@ replays cached responses without calling the backend, and only sends requests ne
 from __future__ import annotations
 
 import time
+import warnings
 from collections import Counter, deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -109,7 +110,6 @@ def generate_descriptions(
     cache_path: str | Path | None = None,
     seed: int = 0,
     max_attempts: int = 3,
-    overwrite: bool = False,
     ignore_names: Iterable[str] = (),
     progress: bool = True,
     **backend_options,
@@ -121,9 +121,11 @@ def generate_descriptions(
     (``backend_options`` go to its constructor) or an instance. ``domain``: prompt set name
     ("birds", "skin-v1", ...; default "generic" with ``noun``) for LLM backends. ``out_path``:
     default ``run_dir/descriptions.jsonl``; ``run_dir`` (default ``out_path``'s folder) receives
-    ``metrics.json["describe"]``. ``overwrite``: drop records of another configuration from
-    ``out_path`` instead of refusing to mix them. Raises :class:`DescriptionsIncomplete` when a
-    class ends with no description (after writing everything that succeeded; re-run to resume).
+    ``metrics.json["describe"]``. Records of another configuration (other backend, model, prompts,
+    sampling, fewer per class) found in ``out_path`` are moved to ``describe_replaced.jsonl`` with a
+    warning, never mixed in; their responses stay cached, so switching back costs nothing.
+    Raises :class:`DescriptionsIncomplete` when a class ends with no description (after writing
+    everything that succeeded; re-run to resume).
     """
     classnames, ds = _classnames(dataset)
     if n_per_class is not None and n_per_class < 1:
@@ -144,14 +146,14 @@ def generate_descriptions(
     t0 = time.time()
 
     if isinstance(be, RecordBackend):
-        result = _run_records(be, ds, classnames, n_per_class, seed, out_path, existing, validator, overwrite)
+        result = _run_records(be, ds, classnames, n_per_class, seed, out_path, existing, validator)
         metrics = {"backend": be.name, "model": be.model, "prompt_set": None, **result.pop("metrics")}
     elif isinstance(be, ChatBackend):
         if n_per_class is None:
             raise ValueError("n_per_class is required for LLM backends")
         ps = domain if isinstance(domain, PromptSet) else get_prompt_set(domain or "generic", noun=noun)
         result = _run_chat(be, ps, classnames, n_per_class, seed, out_path, cache_path, existing, validator,
-                           overwrite, max_attempts, progress)
+                           max_attempts, progress)
         metrics = {"backend": be.name, "model": be.model, "prompt_set": ps.name, "domain": ps.domain,
                    "noun": ps.noun or None, "max_attempts": max_attempts, **result.pop("metrics")}
     else:
@@ -188,18 +190,19 @@ def generate_descriptions(
     return res
 
 
-def _check_stale(existing: list[dict], plan_ids: set[str], out_path: Path | None, overwrite: bool) -> list[dict]:
-    """Records in ``out_path`` that belong to this configuration; refuse (or drop) the others."""
+def _check_stale(existing: list[dict], plan_ids: set[str], out_path: Path | None) -> list[dict]:
+    """Records in ``out_path`` that belong to this configuration; the others are moved aside."""
     keep = [r for r in existing if r.get("id") in plan_ids]
     stale = [r for r in existing if r.get("id") not in plan_ids]
-    if stale and not overwrite:
-        what = Counter((r.get("backend"), r.get("model"), r.get("prompt_id", "").split("/")[0]) for r in stale)
-        raise ValueError(
-            f"{out_path} holds {len(stale)} descriptions from another configuration "
-            f"(backend, model, prompts: {dict(what)}); use another out_path/run_dir, or overwrite=True to drop them"
-        )
     if stale and out_path is not None:
+        what = Counter((r.get("backend"), r.get("model"), str(r.get("prompt_id", "")).split("/")[0]) for r in stale)
+        aside = out_path.with_name("describe_replaced.jsonl")
+        append_jsonl(aside, stale)
         write_jsonl(out_path, keep)
+        warnings.warn(
+            f"{out_path.name}: moved {len(stale)} descriptions of another configuration "
+            f"((backend, model, prompts): {dict(what)}) to {aside.name}"
+        )
     # a killed run can leave the same id twice only if it was appended twice; keep the first
     seen, unique = set(), []
     for r in keep:
@@ -209,12 +212,12 @@ def _check_stale(existing: list[dict], plan_ids: set[str], out_path: Path | None
     return unique
 
 
-def _run_chat(be, ps, classnames, n, seed, out_path, cache_path, existing, validator, overwrite, max_attempts, progress):
+def _run_chat(be, ps, classnames, n, seed, out_path, cache_path, existing, validator, max_attempts, progress):
     from tqdm.auto import tqdm
 
     slots = _plan(be, ps, classnames, n, seed)
     by_id = {s.id: s for s in slots}
-    done = {r["id"]: r for r in _check_stale(existing, set(by_id), out_path, overwrite)}
+    done = {r["id"]: r for r in _check_stale(existing, set(by_id), out_path)}
     for r in done.values():
         validator.add(r["class"], r["text"])
         r["_index"] = by_id[r["id"]].index
@@ -347,7 +350,7 @@ def _fill(rec: dict, be: RecordBackend, index: int) -> dict:
     return r
 
 
-def _run_records(be, ds, classnames, n, seed, out_path, existing, validator, overwrite):
+def _run_records(be, ds, classnames, n, seed, out_path, existing, validator):
     produced = be.records(ds, classnames, n, seed)
     unknown = sorted({r["class"] for r in produced} - set(classnames))
     if unknown:
@@ -357,7 +360,7 @@ def _run_records(be, ds, classnames, n, seed, out_path, existing, validator, ove
     dup_ids = [i for i, k in Counter(ids).items() if k > 1]
     if dup_ids:
         raise ValueError(f"backend {be.name} produced duplicate description ids: {dup_ids[:5]}")
-    done = {r["id"]: r for r in _check_stale(existing, set(ids), out_path, overwrite)}
+    done = {r["id"]: r for r in _check_stale(existing, set(ids), out_path)}
     index = {r["id"]: r["_index"] for r in produced}
     for r in done.values():
         validator.add(r["class"], r["text"])

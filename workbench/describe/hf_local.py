@@ -46,11 +46,9 @@ class TransformersBackend(ChatBackend):
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..models import auto_device
-
         if model is None or model == "":
             raise ValueError("the transformers backend needs a model: a Hugging Face id, a local folder, or a loaded model")
-        self.device = auto_device(device)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device)
         if isinstance(model, str):
             torch_dtype = {"auto": (torch.bfloat16 if self.device.type == "cuda" else torch.float32),
                            "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]

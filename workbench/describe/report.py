@@ -11,16 +11,21 @@ from .summarize import context_length, extractive_summary, get_tokenizer, token_
 
 def counts_table(records: Sequence[dict], classnames: Sequence[str]) -> pd.DataFrame:
     """Per class: descriptions, distinct prompt variants, mean words; classes with none included."""
-    df = pd.DataFrame(list(records), columns=["class", "text", "prompt_id"])
+    df = pd.DataFrame(list(records), columns=["class", "text", "prompt_id", "variant"])
     df["words"] = df["text"].str.split().str.len()
     g = df.groupby("class")
     out = pd.DataFrame({
         "descriptions": g.size(),
         "prompts": g["prompt_id"].nunique(),
         "mean_words": g["words"].mean().round(1),
-    }).reindex(list(classnames))
-    out["descriptions"] = out["descriptions"].fillna(0).astype(int)
-    out["prompts"] = out["prompts"].fillna(0).astype(int)
+    })
+    if df["variant"].notna().any():  # synthetic ground truth: descriptions true of one variant only
+        for v in sorted(df["variant"].dropna().unique()):
+            out[f"only_{v}"] = df[df["variant"] == v].groupby("class").size()
+    out = out.reindex(list(classnames))
+    for c in out.columns:
+        if c != "mean_words":
+            out[c] = out[c].fillna(0).astype(int)
     out.index.name = "class"
     return out
 
@@ -71,4 +76,40 @@ def plot_token_lengths(lengths: pd.DataFrame, limit: int = 77, path: str | Path 
     return fig
 
 
-__all__ = ["counts_table", "examples", "length_stats", "plot_token_lengths", "context_length"]
+def outcomes(metrics: dict) -> pd.DataFrame:
+    """Validation outcomes per reason: rejected / retried / dropped (record backends: dropped only)."""
+    cols = {k: metrics[k] for k in ("rejected", "retried", "dropped") if isinstance(metrics.get(k), dict)}
+    return pd.DataFrame(cols).rename_axis("reason")
+
+
+def token_summary(lengths: pd.DataFrame, limit: int = 77) -> dict:
+    """Length figures for metrics.json["describe"]["tokens"]."""
+    d, s = lengths["description_tokens"], lengths["summary_tokens"]
+    if not len(d):
+        return {}
+    return {"limit": limit, "description_median": float(d.median()), "description_max": int(d.max()),
+            "descriptions_over_limit": int((d > limit).sum()), "summary_median": float(s.median()),
+            "summary_max": int(s.max())}
+
+
+def explorer(records: Sequence[dict], classnames: Sequence[str]):
+    """ipywidgets dropdown: a class's descriptions with their prompt ids."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    df = pd.DataFrame(list(records))
+    out = w.Output()
+
+    def show(change=None):
+        out.clear_output()
+        with out:
+            display(df[df["class"] == dd.value][["prompt_id", "text"]].reset_index(drop=True))
+
+    dd = w.Dropdown(options=list(classnames), description="class")
+    dd.observe(show, names="value")
+    show()
+    return w.VBox([dd, out])
+
+
+__all__ = ["counts_table", "examples", "outcomes", "length_stats", "plot_token_lengths", "token_summary", "explorer",
+           "context_length"]

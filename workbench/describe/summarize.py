@@ -103,7 +103,9 @@ def split_clauses(classname: str, text: str) -> list[str]:
         re.IGNORECASE,
     )
     lead_other = re.compile(r"^(?:" + "|".join(_SUBJECTS) + r")\s*(?:" + _LEAD_VERBS + r")?\s*", re.IGNORECASE)
-    connectors = re.compile(r"^(?:and|with|while|along\s+with|which|but|as\s+well\s+as|plus)\b\s*", re.IGNORECASE)
+    connectors = re.compile(
+        r"^(?:and|with|while|along\s+with|which|but|as\s+well\s+as|plus|look\s+for|note|also)\b\s*", re.IGNORECASE
+    )
     clauses = []
     for sent in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
         sent = sent.strip().rstrip(".!?").strip()

@@ -1,7 +1,6 @@
 """Template backends (no LLM): the synthetic benchmark's descriptions, and CUB-style attribute tables."""
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -36,16 +35,17 @@ def _balanced(records: list[dict], n: int | None) -> list[dict]:
 class SyntheticTemplateBackend(RecordBackend):
     """Descriptions of the synthetic benchmark from its generator's templates (ground-truth ``variant`` set).
 
-    Wraps ``workbench.describe.template.synthetic_descriptions(dataset, per_variant, seed)``.
-    ``per_variant`` (default: enough to give ``n_per_class`` per class) descriptions are asked per
-    species and variant, then ``n_per_class`` per class are kept, taking variants in turn.
+    Wraps ``workbench.describe.template.synthetic_descriptions(dataset, per_variant, shared, seed)``:
+    ``per_variant`` texts per species and variant (true of that variant only) and ``shared`` texts
+    true of both (generator defaults when None). ``n_per_class`` then caps each class, taking
+    variants in turn.
     """
 
     name = "template"
     model = None
 
-    def __init__(self, per_variant: int | None = None):
-        self.per_variant = per_variant
+    def __init__(self, per_variant: int | None = None, shared: int | None = None):
+        self.per_variant, self.shared = per_variant, shared
 
     def records(self, dataset, classnames, n_per_class, seed):
         if dataset is None or not hasattr(dataset, "table"):
@@ -54,15 +54,8 @@ class SyntheticTemplateBackend(RecordBackend):
             from .template import synthetic_descriptions
         except ImportError as e:
             raise ImportError("the template backend needs workbench.describe.template (the synthetic benchmark)") from e
-        per_variant = self.per_variant
-        if per_variant is None:
-            nv = 1
-            if "variant" in dataset.table.columns:
-                nv = max(1, int(dataset.table.groupby("species")["variant"].nunique().max()))
-            per_variant = max(1, math.ceil((n_per_class or 1) / nv))
-        recs = [dict(r) for r in synthetic_descriptions(dataset, per_variant=per_variant, seed=seed)]
-        for r in recs:
-            r.setdefault("params", {"per_variant": per_variant, "seed": seed})
+        kw = {k: v for k, v in (("per_variant", self.per_variant), ("shared", self.shared)) if v is not None}
+        recs = [dict(r) for r in synthetic_descriptions(dataset, seed=seed, **kw)]
         return _balanced(recs, n_per_class)
 
 
