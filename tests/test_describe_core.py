@@ -157,17 +157,18 @@ def test_template_backend_wraps_synthetic_descriptions(tmp_path, monkeypatch):
 
 
 def _write_cub(root):
-    """A 2-class, 4-image CUB_200_2011 attribute table."""
+    """A 2-class attribute table: images 1-2 Red Finch, 3-4 Blue Jay (train), 5 Red Finch (test)."""
     (root / "attributes").mkdir(parents=True)
     (root / "classes.txt").write_text("1 001.Red_Finch\n2 002.Blue_Jay\n3 003.Ghost_Bird\n")
-    (root / "image_class_labels.txt").write_text("1 1\n2 1\n3 2\n4 2\n")
+    (root / "image_class_labels.txt").write_text("1 1\n2 1\n3 2\n4 2\n5 1\n")
+    (root / "train_test_split.txt").write_text("1 1\n2 1\n3 1\n4 1\n5 0\n")
     (root.parent / "attributes.txt").write_text(
         "1 has_wing_color::red\n2 has_wing_color::blue\n3 has_bill_shape::hooked_seabird\n4 has_bill_shape::cone\n"
         "5 has_tail_shape::notched_tail\n"
     )
     lines = []
-    present = {1: {1, 4, 5}, 2: {1, 4}, 3: {2, 3}, 4: {2, 3, 5}}
-    for img in range(1, 5):
+    present = {1: {1, 4, 5}, 2: {1, 4}, 3: {2, 3}, 4: {2, 3, 5}, 5: {2}}
+    for img in range(1, 6):
         for a in range(1, 6):
             lines.append(f"{img} {a} {int(a in present[img])} {4 if img != 4 else 1} 3.0")
     (root / "attributes" / "image_attribute_labels.txt").write_text("\n".join(lines) + "\n")
@@ -179,12 +180,31 @@ def test_attribute_table_backend(tmp_path):
     res = generate_descriptions(["Red Finch", "Blue Jay"], "attributes", root=root, n_per_class=2,
                                 out_path=tmp_path / "d.jsonl", progress=False)
     by = {c: [r["text"] for r in res.records if r["class"] == c] for c in ("Red Finch", "Blue Jay")}
-    assert all(t.startswith("The Red Finch has ") for t in by["Red Finch"])
-    assert any("red wings" in t for t in by["Red Finch"]) and not any("blue wings" in t for t in by["Red Finch"])
-    # image 4 (Blue Jay) is "not visible" certainty: only image 3 counts, so blue wings + hooked seabird bill
-    assert all("blue wings" in t or "hooked seabird bill" in t for t in by["Blue Jay"])
-    assert not any("notched tail tail" in t for ts in by.values() for t in ts)
+    assert by["Red Finch"] == ["The Red Finch has red wings, cone bill and notched tail."]
+    # the test image (5) has blue wings: test labels never leak into descriptions
+    # image 4 is "not visible" certainty: only image 3 counts for Blue Jay
+    assert by["Blue Jay"] == ["The Blue Jay has blue wings and hooked seabird bill."]
     assert res.metrics["unmatched_table_classes"] == ["003.Ghost_Bird"]
+
+
+def test_attribute_backend_on_the_cub_loader(tmp_path):
+    from fixtures_datasets import CUB_ATTRIBUTES, make_mini_cub
+
+    from workbench.data import load_dataset
+    from workbench.describe.tables import _phrase
+
+    root = make_mini_cub(tmp_path, n_classes=3)
+    ds = load_dataset("cub", root)
+    phrase = [_phrase(*a.split("::")) for a in CUB_ATTRIBUTES]
+    for source in ({}, {"root": root}):  # the loader's attribute extras, or the files themselves
+        res = generate_descriptions(ds, "attributes", n_per_class=3, min_freq=0.1, progress=False, **source)
+        assert {r["class"] for r in res.records} == set(ds.classnames)
+        for r in res.records:
+            c = ds.classnames.index(r["class"])
+            # the fixture marks attribute a (1-based) present in class c iff (a + c) % 3 == 0
+            allowed = {phrase[a - 1] for a in range(1, 7) if (a + c) % 3 == 0}
+            said = set(r["text"].removeprefix(f"The {r['class']} has ").rstrip(".").replace(" and ", ", ").split(", "))
+            assert said <= allowed, (r["text"], allowed)
 
 
 def test_import_long_captions_normalises_and_reports(tmp_path):

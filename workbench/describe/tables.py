@@ -84,15 +84,31 @@ def _phrase(group: str, value: str) -> str:
     return f"{value} {' '.join(words)}"
 
 
-def read_cub_attributes(root: str | Path):
-    """CUB_200_2011 attribute tables -> (class names from classes.txt, attribute names, per-class presence frequency).
+def class_frequencies(present, certainty, labels, n_classes: int, min_certainty: int = 3) -> np.ndarray:
+    """``freq[c, a]``: fraction of class ``c``'s images with attribute ``a`` marked present with
+    certainty at least ``min_certainty`` (CUB: 3 "probably", 4 "definitely")."""
+    present = np.asarray(present) > 0
+    sure = present & (np.asarray(certainty) >= min_certainty)
+    labels = np.asarray(labels)
+    freq = np.zeros((n_classes, present.shape[1]))
+    counts = np.bincount(labels, minlength=n_classes)
+    np.add.at(freq, labels, sure.astype(float))
+    return freq / np.maximum(counts, 1)[:, None]
 
-    ``freq[c, a]``: fraction of the class's images where attribute ``a`` is marked present with
-    certainty "probably" or "definitely" (certainty ids 3, 4).
+
+def _ints(path: Path, ncols: int) -> np.ndarray:
+    rows = [ln.split()[:ncols] for ln in path.read_text().splitlines() if len(ln.split()) >= ncols]
+    return np.array(rows, dtype=np.int64).reshape(-1, ncols)
+
+
+def read_cub_attributes(root: str | Path, train_only: bool = True):
+    """CUB_200_2011 files -> (class names from classes.txt, attribute names, class x attribute frequency).
+
+    Frequencies come from training images only (``train_test_split.txt``) when ``train_only`` and
+    that file exists: descriptions must not be built from test labels.
     """
     root = Path(root)
-    need = {"attributes/image_attribute_labels.txt": None, "image_class_labels.txt": None, "classes.txt": None}
-    for rel in need:
+    for rel in ("attributes/image_attribute_labels.txt", "image_class_labels.txt", "classes.txt"):
         if not (root / rel).exists():
             raise FileNotFoundError(f"attribute backend: {root / rel} not found (expects a CUB_200_2011 folder)")
     names_file = next((p for p in (root / "attributes" / "attributes.txt", root / "attributes.txt",
@@ -101,39 +117,31 @@ def read_cub_attributes(root: str | Path):
         raise FileNotFoundError(f"attribute names (attributes.txt) not found in {root}/attributes, {root} or {root.parent}")
     attrs = [ln.split(" ", 1)[1].strip() for ln in names_file.read_text().splitlines() if ln.strip()]
     classes = [ln.split(" ", 1)[1].strip() for ln in (root / "classes.txt").read_text().splitlines() if ln.strip()]
-    img_class = {}
-    for ln in (root / "image_class_labels.txt").read_text().splitlines():
-        if ln.strip():
-            i, c = ln.split()
-            img_class[int(i)] = int(c) - 1
-    present = np.zeros((len(classes), len(attrs)))
-    counts = np.zeros(len(classes))
-    seen_images = set()
-    for ln in (root / "attributes/image_attribute_labels.txt").read_text().splitlines():
-        parts = ln.split()
-        if len(parts) < 4:
-            continue
-        img, a, is_present, certainty = int(parts[0]), int(parts[1]) - 1, int(parts[2]), int(parts[3])
-        c = img_class.get(img)
-        if c is None:
-            continue
-        if img not in seen_images:
-            seen_images.add(img)
-            counts[c] += 1
-        if is_present and certainty >= 3:
-            present[c, a] += 1
-    freq = present / np.maximum(counts, 1)[:, None]
-    return classes, attrs, freq
+    img_class = dict(_ints(root / "image_class_labels.txt", 2).tolist())
+    keep = set(img_class)
+    split = root / "train_test_split.txt"
+    if train_only and split.exists():
+        keep = {i for i, t in _ints(split, 2).tolist() if t == 1}
+    rows = _ints(root / "attributes/image_attribute_labels.txt", 4)  # image, attribute, present, certainty
+    rows = rows[np.isin(rows[:, 0], sorted(keep & set(img_class)))]
+    images = np.unique(rows[:, 0])
+    r = np.searchsorted(images, rows[:, 0])
+    present = np.zeros((len(images), len(attrs)), dtype=np.int8)
+    certainty = np.zeros_like(present)
+    present[r, rows[:, 1] - 1] = rows[:, 2]
+    certainty[r, rows[:, 1] - 1] = rows[:, 3]
+    labels = np.array([img_class[i] - 1 for i in images], dtype=np.int64)
+    return classes, attrs, class_frequencies(present, certainty, labels, len(classes))
 
 
 class AttributeTableBackend(RecordBackend):
     """Descriptions composed from per-class attribute frequencies (CUB's ``image_attribute_labels.txt``).
 
-    For each description, every attribute group (``has_wing_color``, ...) whose most frequent value
-    reaches ``min_freq`` contributes one value drawn in proportion to frequency among values above
-    ``min_freq``; ``max_phrases`` of these groups are picked at random, giving
-    "The <class> has grey wings, a hooked bill, ...". ``root``: the CUB_200_2011 folder (default:
-    the dataset's root).
+    For each description, every attribute group (``has_wing_color``, ...) with a value of
+    frequency >= ``min_freq`` contributes one such value, drawn in proportion to frequency;
+    ``max_phrases`` groups are picked at random: "The <class> has grey wings, hooked seabird bill ...".
+    Frequencies count training images only. Source: the Dataset's ``attributes`` extras (the CUB
+    loader's), else the files under ``root`` (a CUB_200_2011 folder; default the dataset's).
     """
 
     name = "attributes"
@@ -143,19 +151,29 @@ class AttributeTableBackend(RecordBackend):
         self.root, self.min_freq, self.max_phrases = root, float(min_freq), int(max_phrases)
         self.report: dict = {}
 
-    def records(self, dataset, classnames, n_per_class, seed):
-        root = self.root or getattr(dataset, "root", None)
+    def _frequencies(self, dataset):
+        ex = getattr(dataset, "extras", {}) or {}
+        if self.root is None and "attributes" in ex and "image_id" in dataset.table.columns:
+            train = dataset.table[dataset.table["split"] == "train"]
+            pres = ex["attributes"].reindex(train["image_id"])
+            cert = ex.get("attribute_certainty")
+            cert = cert.reindex(train["image_id"]).to_numpy() if cert is not None else np.full(pres.shape, 4)
+            freq = class_frequencies(pres.fillna(0).to_numpy(), np.nan_to_num(cert), train["label"].to_numpy(),
+                                     len(dataset.classnames))
+            return list(dataset.classnames), list(pres.columns), freq
+        root = self.root or ex.get("dataset_root")
         if root is None:
-            raise ValueError("the attributes backend needs root= (a CUB_200_2011 folder) or a Dataset")
-        table_classes, attrs, freq = read_cub_attributes(root)
+            raise ValueError("the attributes backend needs root= (a CUB_200_2011 folder) or the CUB Dataset")
+        return read_cub_attributes(root)
+
+    def records(self, dataset, classnames, n_per_class, seed):
+        table_classes, attrs, freq = self._frequencies(dataset)
         wanted = {norm_name(c): c for c in classnames}
         mapping = {i: wanted.get(norm_name(c)) for i, c in enumerate(table_classes)}
-        unmatched = [table_classes[i] for i, c in mapping.items() if c is None]
-        self.report = {"unmatched_table_classes": unmatched}
+        self.report = {"unmatched_table_classes": [table_classes[i] for i, c in mapping.items() if c is None]}
         groups: dict[str, list[int]] = defaultdict(list)
         for a, name in enumerate(attrs):
-            g, _, v = name.partition("::")
-            groups[g].append(a)
+            groups[name.partition("::")[0]].append(a)
         n = n_per_class or 5
         params = {"min_freq": self.min_freq, "max_phrases": self.max_phrases, "seed": seed}
         out = []
@@ -163,26 +181,20 @@ class AttributeTableBackend(RecordBackend):
             if cname is None:
                 continue
             rng = np.random.default_rng([seed, ci])
-            options = []
-            for g, idx in groups.items():
-                f = freq[ci, idx]
-                ok = [(i, fi) for i, fi in zip(idx, f) if fi >= self.min_freq]
-                if ok:
-                    options.append((g, ok))
-            if not options:
-                continue
+            options = [(g, [(a, freq[ci, a]) for a in idx if freq[ci, a] >= self.min_freq]) for g, idx in groups.items()]
+            options = [(g, ok) for g, ok in options if ok]
             seen = set()
-            for _ in range(5 * n):  # draws until n distinct descriptions
+            for _ in range(5 * n if options else 0):  # draws until n distinct descriptions
                 if len(seen) >= n:
                     break
-                pick = rng.permutation(len(options))[: self.max_phrases]
                 phrases = []
-                for k in sorted(pick):
+                for k in sorted(rng.permutation(len(options))[: self.max_phrases]):
                     g, ok = options[k]
-                    p = np.array([fi for _, fi in ok])
+                    p = np.array([f for _, f in ok])
                     a = ok[rng.choice(len(ok), p=p / p.sum())][0]
                     phrases.append(_phrase(g, attrs[a].partition("::")[2]))
-                text = f"The {cname} has " + (", ".join(phrases[:-1]) + " and " + phrases[-1] if len(phrases) > 1 else phrases[0]) + "."
+                body = ", ".join(phrases[:-1]) + " and " + phrases[-1] if len(phrases) > 1 else phrases[0]
+                text = f"The {cname} has {body}."
                 if text in seen:
                     continue
                 seen.add(text)
