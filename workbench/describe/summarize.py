@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Sequence
 
-from .validate import REASONS, Validator, clean_text  # noqa: F401  (REASONS re-exported for metrics)
+from .validate import Validator, clean_text
 
 # --- token counting -----------------------------------------------------------------------------------
 
