@@ -294,3 +294,23 @@ def test_benchmark_flops_reproduce_open_clip_profile():
     assert [round(x / 1e9, 1) for x in forward_flops("ViT-L-14-336")] == [381.9, 13.3]
     assert [round(x / 1e9, 1) for x in forward_flops("ViT-B-16")] == [35.1, 6.0]
     assert forward_flops("ViT-B-16", 32)[1] < forward_flops("ViT-B-16")[1] / 2
+
+
+def test_notebook_runs_and_writes_outputs(tmp_path):
+    from workbench.data import load_dataset
+    from workbench.pipeline import run_notebook
+
+    small = dict(n_species=3, seed=3, n_train=2, n_val=1, n_test=1)
+    ds = load_dataset("synthetic", tmp_path / "syn", **small)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_jsonl(run / "matches.jsonl", make_matches(ds, 2))
+    params = dict(run_dir=str(run), dataset="synthetic", data_root=str(tmp_path / "syn"), dataset_options=small,
+                  pretrained=None, shots=["full"], seeds=[0], epochs=1, batch_size=8, captions_per_image=2,
+                  progress=False)
+    run_notebook(Path(__file__).parents[1] / "notebooks" / "03_finetune.ipynb", run / "03_finetune.ipynb", params,
+                 cwd=run, html=False)
+    index = read_json(run / "checkpoints" / "index.json")
+    assert sorted(r["method"] for r in index) == ["finetune-classname", "gist"]
+    assert (run / "figures" / "finetune_curves.png").stat().st_size > 5000
+    assert {r["run"] for r in read_json(run / "metrics.json")["finetune"]["runs"]} == {"gist-full-s0", "finetune-classname-full-s0"}

@@ -118,6 +118,14 @@ def _shots_list(shots):
     return out
 
 
+def plan_runs(methods, shots, seeds) -> list[tuple[str, str | int, int]]:
+    """(method, shots, seed) of every run, in training order; "full" runs use the first seed only."""
+    shots = _shots_list(shots)
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    return [(m, k, sd) for m in methods for k in shots for sd in (seeds[:1] if k == "full" else seeds)]
+
+
 def finetune_all(
     run_dir: str | Path,
     dataset="synthetic",
@@ -141,6 +149,8 @@ def finetune_all(
     ``checkpoints/<run>/best.safetensors`` (+ ``last.pt``), ``checkpoints/index.json``,
     ``train_log.jsonl`` and ``metrics.json["finetune"]``; returns the index rows of these runs.
     """
+    from tqdm.auto import tqdm
+
     from .data import Dataset, few_shot, load_dataset
     from .data.images import image_cache
     from .models import auto_device, image_size, load_clip
@@ -185,48 +195,53 @@ def finetune_all(
     row_of = {f: i for i, f in enumerate(train_all.table["filename"])}
 
     log_path = run_dir / "train_log.jsonl"
+    plan = plan_runs(methods, shots, seeds)
     results, index_rows = [], []
-    for method in methods:
-        for k in shots:
-            for seed in seeds[:1] if k == "full" else seeds:
-                name = run_name(method, k, seed)
-                cfg = FinetuneConfig(method=method, seed=seed, **train_options)
-                sub = few_shot(ds, k, seed).split("train")
-                rows_sub = torch.tensor([row_of[f] for f in sub.table["filename"]])
-                images = train_cache[rows_sub]
-                pair_rows, texts, pair_labels = build_pairs(sub, method, cfg.captions_per_image, matches)
-                torch.manual_seed(seed)  # random-init models (pretrained=None) depend on it
-                bundle = load_clip(model, pretrained, "cpu")
-                labels_sub, labels_val = torch.tensor(sub.labels), torch.tensor(val_ds.labels)
-                tok = bundle.tokenizer
+    for method, k, seed in tqdm(plan, desc="runs", disable=not (progress and lead)):
+        name = run_name(method, k, seed)
+        cfg = FinetuneConfig(method=method, seed=seed, **train_options)
+        sub = few_shot(ds, k, seed).split("train")
+        rows_sub = torch.tensor([row_of[f] for f in sub.table["filename"]])
+        images = train_cache[rows_sub]
+        pair_rows, texts, pair_labels = build_pairs(sub, method, cfg.captions_per_image, matches)
+        torch.manual_seed(seed)  # random-init models (pretrained=None) depend on it
+        bundle = load_clip(model, pretrained, "cpu")
+        labels_sub, labels_val = torch.tensor(sub.labels), torch.tensor(val_ds.labels)
+        tok = bundle.tokenizer
 
-                def val_fn(clip, images=images, labels_sub=labels_sub, labels_val=labels_val, tok=tok):
-                    return validate(clip, tok, ds.classnames, images, labels_sub, val_cache, labels_val)
+        def val_fn(clip, images=images, labels_sub=labels_sub, labels_val=labels_val, tok=tok):
+            return validate(clip, tok, ds.classnames, images, labels_sub, val_cache, labels_val)
 
-                meta = {"model": model, "pretrained": pretrained, "method": method, "shots": k, "seed": seed}
-                r = train_run(
-                    bundle.model, bundle.tokenizer, cfg, images, pair_rows, texts, pair_labels, validate=val_fn,
-                    out_dir=run_dir / "checkpoints" / name, log_path=log_path, run=name, device=dev,
-                    resume=resume, progress=progress, meta=meta,
-                )
-                r.update(method=method, shots=k, seed=seed)
-                results.append(r)
-                index_rows.append({
-                    "method": method, "shots": k, "seed": seed,
-                    "path": str(Path(r["path"]).relative_to(run_dir)),
-                    "model": model, "pretrained": pretrained,
-                    "epoch": r["best_epoch"], "val_top1": r["val_top1"],
-                })
-                del bundle
+        meta = {"model": model, "pretrained": pretrained, "method": method, "shots": k, "seed": seed}
+        r = train_run(
+            bundle.model, bundle.tokenizer, cfg, images, pair_rows, texts, pair_labels, validate=val_fn,
+            out_dir=run_dir / "checkpoints" / name, log_path=log_path, run=name, device=dev,
+            resume=resume, progress=progress, meta=meta,
+        )
+        r.update(method=method, shots=k, seed=seed)
+        results.append(r)
+        row = {
+            "method": method, "shots": k, "seed": seed,
+            "path": str(Path(r["path"]).relative_to(run_dir)),
+            "model": model, "pretrained": pretrained,
+            "epoch": r["best_epoch"], "val_top1": r["val_top1"],
+        }
+        index_rows.append(row)
+        if lead:
+            _write_index(run_dir, [row])  # after every run: an interrupted stage keeps what finished
+        del bundle
     if lead:
-        _write_index(run_dir, index_rows)
-        summary = [{k: v for k, v in r.items() if k != "history"} for r in results]
-        for s, r in zip(summary, results):
+        summary = []
+        for r in results:
+            s = {k: v for k, v in r.items() if k != "history"}
             s["start_val_top1"] = r["history"][0]["val_top1"] if r["history"] else None
+            summary.append(s)
+        old = read_json(run_dir / "metrics.json").get("finetune", {}) if (run_dir / "metrics.json").exists() else {}
+        names = {s["run"] for s in summary}
         update_metrics(run_dir, "finetune", {
             "model": model, "pretrained": pretrained, "device": str(dev), "world_size": world,
             "config": {k: v for k, v in asdict(FinetuneConfig(**train_options)).items() if k not in ("method", "seed")},
-            "runs": summary,
+            "runs": [s for s in old.get("runs", []) if s.get("run") not in names] + summary,
         })
     return index_rows
 
@@ -248,25 +263,57 @@ def read_index(run_dir: str | Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- figures
-def plot_training(run_dir: str | Path, runs: list[str] | None = None):
-    """Training loss (per step) and validation top-1 (per epoch) of each run; returns the figure."""
+def summary_table(run_dir: str | Path):
+    """One row per run: the chosen epoch, its validation top-1 and the starting weights' (epoch 0)."""
+    import pandas as pd
+
+    index = read_index(run_dir)
+    log = read_jsonl(Path(run_dir) / "train_log.jsonl")
+    start = {r["run"]: r for r in log if r.get("epoch") == 0 and "val_top1" in r}
+    rows = []
+    for r in index:
+        name = run_name(r["method"], r["shots"], r["seed"])
+        s0 = start.get(name, {})
+        rows.append({"run": name, "method": r["method"], "shots": str(r["shots"]), "seed": r["seed"],
+                     "epoch": r["epoch"], "val_top1": r["val_top1"], "start_val_top1": s0.get("val_top1"),
+                     "val_zeroshot_top1": next((x.get("val_zeroshot_top1") for x in log if x["run"] == name
+                                                and x.get("epoch") == r["epoch"] and "val_top1" in x), None),
+                     "start_val_zeroshot_top1": s0.get("val_zeroshot_top1"), "path": r["path"]})
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["gain"] = df["val_top1"] - df["start_val_top1"]
+    return df
+
+
+def plot_training(run_dir: str | Path, runs: list[str] | None = None, path: str | Path | None = None):
+    """Training loss per step and validation top-1 per epoch (0 = before fine-tuning), one line per
+    run: colour by method, full-shot runs bold. Saved to ``path`` when given; returns the figure."""
     import matplotlib.pyplot as plt
 
     rows = read_jsonl(Path(run_dir) / "train_log.jsonl")
     names = runs or list(dict.fromkeys(r["run"] for r in rows))
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for name in names:
+        method = next((m for m in METHODS if name.startswith(m + "-")), None)
+        full = "-full-" in name
+        style = dict(color=colors.get(method, "k"), lw=1.8 if full else 0.7, alpha=1.0 if full else 0.6)
         tr = [r for r in rows if r["run"] == name and "loss" in r]
         va = [r for r in rows if r["run"] == name and "val_top1" in r]
         if tr:
-            ax1.plot([r["step"] for r in tr], [r["loss"] for r in tr], label=name, lw=1)
+            ax1.plot([r["step"] for r in tr], [r["loss"] for r in tr], label=name if full else None, **style)
         if va:
-            ax2.plot([r["epoch"] for r in va], [r["val_top1"] for r in va], marker="o", label=name, lw=1)
-    ax1.set(xlabel="step", ylabel="training loss", title="loss")
-    ax2.set(xlabel="epoch (0 = before fine-tuning)", ylabel="val top-1 (probe)", title="validation")
-    if len(names) <= 12:
-        ax2.legend(fontsize=7)
+            ax2.plot([r["epoch"] for r in va], [r["val_top1"] for r in va], marker="o", ms=3,
+                     label=name if full else None, **style)
+    ax1.set(xlabel="step", ylabel="training loss", title="training loss (bold: full-shot)")
+    ax2.set(xlabel="epoch (0 = before fine-tuning)", ylabel="val top-1 (ridge probe)", title="validation")
+    for ax in (ax1, ax2):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
     return fig
 
 
