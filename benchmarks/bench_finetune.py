@@ -103,6 +103,9 @@ def make_captions(n_images: int, k: int, seed: int = 0) -> tuple[list[str], list
 
 
 def _free(device):
+    import torch._dynamo as dynamo
+
+    dynamo.reset()  # compiled graphs of the last model are no use to the next
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -143,7 +146,7 @@ def bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warm
     _sync(device)
     step_s = time.perf_counter() - t1
     left = budget_s - (time.perf_counter() - t0)
-    n_steps = max(3, min(steps, int(left / max(step_s, 1e-6))))
+    n_steps = max(5 if device.type == "cuda" else 2, min(steps, int(left / max(step_s, 1e-6))))
     t1 = time.perf_counter()
     for s in range(warmup + 1, warmup + 1 + n_steps):
         loss, gnorm = tr.train_step(s)
@@ -177,10 +180,9 @@ def bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warm
     }
     if device.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del tr, clip, images
-    gc.collect()
+    del tr, clip, images, loss, gnorm
+    _free(device)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     return out
 
@@ -267,9 +269,7 @@ def bench_reference(name, paths, texts, rows, device, steps, warmup, workers, bu
     _sync(device)
     dt = time.perf_counter() - t_start
     del model, opt, loader, it
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    _free(device)
     return {"reference_pairs_per_s": timed * 20 / dt, "reference_steps_timed": timed,
             "reference_precision": "fp16 weights, fp32 step" if fp16 else "fp32 (CPU)", "reference_workers": workers}
 

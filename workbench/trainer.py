@@ -156,8 +156,8 @@ def compute_loss(cfg: FinetuneConfig, out: dict, labels, image_ids, text_ids=Non
         img, txt = losses.gather_features(img, txt)
         labels, image_ids = losses.gather_labels(labels), losses.gather_labels(image_ids)
         return losses.class_aware_loss(img, txt, scale, labels, image_ids, cfg.class_weight)
-    xt = F.normalize(out["image_tokens"], dim=-1)
-    yt = F.normalize(out["text_tokens"], dim=-1)
+    xt = F.normalize(out["image_tokens"].float(), dim=-1)
+    yt = F.normalize(out["text_tokens"].float(), dim=-1)
     mask = losses.text_token_mask(text_ids)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # text ids are not trimmed under DDP + FILIP, so token tensors have equal shapes on every rank
@@ -245,6 +245,13 @@ def prepare_model(clip, cfg: FinetuneConfig, device: torch.device):
     if cfg.compile:
         # Regional compilation: every block of a tower has the same code, so one compile serves
         # all of them (seconds, not the minutes a whole ViT-L graph takes).
+        import torch._dynamo as dynamo
+
+        # one static graph per (tower, batch, text-length bucket): allow more than the default 8,
+        # or few-shot runs with their smaller batches would fall back to eager
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo.config, knob):
+                setattr(dynamo.config, knob, max(64, getattr(dynamo.config, knob)))
         blocks = list(clip.visual.transformer.resblocks)
         if hasattr(clip, "transformer") and not cfg.freeze_text:
             blocks += list(clip.transformer.resblocks)
