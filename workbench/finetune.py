@@ -187,11 +187,15 @@ def finetune_all(
     else:
         dev = torch.device(device)
 
-    probe_model = load_clip(model, pretrained, "cpu")
-    size = image_size(probe_model.model)
     train_all, val_ds = ds.split("train"), ds.split("val")
-    train_cache = image_cache(train_all.paths(), size, progress=progress and lead)
-    val_cache = image_cache(val_ds.paths(), size, progress=progress and lead)
+    # rank 0 first: it may pretrain/download weights and decodes the image cache; the others then read both
+    for turn in ([0, 1] if world > 1 else [0]):
+        if (rank == 0) == (turn == 0):
+            size = image_size(load_clip(model, pretrained, "cpu").model)
+            train_cache = image_cache(train_all.paths(), size, progress=progress and lead)
+            val_cache = image_cache(val_ds.paths(), size, progress=progress and lead)
+        if world > 1:
+            dist.barrier()
     row_of = {f: i for i, f in enumerate(train_all.table["filename"])}
 
     log_path = run_dir / "train_log.jsonl"
