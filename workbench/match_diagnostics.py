@@ -161,4 +161,26 @@ def matching_metrics(result_or_records, descriptions: Sequence[dict] | None = No
             out.update(vp)
     if timing:
         out["timing"] = {k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in timing.items()}
-    return out
+    # metrics.json is strict JSON: NaN (no scores, nothing variant-specific) becomes null
+    return {k_: (None if isinstance(v, float) and not np.isfinite(v) else v) for k_, v in out.items()}
+
+
+def matches_frame(records: Sequence[dict], k: int = 2) -> pd.DataFrame:
+    """A readable table of matches: image, class, then the first ``k`` captions with their cosines."""
+    rows = []
+    for r in records:
+        row = {"image": r["image"], "class": r["class"]}
+        for j in range(min(k, len(r["captions"]))):
+            row[f"caption_{j + 1}"] = r["captions"][j]
+            if r.get("scores"):
+                row[f"cos_{j + 1}"] = round(r["scores"][j], 4)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def descriptions_frame(descriptions: Sequence[dict]) -> pd.DataFrame:
+    """Descriptions per class (and per variant, when the records carry one)."""
+    df = pd.DataFrame([{"class": d["class"], "variant": d.get("variant") or "(any)"} for d in descriptions])
+    if df.empty:
+        return df
+    return df.groupby(["class", "variant"]).size().unstack(fill_value=0)
