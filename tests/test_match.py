@@ -12,7 +12,7 @@ from PIL import Image
 
 from workbench.data import Dataset
 from workbench.data.images import BadImagesError
-from workbench.io import read_json, read_jsonl, write_jsonl
+from workbench.io import read_json, read_jsonl
 from workbench.match import (
     count_tokens, export_captions_top5, import_captions_top5, match_dataset, topk_within_class, truncate_caption,
 )
@@ -257,7 +257,7 @@ def test_truncate_caption_fits_and_cuts_at_words(bundle):
     assert (tok([cap])[0] != 0).sum().item() == count_tokens(tok, cap)
 
 
-def test_summarize_callable_is_used_and_kept_within_context(bundle, toy):
+def test_summarize_callable_is_used_and_kept_within_context(bundle, toy, monkeypatch):
     seen = []
 
     def summ(c, t):
@@ -268,8 +268,19 @@ def test_summarize_callable_is_used_and_kept_within_context(bundle, toy):
     used = {d for r in res.records for d in r["description_ids"]}
     assert len(seen) == len(used)  # each matched description summarized once
     assert all(count_tokens(bundle.tokenizer, c) <= 77 for r in res.records for c in r["captions"])
-    with pytest.raises(ValueError, match="truncate"):
+    calls = count_encodes(monkeypatch, bundle.model)
+    with pytest.raises(ValueError, match="truncate"):  # fails before any embedding
         match_dataset(toy, make_descriptions(), bundle, k=2, summarize="no-such-method-anywhere")
+    with pytest.raises(ValueError, match="backend"):
+        match_dataset(toy, make_descriptions(), bundle, k=2, summarize="llm")
+    assert calls == []
+
+
+def test_extractive_summaries_from_the_describe_stage(bundle, toy):
+    pytest.importorskip("workbench.describe.summarize")
+    res = match_dataset(toy, make_descriptions(), bundle, k=2, summarize="extractive")
+    for r in res.records:
+        assert all(c.startswith(r["class"] + ": ") and count_tokens(bundle.tokenizer, c) <= 77 for c in r["captions"])
 
 
 def test_variant_precision_against_hand_count():

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .cache import cached_tensors, file_fingerprint, hash_key
+from .match_captions import (  # noqa: F401  (re-exported: one import for the notebook)
+    check_summarize, count_tokens, export_captions_top5, import_captions_top5, summarize_texts, truncate_caption,
+)
 from .data.images import BadImagesError, check_images, image_cache
 from .io import cache_root, read_json, read_jsonl, write_json, write_jsonl
 from .models import encode_images, encode_texts, image_size
@@ -73,80 +75,6 @@ def group_descriptions(records: Sequence[dict], classnames: Sequence[str], neede
     if problems:
         raise ValueError("cannot match images to descriptions:\n- " + "\n- ".join(problems))
     return dict(groups)
-
-
-# ----------------------------------------------------------------------------------------------
-# captions: "<class>: <description>" within the text encoder's context
-
-
-def count_tokens(tokenizer, text: str) -> int:
-    """Tokens the text takes in the CLIP context, start/end tokens included."""
-    if hasattr(tokenizer, "encode"):  # open_clip SimpleTokenizer
-        return len(tokenizer.encode(text)) + 2
-    if hasattr(tokenizer, "tokenizer"):  # open_clip HFTokenizer
-        return len(tokenizer.tokenizer(text)["input_ids"])
-    return len(tokenizer(text))
-
-
-def context_length(tokenizer) -> int:
-    return int(getattr(tokenizer, "context_length", None) or 77)
-
-
-def truncate_caption(classname: str, text: str, tokenizer, max_tokens: int | None = None) -> str:
-    """``"<class>: <text>"``, cut at the last word boundary that fits ``max_tokens`` (default: the
-    tokenizer's context, 77 for CLIP), so the text encoder never silently cuts a word."""
-    max_tokens = max_tokens or context_length(tokenizer)
-    head = f"{classname}: "
-    words = " ".join(str(text).split()).split(" ")
-    full = head + " ".join(words)
-    if count_tokens(tokenizer, full) <= max_tokens:
-        return full
-    lo, hi = 0, len(words)  # largest n with head + words[:n] fitting; binary search on token count
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if count_tokens(tokenizer, head + " ".join(words[:mid])) <= max_tokens:
-            lo = mid
-        else:
-            hi = mid - 1
-    if lo == 0:
-        raise ValueError(f"class name {classname!r} alone does not fit {max_tokens} tokens")
-    return (head + " ".join(words[:lo])).rstrip(",;:-— ")
-
-
-Summarizer = Callable[[str, str], str]  # (class name, description) -> caption
-
-
-def resolve_summarizer(summarize: str | Summarizer | None, tokenizer) -> Summarizer:
-    """A callable ``(classname, text) -> caption`` that always fits the tokenizer's context.
-
-    ``None``/``"truncate"``: ``"<class>: <text>"`` cut at a word boundary. A callable: used, then
-    cut the same way if it overruns. Any other string: a method of ``workbench.describe.summarize``
-    (the describe stage's summarizer), called as ``summarize(text, classname=..., tokenizer=..., method=...)``.
-    """
-    if summarize in (None, "", "none", "truncate"):
-        return lambda c, t: truncate_caption(c, t, tokenizer)
-    if callable(summarize):
-        fn = summarize
-    else:
-        try:
-            from .describe import summarize as mod  # lands with the describe stage
-        except ImportError as e:
-            raise ValueError(
-                f"summarize={summarize!r} needs workbench.describe.summarize, which is not available ({e}); "
-                "use summarize='truncate' or pass a callable (classname, text) -> caption"
-            ) from None
-        inner = getattr(mod, "summarize", mod)
-        method = summarize
-        fn = lambda c, t: inner(t, classname=c, tokenizer=tokenizer, method=method)  # noqa: E731
-
-    def safe(c, t):
-        cap = fn(c, t)
-        if count_tokens(tokenizer, cap) > context_length(tokenizer):
-            body = cap.split(": ", 1)[1] if cap.startswith(f"{c}: ") else cap
-            cap = truncate_caption(c, body, tokenizer)
-        return cap
-
-    return safe
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,7 +209,8 @@ class MatchResult:
     timing: dict = field(default_factory=dict)
 
 
-def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int = 256, summarize=None, split: str | None = "train",
+def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int = 256, summarize=None,
+                  summarize_options: dict | None = None, split: str | None = "train",
                   skip_bad_images: bool = False, run_dir: str | Path | None = None, progress: bool = False,
                   use_cache: bool = True) -> MatchResult:
     """Match every image of ``ds`` (its ``split``; None = all rows) to its own class's descriptions.
@@ -293,6 +222,7 @@ def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int = 256, s
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    check_summarize(summarize, summarize_options)
     t0 = time.perf_counter()
     part = ds.split(split) if split else ds
     table = part.table
@@ -331,10 +261,10 @@ def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int = 256, s
     indices, scores, probs = topk_within_class(imf, img_labels, tf, txt_labels, k=k, device=dev)
     t_match = time.perf_counter()
 
-    summarizer = resolve_summarizer(summarize, bundle.tokenizer)
-    caption_of: dict[int, str] = {}
-    for j in sorted(set(indices[indices >= 0].tolist())):  # summarize each matched description once
-        caption_of[j] = summarizer(descs[j]["class"], descs[j]["text"])
+    used = sorted(set(indices[indices >= 0].tolist()))  # summarize each matched description once
+    caps = summarize_texts([descs[j]["class"] for j in used], [descs[j]["text"] for j in used], summarize,
+                           bundle.tokenizer, options=summarize_options, progress=progress)
+    caption_of = dict(zip(used, caps))
     t_sum = time.perf_counter()
 
     records = []
@@ -378,50 +308,8 @@ def read_matches(run_dir_or_path) -> list[dict]:
     return read_jsonl(path)
 
 
-# ----------------------------------------------------------------------------------------------
-# GIST interop: captions_top5.json = {image filename: [caption, ...]}
-
-
-def export_captions_top5(records: Sequence[dict], path: str | Path, k: int = 5) -> Path:
-    """Write GIST's ``captions_top5.json`` (image filename -> its top-k captions, best first)."""
-    path = Path(path)
-    write_json(path, {r["image"]: list(r["captions"][:k]) for r in records})
-    return path
-
-
-def import_captions_top5(path: str | Path, ds, run_dir: str | Path | None = None, strict: bool = True) -> list[dict]:
-    """Read GIST's ``captions_top5.json`` into matches records for ``ds``.
-
-    Images missing from the dataset table raise (listing them) unless ``strict=False`` (then dropped).
-    Description ids are content hashes, so identical captions share an id; scores are unknown (None).
-    """
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
-        raise ValueError(f"{path}: expected a JSON object mapping image filename -> list of captions")
-    rows = {f: (int(l), s) for f, l, s in zip(ds.table["filename"], ds.table["label"], ds.table["species"])}
-    unknown = [f for f in data if f not in rows]
-    if unknown and strict:
-        raise ValueError(f"{len(unknown)} image(s) in {path} are not in dataset {ds.name!r}: {unknown[:20]}"
-                         + (" …" if len(unknown) > 20 else ""))
-    records = []
-    for f, caps in data.items():
-        if f not in rows:
-            continue
-        label, species = rows[f]
-        caps = [str(c) for c in caps]
-        records.append({
-            "image": f, "label": label, "class": species,
-            "description_ids": ["gist-" + hashlib.sha1(c.encode()).hexdigest()[:12] for c in caps],
-            "descriptions": caps, "captions": caps, "scores": None, "probs": None,
-            "model": None, "pretrained": None, "source": str(path),
-        })
-    if run_dir is not None:
-        write_jsonl(Path(run_dir) / "matches.jsonl", records)
-    return records
-
-
 __all__ = [
-    "load_descriptions", "group_descriptions", "truncate_caption", "resolve_summarizer", "count_tokens",
+    "load_descriptions", "group_descriptions", "truncate_caption", "summarize_texts", "count_tokens",
     "image_features", "text_features", "encode_uint8", "topk_within_class", "match_dataset", "MatchResult",
     "read_matches", "export_captions_top5", "import_captions_top5", "weights_digest",
 ]
