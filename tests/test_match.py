@@ -360,3 +360,29 @@ def test_notebook_runs_on_small_synthetic_data(tmp_path):
     assert m["n_images"] == len(recs) and m["variant_precision"] is not None and m["random_precision"] is not None
     assert (run / "figures" / "match_diagnostics.png").exists() and (run / "figures" / "match_examples.png").exists()
     assert set(read_json(run / "captions_top5.json")) == {r["image"] for r in recs}
+
+
+def test_encode_uint8_chunks_equal_one_pass(bundle):
+    x = torch.randint(0, 256, (11, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    from workbench.match import encode_uint8
+
+    torch.testing.assert_close(encode_uint8(bundle.model, x, batch_size=3, chunk=4),
+                               encode_images(bundle.model, x, batch_size=11), atol=1e-5, rtol=1e-4)
+
+
+def test_benchmark_script_smoke(tmp_path, capsys):
+    """The benchmark runs end to end at toy sizes and prints one JSON object with the headline keys."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_match.py"
+    spec = importlib.util.spec_from_file_location("bench_match", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--n-images", "6", "--n-cache", "12", "--n-ref", "4", "--classes", "3", "--per-class", "2",
+                "--image-wh", "80", "60", "--batch-size", "4", "--time-limit", "30", "--json-out", str(tmp_path / "b.json")])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out == read_json(tmp_path / "b.json")
+    for key in ("workbench_images_per_s", "reference_images_per_s", "speedup", "device", "model", "n_images"):
+        assert key in out
+    assert set(out["jpeg_breakdown"]["share"]) == {"decode", "transfer", "encode", "match"}
+    assert "errors" not in out

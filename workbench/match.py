@@ -230,8 +230,7 @@ def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int = 256, s
         raise ValueError(f"dataset {ds.name!r} has no {split!r} images to match")
     descs = load_descriptions(descriptions)
     needed = list(dict.fromkeys(table["species"]))
-    groups = group_descriptions(descs, ds.classnames, needed)
-    del groups  # validation only; labels below index the same records
+    group_descriptions(descs, ds.classnames, needed)  # raises, listing every problem
 
     paths = [str(part.root / f) for f in table["filename"]]
     bad = _check_images_cached(paths)
@@ -248,6 +247,8 @@ def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int = 256, s
             write_jsonl(Path(run_dir) / "bad_images.jsonl", bad_records)
         if len(table) == 0:
             raise ValueError("every image is unreadable; nothing to match")
+    elif run_dir is not None:
+        (Path(run_dir) / "bad_images.jsonl").unlink(missing_ok=True)  # stale list from an earlier run
     t_check = time.perf_counter()
 
     cls_index = {c: i for i, c in enumerate(ds.classnames)}
