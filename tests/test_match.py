@@ -224,6 +224,11 @@ def test_gist_captions_top5_round_trip(bundle, toy, tmp_path):
     assert [(r["image"], r["label"], r["class"], r["captions"]) for r in back] == \
            [(r["image"], r["label"], r["class"], r["captions"]) for r in res.records]
     assert read_jsonl(tmp_path / "imported" / "matches.jsonl") == back
+    # the form GIST's trainer reads (it prepends "species: " itself) comes back the same
+    bare = read_json(export_captions_top5(res.records, tmp_path / "bare.json", strip_class=True))
+    first = res.records[0]
+    assert bare[first["image"]][0] == first["captions"][0].split(": ", 1)[1]
+    assert [r["captions"] for r in import_captions_top5(tmp_path / "bare.json", toy)] == [r["captions"] for r in res.records]
     # unknown images are listed, or dropped when not strict
     data["nowhere/x.jpg"] = ["a: b"]
     (tmp_path / "extra.json").write_text(json.dumps(data))
@@ -239,10 +244,13 @@ def test_import_real_gist_sample(tmp_path):
     ds = Dataset("cub-sample", tmp_path, meta[["filename", "split", "label", "species"]], classes)
     recs = import_captions_top5(SAMPLE / "cub_captions_top5_sample.json", ds, strict=False)
     src = json.loads((SAMPLE / "cub_captions_top5_sample.json").read_text())
-    assert recs and all(r["captions"] == src[r["image"]] for r in recs)
+    assert recs and all(r["descriptions"] == src[r["image"]] for r in recs)
     assert all(r["class"] == ds.classnames[r["label"]] for r in recs)
-    export_captions_top5(recs, tmp_path / "again.json")
-    assert read_json(tmp_path / "again.json") == {r["image"]: src[r["image"]] for r in recs}
+    # "black-footed albatross: dark …" becomes "Black footed Albatross: dark …"
+    r0 = next(r for r in recs if r["class"] == "Black footed Albatross")
+    assert r0["captions"][0] == "Black footed Albatross: " + src[r0["image"]][0].split(": ", 1)[1]
+    export_captions_top5(recs, tmp_path / "again.json", strip_class=True)
+    assert read_json(tmp_path / "again.json") == {r["image"]: [c.split(": ", 1)[1] for c in src[r["image"]]] for r in recs}
 
 
 def test_truncate_caption_fits_and_cuts_at_words(bundle):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -112,20 +113,44 @@ def check_summarize(summarize, options: dict | None = None) -> None:
 # GIST interop: captions_top5.json = {image filename: [caption, ...]}
 
 
-def export_captions_top5(records: Sequence[dict], path: str | Path, k: int = 5) -> Path:
-    """Write GIST's ``captions_top5.json`` (image filename -> its top-k captions, best first)."""
+def _loose(name: str) -> str:
+    """Class names compared loosely: GIST writes "black-footed albatross" for "Black footed Albatross"."""
+    return re.sub(r"[\s_\-']+", " ", name.strip().lower()).strip()
+
+
+def split_class_prefix(caption: str, classname: str) -> str:
+    """The caption without a leading ``"<class>: "`` that names ``classname`` (loosely), else unchanged."""
+    head, sep, body = caption.partition(": ")
+    return body if sep and _loose(head) == _loose(classname) else caption
+
+
+def export_captions_top5(records: Sequence[dict], path: str | Path, k: int = 5, strip_class: bool = False) -> Path:
+    """Write GIST's ``captions_top5.json`` (image filename -> its top-k captions, best first).
+
+    ``strip_class=True`` drops the ``"<class>: "`` prefix: GIST's trainer prepends ``species + ": "``
+    itself (its CUB file keeps the prefix, its Flowers file does not).
+    """
     path = Path(path)
-    write_json(path, {r["image"]: list(r["captions"][:k]) for r in records})
+    cut = (lambda r, c: split_class_prefix(c, r["class"])) if strip_class else (lambda r, c: c)  # noqa: E731
+    write_json(path, {r["image"]: [cut(r, c) for c in r["captions"][:k]] for r in records})
     return path
 
 
-def import_captions_top5(path: str | Path, ds, run_dir: str | Path | None = None, strict: bool = True) -> list[dict]:
-    """Read GIST's ``captions_top5.json`` into matches records for ``ds``.
+def import_captions_top5(path: str | Path, ds, run_dir: str | Path | None = None, strict: bool = True,
+                         tokenizer=None) -> list[dict]:
+    """Read GIST's ``captions_top5.json`` (also its ``captions_top5.csv``, which holds the same JSON)
+    into matches records for ``ds``.
 
-    Images missing from the dataset table raise (listing them) unless ``strict=False`` (then dropped).
-    Description ids are content hashes, so identical captions share an id; scores are unknown (None).
+    Captions become ``"<class name>: <caption>"`` with the dataset's class name, replacing a loosely
+    matching prefix when the file has one (CUB's ``"black-footed albatross: …"``); ``descriptions``
+    keep the file's text. With ``tokenizer``, captions longer than its context are cut at a word.
+    Images missing from the dataset raise (listing them) unless ``strict=False`` (then dropped).
+    Description ids are content hashes, so identical texts share an id; scores are unknown (None).
     """
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e}); expected {{image filename: [caption, ...]}}") from None
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise ValueError(f"{path}: expected a JSON object mapping image filename -> list of captions")
     rows = {f: (int(l), s) for f, l, s in zip(ds.table["filename"], ds.table["label"], ds.table["species"])}
@@ -134,15 +159,17 @@ def import_captions_top5(path: str | Path, ds, run_dir: str | Path | None = None
         raise ValueError(f"{len(unknown)} image(s) in {path} are not in dataset {ds.name!r}: {unknown[:20]}"
                          + (" …" if len(unknown) > 20 else ""))
     records = []
-    for f, caps in data.items():
+    for f, texts in data.items():
         if f not in rows:
             continue
         label, species = rows[f]
-        caps = [str(c) for c in caps]
+        texts = [str(t) for t in texts]
+        bodies = [split_class_prefix(t, species) for t in texts]
+        caps = [truncate_caption(species, b, tokenizer) if tokenizer is not None else f"{species}: {b}" for b in bodies]
         records.append({
             "image": f, "label": label, "class": species,
-            "description_ids": ["gist-" + hashlib.sha1(c.encode()).hexdigest()[:12] for c in caps],
-            "descriptions": caps, "captions": caps, "scores": None, "probs": None,
+            "description_ids": ["gist-" + hashlib.sha1(t.encode()).hexdigest()[:12] for t in texts],
+            "descriptions": texts, "captions": caps, "scores": None, "probs": None,
             "model": None, "pretrained": None, "source": str(path),
         })
     if run_dir is not None:
