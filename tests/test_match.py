@@ -394,3 +394,16 @@ def test_benchmark_script_smoke(tmp_path, capsys):
         assert key in out
     assert set(out["jpeg_breakdown"]["share"]) == {"decode", "transfer", "encode", "match"}
     assert "errors" not in out
+
+
+def test_diagnostics_plot_without_variant_specific_picks(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from workbench.plots_match import plot_match_diagnostics
+
+    recs = [{"image": "a", "class": "X", "description_ids": ["g"], "descriptions": ["t"], "captions": ["X: t"],
+             "scores": [0.3], "probs": [1.0]}]
+    m = {"variant_precision": None, "variant_precision_topk": None, "random_precision": 0.5}
+    plot_match_diagnostics(recs, None, m, path=tmp_path / "d.png")
+    assert (tmp_path / "d.png").exists()

@@ -24,7 +24,7 @@ def plot_match_diagnostics(records: Sequence[dict], descriptions: Sequence[dict]
     top-1 scores; a fifth with matched-variant precision vs random when ``metrics`` has it."""
     import matplotlib.pyplot as plt
 
-    has_vp = bool(metrics) and "variant_precision" in metrics
+    has_vp = bool(metrics) and metrics.get("random_precision") is not None
     fig, axes = plt.subplots(1, 5 if has_vp else 4, figsize=(4.2 * (5 if has_vp else 4), 3.6))
     ct = class_table(records, descriptions)
     use = usage_table(records, descriptions)
@@ -68,14 +68,13 @@ def plot_match_diagnostics(records: Sequence[dict], descriptions: Sequence[dict]
 
     if has_vp:
         ax = axes[4]
-        vals = [metrics["variant_precision"], metrics["random_precision"]]
-        labels = ["matched (top-1)", "random"]
-        if "variant_precision_topk" in metrics:
-            vals.insert(1, metrics["variant_precision_topk"])
-            labels.insert(1, "matched (top-k)")
-        ax.bar(labels, vals, color=["#08519c", "#6baed6", "#bdbdbd"][: len(vals)])
+        keys = [("variant_precision", "matched (top-1)"), ("variant_precision_topk", "matched (top-k)"),
+                ("random_precision", "random")]
+        vals = [metrics.get(key) for key, _ in keys]
+        vals = [np.nan if v is None else float(v) for v in vals]  # None: nothing variant-specific was picked
+        ax.bar([lab for _, lab in keys], np.nan_to_num(vals), color=["#08519c", "#6baed6", "#bdbdbd"])
         for i, v in enumerate(vals):
-            ax.text(i, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
+            ax.text(i, (0 if np.isnan(v) else v) + 0.01, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_title("variant precision vs truth")
     fig.tight_layout()
