@@ -407,3 +407,34 @@ def test_diagnostics_plot_without_variant_specific_picks(tmp_path):
     m = {"variant_precision": None, "variant_precision_topk": None, "random_precision": 0.5}
     plot_match_diagnostics(recs, None, m, path=tmp_path / "d.png")
     assert (tmp_path / "d.png").exists()
+
+
+def test_variant_precision_responds_to_features_that_see_the_variant():
+    """Features that encode the variant give precision ~1 against random 0.5; shuffled ones ~random."""
+    g = torch.Generator().manual_seed(0)
+    n_cls, per = 4, 30
+    descs, txt, tl = [], [], []
+    basis = torch.eye(8)
+    for c in range(n_cls):
+        for i, v in enumerate(["male"] * 3 + ["female"] * 3 + [None] * 2):
+            axis = {"male": 0, "female": 1, None: 2}[v]
+            descs.append({"id": f"{c}-{i}", "class": f"c{c}", "text": "", "variant": v})
+            txt.append(basis[axis] + 0.05 * torch.randn(8, generator=g) + 0.3 * basis[3 + c])
+            tl.append(c)
+    variants = ["male", "female"] * (n_cls * per // 2)
+    il = np.repeat(np.arange(n_cls), per)
+    img = torch.stack([basis[0 if v == "male" else 1] + 0.2 * basis[2] + 0.3 * basis[3 + c]
+                       + 0.05 * torch.randn(8, generator=g) for v, c in zip(variants, il)])
+    norm = torch.nn.functional.normalize
+    table = pd.DataFrame({"filename": [f"i{i}" for i in range(len(il))], "variant": variants})
+
+    def precision(features):
+        idx, _, _ = topk_within_class(norm(features, dim=1), il, norm(torch.stack(txt), dim=1), tl, k=3)
+        recs = [{"image": f"i{i}", "class": f"c{il[i]}", "description_ids": [descs[j]["id"] for j in row]}
+                for i, row in enumerate(idx.tolist())]
+        return variant_precision(recs, descs, table)
+
+    good = precision(img)
+    assert good["variant_precision"] == 1.0 and good["random_precision"] == 0.5
+    shuffled = precision(img[torch.randperm(len(img), generator=g)])
+    assert abs(shuffled["variant_precision"] - 0.5) < 0.2
