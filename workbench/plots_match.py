@@ -102,7 +102,7 @@ def plot_match_examples(records: Sequence[dict], root: str | Path, n: int = 8, k
         images = order
     cols = min(4, max(1, len(images)))
     rows = max(1, int(np.ceil(len(images) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 5.1 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, f in zip(axes.ravel(), images):
