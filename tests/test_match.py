@@ -141,6 +141,24 @@ def test_topk_within_class_never_crosses_classes_and_pads():
         np.testing.assert_allclose(pr[i][: len(got)], p[np.argsort(-s, kind="stable")[: len(got)]], atol=1e-12)
 
 
+def test_centered_ranking_against_hand_computation():
+    g = torch.Generator().manual_seed(2)
+    img = torch.nn.functional.normalize(torch.randn(12, 6, generator=g), dim=1)
+    hub = torch.nn.functional.normalize(img.mean(0), dim=0)  # close to every image: wins raw ranking everywhere
+    txt = torch.cat([hub[None], torch.nn.functional.normalize(torch.randn(4, 6, generator=g), dim=1)])
+    il, tl = [0] * 12, [0] * 5
+    raw, _, _ = topk_within_class(img, il, txt, tl, k=2)
+    idx, sc, pr = topk_within_class(img, il, txt, tl, k=2, center=True)
+    s = img.double() @ txt.double().T
+    c = s - s.mean(0)
+    for i in range(12):
+        order = np.argsort(-c[i].numpy(), kind="stable")[:2]
+        assert idx[i].tolist() == order.tolist()
+        np.testing.assert_allclose(sc[i], s[i, order])  # reported scores stay raw cosines
+        np.testing.assert_allclose(pr[i], torch.softmax(100 * s[i], 0)[order])
+    assert (raw[:, 0] == 0).float().mean() > (idx[:, 0] == 0).float().mean()
+
+
 def test_topk_ties_go_to_first_description():
     img = torch.tensor([[1.0, 0.0]])
     txt = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.6, 0.8]])

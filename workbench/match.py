@@ -161,12 +161,17 @@ def text_features(bundle, texts: Sequence[str], batch_size: int = 1024, progress
 
 @torch.no_grad()
 def topk_within_class(img_feats: torch.Tensor, img_labels, txt_feats: torch.Tensor, txt_labels, k: int = 5,
-                      temperature: float = TEMPERATURE, device: str | torch.device | None = None):
+                      temperature: float = TEMPERATURE, device: str | torch.device | None = None,
+                      center: bool = False):
     """For each image, the ``k`` best descriptions among those with the image's own label.
 
     Returns ``(indices, scores, probs)``, each ``N x k``: global description indices (-1 where a class
     has fewer than ``k``), cosine scores, and softmax(temperature * cos) over the class's descriptions.
     One float64 matmul per class; ties go to the lower description index (stable sort).
+
+    ``center=True`` ranks by cosine minus the description's mean cosine over the class's images: a
+    description that scores high on every image (a "hub") no longer wins everywhere, so the pick says
+    what is specific to this image. Scores and probs stay the raw ones (GIST ranks raw: False).
     """
     device = torch.device(device) if device is not None else img_feats.device
     img_labels = torch.as_tensor(np.asarray(img_labels), dtype=torch.long)
@@ -185,7 +190,8 @@ def topk_within_class(img_feats: torch.Tensor, img_labels, txt_feats: torch.Tens
         s = F_[rows.to(device)] @ T_[cols.to(device)].T  # n_c x d_c cosines
         p = torch.softmax(temperature * s, dim=1)
         kk = min(k, len(cols))
-        order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :kk]
+        rank = s - s.mean(0, keepdim=True) if center else s
+        order = torch.sort(rank, dim=1, descending=True, stable=True).indices[:, :kk]
         indices[rows, :kk] = cols[order.cpu()]
         scores[rows, :kk] = torch.gather(s, 1, order).cpu()
         probs[rows, :kk] = torch.gather(p, 1, order).cpu()
@@ -210,7 +216,7 @@ class MatchResult:
 
 
 def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int = 256, summarize=None,
-                  summarize_options: dict | None = None, split: str | None = "train",
+                  summarize_options: dict | None = None, split: str | None = "train", center: bool = False,
                   skip_bad_images: bool = False, run_dir: str | Path | None = None, progress: bool = False,
                   use_cache: bool = True) -> MatchResult:
     """Match every image of ``ds`` (its ``split``; None = all rows) to its own class's descriptions.
@@ -218,7 +224,7 @@ def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int = 256, s
     ``descriptions``: records, a ``descriptions.jsonl`` path or a run directory. With ``run_dir``,
     writes ``matches.jsonl`` (and ``bad_images.jsonl`` when images were skipped). Bad inputs raise
     before any embedding: unknown / description-less classes (ValueError), unreadable images
-    (:class:`BadImagesError`, unless ``skip_bad_images``).
+    (:class:`BadImagesError`, unless ``skip_bad_images``). ``center``: see :func:`topk_within_class`.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -259,7 +265,7 @@ def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int = 256, s
     imf = image_features(bundle, paths, batch_size=batch_size, progress=progress, use_cache=use_cache)
     t_img = time.perf_counter()
     dev = _model_device(bundle.model)
-    indices, scores, probs = topk_within_class(imf, img_labels, tf, txt_labels, k=k, device=dev)
+    indices, scores, probs = topk_within_class(imf, img_labels, tf, txt_labels, k=k, device=dev, center=center)
     t_match = time.perf_counter()
 
     used = sorted(set(indices[indices >= 0].tolist()))  # summarize each matched description once
