@@ -30,6 +30,18 @@ def test_loss_is_clip_loss_with_one_positive():
     assert torch.allclose(got, (i2t + t2i) / 2, atol=1e-6)
 
 
+def test_loss_with_several_captions_per_image():
+    g = torch.Generator().manual_seed(1)
+    img, txt = torch.randn(4, 16, generator=g), torch.randn(8, 16, generator=g)
+    pos = torch.zeros(4, 8, dtype=torch.bool)
+    pos[torch.arange(8) // 2, torch.arange(8)] = True  # captions 2i and 2i+1 belong to image i
+    logits = 5.0 * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    i2t = -(logits.log_softmax(1)[pos].view(4, 2).mean(1)).mean()
+    t2i = F.cross_entropy(logits.T, torch.arange(8) // 2)
+    got = P.multi_positive_clip_loss(img, txt, torch.tensor(5.0), pos)
+    assert torch.allclose(got, (i2t + t2i) / 2, atol=1e-6)
+
+
 def test_short_text_encoding_matches_open_clip():
     torch.manual_seed(0)
     model, _, tok = load_clip("tiny", device="cpu")
@@ -92,3 +104,23 @@ def test_pretrained_knows_attributes_not_species(pretrained_figures):
     assert sp["chance"] == 1 / 8 and sp["n"] == 80
     assert sp["top1"] < sp["chance"] + 0.2 < f["attribute_mean_top1"]
     assert "synthetic" in f["model"]
+
+
+def test_notebook_runs_and_writes_metrics(pretrained_figures, tmp_path):
+    """00_pretrain with the cached model (the fixture trained it): metrics section and figures."""
+    from pathlib import Path
+
+    from workbench.io import read_json
+    from workbench.pipeline import run_notebook
+
+    nb = Path(__file__).resolve().parents[1] / "notebooks" / "00_pretrain.ipynb"
+    params = {"run_dir": str(tmp_path), "progress": False, "n_heldout": 120,
+              "dataset_options": {"n_species": 4, "n_train": 2, "n_val": 1, "n_test": 3}}
+    run_notebook(nb, tmp_path / "00_pretrain.ipynb", params, cwd=tmp_path, html=False)
+    m = read_json(tmp_path / "metrics.json")["pretrain"]
+    assert set(m["attributes"]) == set(syn.ATTRIBUTES) and m["species"]["n"] == 4 * 3
+    assert m["training"]["train_seconds"] > 0
+    assert (tmp_path / "figures" / "pretrain_samples.png").exists()
+    assert (tmp_path / "figures" / "pretrain_zeroshot.png").exists()
+    run_notebook(nb, tmp_path / "skip.ipynb", {**params, "pretrained": None}, cwd=tmp_path, html=False)
+    assert read_json(tmp_path / "metrics.json")["pretrain"]["skipped"] is True

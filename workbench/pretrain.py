@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .cache import cached_tensors, hash_key
 from .data import synthetic as syn
 from .io import atomic_write_bytes, cache_root
-from .models import load_clip, normalize_images
+from .models import encode_images, encode_texts, load_clip, normalize_images
 
 PRETRAIN_VERSION = 1
 ARCH = "wb-tiny"
@@ -33,12 +33,13 @@ DEFAULTS = dict(
     size=64,
     steps=300,
     batch_size=64,
+    captions_per_image=2,  # random 1-4 attribute captions per image
+    all_values=True,  # plus one single-attribute caption per attribute value in every batch
     patch_dropout=0.75,  # FLIP-style: train on a random quarter of the patches, ~2-3x cheaper
     lr=2e-3,
     weight_decay=0.05,
     warmup=30,
     seed=0,
-    threads=2,  # CPU threads while training (the budget is 3 minutes on 2 cores)
 )
 
 # How each attribute is phrased in captions and zero-shot prompts.
@@ -118,7 +119,12 @@ def _encode_text(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def multi_positive_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE where ``pos[i, j]`` marks caption ``j`` true of image ``i`` (diagonal always)."""
+    """Symmetric InfoNCE over ``N`` images and ``M`` captions, ``pos[i, j]`` marking caption ``j`` true of image ``i``.
+
+    Each image's target spreads evenly over its true captions and each caption's over the images it
+    is true of; every row and column needs at least one positive. With ``pos = eye`` this is
+    exactly the CLIP loss.
+    """
     logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
     t = pos.float()
     return 0.5 * (
@@ -154,14 +160,33 @@ def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tenso
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
-def train(config: dict | None = None, progress: bool = False, log=None) -> tuple[dict, dict]:
-    """Train the tiny CLIP from random init; return ``(state_dict, info)`` (CPU tensors)."""
+def default_threads() -> int:
+    """2 CPU threads, or 1 when the machine is already busy.
+
+    On an oversubscribed machine two OpenMP threads spin-wait on each other and a step runs
+    ~10x slower than with one thread (measured on a 2-core box at load 10).
+    """
+    cpus = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] > cpus - 1
+    except OSError:  # not available on every platform
+        busy = False
+    return 1 if busy or cpus < 2 else 2
+
+
+def train(config: dict | None = None, progress: bool = False, log=None, threads: int | None = None) -> tuple[dict, dict]:
+    """Train the tiny CLIP from random init; return ``(state_dict, info)`` (CPU tensors).
+
+    ``threads``: torch CPU threads while training (default :func:`default_threads`); not part of
+    the cache key, the result does not depend on it beyond float rounding.
+    """
     from open_clip.transformer import PatchDropout
     from tqdm.auto import tqdm
 
     config = pretrain_config(**(config or {}))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config["threads"])
+    threads = threads or default_threads()
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         t0 = time.time()
         images, attrs = pretrain_images(config)
@@ -184,12 +209,23 @@ def train(config: dict | None = None, progress: bool = False, log=None) -> tuple
         t1, c1 = time.time(), time.process_time()
         for step in tqdm(range(steps), disable=not progress, desc="pretrain tiny CLIP"):
             idx = rng.choice(len(images), size=bs, replace=False)
-            caps = [attribute_caption(attrs[i], rng) for i in idx]
+            # Several captions per image: text is cheap next to the image tower, and each adds signal.
+            owner = np.repeat(np.arange(bs), config["captions_per_image"])
+            caps = [attribute_caption(attrs[idx[o]], rng) for o in owner]
             # pos[i, j]: every attribute caption j names holds for image i
-            pos = np.ones((bs, bs), bool)
+            pos = np.zeros((bs, len(caps)), bool)
             for j, (_, keys) in enumerate(caps):
                 cols = [syn.ATTRIBUTES.index(k) for k in keys]
-                pos[:, j] = (codes[idx][:, cols] == codes[idx[j], cols]).all(1)
+                pos[:, j] = (codes[idx][:, cols] == codes[idx[owner[j]], cols]).all(1)
+            if config["all_values"]:
+                # plus one caption per attribute value ("a bird with a red crown."), true of the
+                # images showing it: every value in every batch, a dense signal for each part
+                singles = [(a, k) for a in range(len(syn.ATTRIBUTES)) for k in range(len(syn.ATTRIBUTE_VALUES[syn.ATTRIBUTES[a]]))]
+                caps += [(str(rng.choice(_OPENERS)).format(_phrase(syn.ATTRIBUTES[a], syn.ATTRIBUTE_VALUES[syn.ATTRIBUTES[a]][k])), None)
+                         for a, k in singles]
+                pos = np.concatenate([pos, np.stack([codes[idx][:, a] == k for a, k in singles], 1)], 1)
+                keep = pos.any(0)  # a value no image of this batch shows has no positive
+                caps, pos = [c for c, m in zip(caps, keep) if m], pos[:, keep]
             x = normalize_images(_augment(images[idx], gen), model)
             tok = tokenizer([c for c, _ in caps])
             loss = multi_positive_clip_loss(model.encode_image(x), _encode_text(model, tok),
@@ -212,7 +248,7 @@ def train(config: dict | None = None, progress: bool = False, log=None) -> tuple
             "train_seconds": round(time.time() - t1, 2),
             # CPU seconds of all threads: train_seconds on an idle machine is about this / threads
             "train_cpu_seconds": round(time.process_time() - c1, 2),
-            "threads": config["threads"],
+            "threads": threads,
             "loss_first": round(float(np.mean(losses[:20])), 4),
             "loss_last": round(float(np.mean(losses[-20:])), 4),
         }
@@ -220,7 +256,7 @@ def train(config: dict | None = None, progress: bool = False, log=None) -> tuple
         model.eval()
         return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, info
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved_threads)
 
 
 # ---------------------------------------------------------------- cached checkpoint
@@ -272,7 +308,6 @@ def evaluate_pretrained(bundle=None, dataset=None, n_heldout: int = 600, heldout
     """
     from .data import load_dataset
     from .data.images import image_cache
-    from .models import encode_images, encode_texts
 
     if bundle is None:
         bundle = load_clip("tiny", pretrained="synthetic", device=device)
