@@ -1,0 +1,127 @@
+"""Pointing game: does the hottest patch of a map for a part word fall inside that part's region?
+
+A map is a ``gh x gw`` grid over the model input (``S x S`` pixels, ``S = gh * patch``). A part
+region is an ``S x S`` boolean mask in the same pixels. The hottest patch *hits* when it covers at
+least one region pixel (more than ``min_cover`` of its area). The chance level is what a patch drawn
+uniformly at random scores under the same rule (the fraction of patches touching the region); the
+raw pixel area fraction of the region is reported beside it as ``area``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import image_rollout, pair_relevance
+from .features import similarity_maps, tokenize, word_map
+
+METHODS = ("similarity", "rollout", "relevance")
+
+
+@dataclass
+class PartItem:
+    """One pointing-game query: image ``index``, the ``part``, a caption ``text`` naming it with ``word``."""
+
+    index: int
+    part: str
+    text: str
+    word: str
+    region: torch.Tensor  # S x S bool, model-input pixels
+
+
+def patch_cover(regions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Fraction of each patch covered by the region: ``B x S x S`` bool -> ``B x gh x gw`` float."""
+    if regions.ndim == 2:
+        regions = regions[None]
+    S_h, S_w = regions.shape[-2:]
+    gh, gw = grid
+    if S_h % gh or S_w % gw:
+        raise ValueError(f"region size {S_h}x{S_w} is not a multiple of the patch grid {gh}x{gw}")
+    return F.avg_pool2d(regions[:, None].float(), (S_h // gh, S_w // gw))[:, 0]
+
+
+def point_hits(maps: torch.Tensor, regions: torch.Tensor, min_cover: float = 0.0) -> dict[str, torch.Tensor]:
+    """Score maps ``B x gh x gw`` against regions ``B x S x S``: per item ``hit``, ``chance``, ``area``, ``argmax``."""
+    if maps.ndim == 2:
+        maps, regions = maps[None], regions[None]
+    if len(maps) != len(regions):
+        raise ValueError(f"{len(maps)} maps vs {len(regions)} regions")
+    B, gh, gw = maps.shape
+    cover = patch_cover(regions, (gh, gw)) > min_cover
+    m = maps.float().reshape(B, -1).nan_to_num(nan=float("-inf"))
+    top = m.argmax(-1)
+    hit = cover.reshape(B, -1)[torch.arange(B), top]
+    return {
+        "hit": hit.float(),
+        "chance": cover.reshape(B, -1).float().mean(-1),
+        "area": regions.reshape(B, -1).float().mean(-1),
+        "argmax": top,
+    }
+
+
+def method_maps(model, tokenizer, images: torch.Tensor, texts: list[str], words: list[str], method: str) -> torch.Tensor:
+    """Maps ``B x gh x gw`` for image-caption pairs by one method.
+
+    - ``similarity``: cosine of the word's token states (mean over its pieces) with each patch;
+    - ``rollout``: image-tower attention rollout (the same for every caption);
+    - ``relevance``: Chefer et al. relevance of the image-caption similarity.
+    """
+    if method == "similarity":
+        sim, tt = similarity_maps(model, tokenizer, images, texts)
+        return torch.stack([word_map(s, w, word) for s, w, word in zip(sim, tt.words, words)])
+    if method == "rollout":
+        return image_rollout(model, images)
+    if method == "relevance":
+        return pair_relevance(model, images, tokenize(tokenizer, texts).ids)[0]
+    raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+
+
+def pointing_game(
+    model,
+    tokenizer,
+    images: torch.Tensor,
+    items: list[PartItem],
+    methods=METHODS,
+    batch_size: int = 32,
+    min_cover: float = 0.0,
+    progress: bool = False,
+) -> dict[str, dict]:
+    """Run the pointing game; ``images[item.index]`` is the (uint8, model-size) image of each item.
+
+    Returns ``{method: {score, chance, area, n, per_part: {part: {score, chance, n}}}}``.
+    """
+    from tqdm.auto import tqdm
+
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown pointing-game methods {bad}; expected some of {list(METHODS)}")
+    if not items:
+        raise ValueError("no pointing-game items: the dataset has no part annotations for the chosen images/parts")
+    S = images.shape[-1]
+    if any(it.region.shape[-2:] != images.shape[-2:] for it in items):
+        raise ValueError(f"part regions must be {S}x{S} like the images (see workbench.align.regions)")
+    out = {}
+    for method in methods:
+        rows = {"hit": [], "chance": [], "area": []}
+        for i in tqdm(range(0, len(items), batch_size), disable=not progress, desc=f"pointing ({method})"):
+            batch = items[i : i + batch_size]
+            x = images[[it.index for it in batch]]
+            maps = method_maps(model, tokenizer, x, [it.text for it in batch], [it.word for it in batch], method)
+            r = point_hits(maps, torch.stack([it.region for it in batch]), min_cover)
+            for k in rows:
+                rows[k].append(r[k])
+        res = {k: torch.cat(v) for k, v in rows.items()}
+        parts = [it.part for it in items]
+        per_part = {}
+        for p in dict.fromkeys(parts):
+            sel = torch.tensor([q == p for q in parts])
+            per_part[p] = {"score": res["hit"][sel].mean().item(), "chance": res["chance"][sel].mean().item(), "n": int(sel.sum())}
+        out[method] = {
+            "score": res["hit"].mean().item(),
+            "chance": res["chance"].mean().item(),
+            "area": res["area"].mean().item(),
+            "n": len(items),
+            "per_part": per_part,
+        }
+    return out

@@ -1,0 +1,135 @@
+"""What notebook 05_align calls: find the fine-tuned checkpoint, pick captions, compute the maps of one
+image-caption pair, run the pointing game for pretrained vs fine-tuned and store it in metrics.json."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..io import read_json, read_jsonl, update_metrics
+from .attention import image_rollout, pair_relevance
+from .features import argmax_token_map, find_phrase, similarity_maps, word_maps
+from .pointing import METHODS, pointing_game
+
+
+def finetuned_checkpoint(run_dir: str | Path, method: str = "gist", shots="full", seed: int | None = None) -> dict | None:
+    """The ``checkpoints/index.json`` row of the ``method``/``shots`` run (best ``val_top1``; ``seed`` if given),
+    with ``path`` made absolute; None when there is no such file or row."""
+    index = Path(run_dir) / "checkpoints" / "index.json"
+    if not index.exists():
+        return None
+    rows = [r for r in read_json(index) if r.get("method") == method and str(r.get("shots")) == str(shots)]
+    if seed is not None:
+        rows = [r for r in rows if r.get("seed") == seed]
+    if not rows:
+        return None
+    row = dict(max(rows, key=lambda r: (r.get("val_top1") or 0.0, -int(r.get("seed") or 0))))
+    row["path"] = str((Path(run_dir) / row["path"]).resolve())
+    return row
+
+
+def load_models(run_dir, model: str, pretrained: str | None, device="auto", method: str = "gist") -> tuple[dict, str]:
+    """``{"pretrained": bundle[, "finetuned": bundle]}`` and a note saying what was (not) found."""
+    from ..models import load_clip
+
+    bundles = {"pretrained": load_clip(model, pretrained, device=device)}
+    row = finetuned_checkpoint(run_dir, method)
+    if row is None:
+        return bundles, f"no {method!r} full-shot checkpoint in {Path(run_dir) / 'checkpoints' / 'index.json'}: pretrained only"
+    if not Path(row["path"]).exists():
+        return bundles, f"checkpoint listed in index.json is missing: {row['path']}: pretrained only"
+    bundles["finetuned"] = load_clip(row.get("model") or model, row["path"], device=device)
+    return bundles, f"fine-tuned: {row['method']} shots={row['shots']} seed={row.get('seed')} epoch={row.get('epoch')} ({row['path']})"
+
+
+def attribute_caption(row, classname: str | None = None, parts: list[str] | None = None) -> str:
+    """"<class>: red crown, blue wing" from a table row's ``<part>_<attribute>`` columns."""
+    by_part: dict[str, list[str]] = {}
+    for col, val in row.items():
+        if "_" in str(col) and isinstance(val, str) and val.strip() and val.lower() not in ("none", "nan"):
+            part = str(col).split("_")[0]
+            if parts is None or part in parts:
+                by_part.setdefault(part, []).append(val.strip())
+    desc = ", ".join(" ".join(v + [p]) for p, v in by_part.items()) or "a bird"
+    return f"{classname}: {desc}" if classname else desc
+
+
+def captions_for(run_dir, filename: str, classname: str, row=None) -> list[str]:
+    """Captions for an image: its matched captions from ``matches.jsonl`` when present, else one built from
+    the table's attribute columns."""
+    path = Path(run_dir) / "matches.jsonl"
+    if path.exists():
+        for r in read_jsonl(path):
+            if r.get("image") == filename and r.get("captions"):
+                return list(r["captions"])
+    return [attribute_caption(row if row is not None else {}, classname)]
+
+
+def pair_maps(bundle, image: torch.Tensor, caption: str, classname: str | None = None) -> dict:
+    """Everything the figures show for one image-caption pair under one model.
+
+    ``words``: word -> similarity map; ``argmax``/``pieces``/``highlight``: the argmax-token map, the
+    caption's pieces, the class-name positions; ``rollout``, ``relevance``: image maps; ``text_relevance``.
+    """
+    model, _, tok = bundle
+    sim, tt = similarity_maps(model, tok, image[None], caption)
+    ids = tt.ids
+    rel, trel, score = pair_relevance(model, image[None], ids)
+    return {
+        "words": word_maps(sim[0], tt.words[0]),
+        "sim": sim[0],
+        "tokens": tt,
+        "argmax": argmax_token_map(sim[0], tt.mask[0], tt.special[0]),
+        "pieces": tt.pieces[0],
+        "highlight": find_phrase(tok, ids[0], classname) if classname else [],
+        "rollout": image_rollout(model, image[None])[0],
+        "relevance": rel[0],
+        "text_relevance": trel[0, : int(tt.eot[0]) + 1],
+        "similarity": score.item(),
+    }
+
+
+def run_pointing(
+    run_dir,
+    bundles: dict,
+    images: torch.Tensor,
+    items,
+    methods=METHODS,
+    note: str = "",
+    extra: dict | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict:
+    """Pointing game for each model in ``bundles``; stored as ``metrics.json["alignment"]``:
+    ``{"pointing_game": {method: {"pretrained": {score, chance, area, n, per_part}, "finetuned": {...}}}, ...}``."""
+    results: dict[str, dict] = {m: {} for m in methods}
+    for name, b in bundles.items():
+        model, _, tok = b
+        for method, r in pointing_game(model, tok, images, items, methods, batch_size, progress=progress).items():
+            results[method][name] = r
+    section = {"pointing_game": results, "note": note, "models": {k: b.model_id.split("|")[:2] for k, b in bundles.items()}}
+    section.update(extra or {})
+    update_metrics(run_dir, "alignment", section)
+    return results
+
+
+def pointing_table(results: dict) -> pd.DataFrame:
+    """Long table: method, model, score, chance, lift over chance, n."""
+    rows = []
+    for method, by_model in results.items():
+        for model, r in by_model.items():
+            rows.append({"method": method, "model": model, "score": r["score"], "chance": r["chance"],
+                         "lift": r["score"] - r["chance"], "area": r.get("area"), "n": r["n"]})
+    return pd.DataFrame(rows)
+
+
+def per_part_table(results: dict) -> pd.DataFrame:
+    """Score per part, method and model (chance in brackets in the column pairs)."""
+    rows = []
+    for method, by_model in results.items():
+        for model, r in by_model.items():
+            for part, p in r["per_part"].items():
+                rows.append({"method": method, "model": model, "part": part, "score": p["score"], "chance": p["chance"], "n": p["n"]})
+    df = pd.DataFrame(rows)
+    return df.pivot_table(index="part", columns=["method", "model"], values="score") if len(df) else df
