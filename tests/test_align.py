@@ -183,11 +183,11 @@ def test_pointing_game_end_to_end_structure(clip, images, monkeypatch):
     items = [pointing.PartItem(0, "crown", "a bird with a red crown", "crown", reg),
              pointing.PartItem(1, "tail", "a bird with a long tail", "tail", ~reg)]
     # with maps forced hot at patch (0, 0), crown hits and tail (everything but that patch) misses
-    def fake(model, tok, x, texts, words, method):
-        m = torch.zeros(len(x), 8, 8)
+    def fake(model, tok, images, items, method, *args):
+        m = torch.zeros(len(items), 8, 8)
         m[:, 0, 0] = 1
         return m
-    monkeypatch.setattr(pointing, "method_maps", fake)
+    monkeypatch.setattr(pointing, "item_maps", fake)
     res = pointing.pointing_game(model, tok, images, items, methods=("similarity",))
     assert res["similarity"]["per_part"] == {"crown": {"score": 1.0, "chance": 1 / 64, "n": 1},
                                              "tail": {"score": 0.0, "chance": 1.0 - 1 / 64, "n": 1}}
@@ -196,6 +196,12 @@ def test_pointing_game_end_to_end_structure(clip, images, monkeypatch):
     assert set(res) == set(pointing.METHODS)
     for r in res.values():
         assert r["n"] == 2 and 0 <= r["score"] <= 1 and r["chance"] == pytest.approx(0.5)
+    # the deduplicated batch computation equals the plain per-pair one
+    items3 = items + [pointing.PartItem(0, "tail", "a bird with a long tail", "tail", reg)]
+    for method in pointing.METHODS:
+        fast = pointing.item_maps(model, tok, images, items3, method, batch_size=2)
+        plain = pointing.method_maps(model, tok, images[[0, 1, 0]], [it.text for it in items3], [it.word for it in items3], method)
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
 
 
 def test_region_transforms_follow_the_image_cache(tmp_path):
@@ -213,6 +219,9 @@ def test_region_transforms_follow_the_image_cache(tmp_path):
     assert (m ^ white).float().mean() < 0.01
     b = regions.box((70, 30, 90, 50), (100, 80), 64)
     assert (b ^ white).float().mean() < 0.01
+    lab = np.zeros((80, 100), np.uint8)
+    lab[30:50, 70:90] = 3
+    torch.testing.assert_close(regions.transform_mask(lab, 64, labels=True) == 3, m)
     (cx, cy), = regions.transform_points([[80, 40]], (100, 80), 64).tolist()
     assert white[int(cy), int(cx)]
 
@@ -226,14 +235,23 @@ def _tiny_dataset(tmp_path, extras, name="toy"):
 
 
 def test_part_items_from_masks_boxes_and_keypoints(tmp_path):
-    crown = np.zeros((64, 64), bool)
-    crown[2:6, 30:36] = True
-    masks = {"a.png": {"crown": crown, "tail": np.zeros((64, 64), bool)}, "b.png": {"crown": crown}}
-    items, files = regions.part_items(_tiny_dataset(tmp_path, {"part_masks": masks}), 64)
+    # the synthetic benchmark's contract: a label map per image, ids indexing extras["parts"]
+    lab = np.zeros((64, 64), np.uint8)
+    lab[10:30, 10:40] = 1  # body: not a part
+    lab[2:6, 30:36] = 2
+    lab[40:44, 8:20] = 4  # eye, occluded in b
+    lab_b = np.where(lab == 4, 5, lab)
+    extras = {"parts": ["background", "body", "crown", "tail", "eye", "occluder"],
+              "part_mask": lambda fn: {"a.png": lab, "b.png": lab_b}[fn]}
+    items, files = regions.part_items(_tiny_dataset(tmp_path, extras), 64)
     assert files == ["a.png", "b.png"]
     assert [(it.index, it.part, it.text, it.word) for it in items] == [
-        (0, "crown", "a bird with a red crown", "crown"), (1, "crown", "a bird with a blue crown", "crown")]  # empty tail dropped
-    assert torch.equal(items[0].region, torch.from_numpy(crown))
+        (0, "crown", "a bird with a red crown", "crown"), (0, "eye", "a bird with an eye", "eye"),
+        (1, "crown", "a bird with a blue crown", "crown")]  # empty tail and occluded eye dropped
+    assert torch.equal(items[0].region, torch.from_numpy(lab == 2))
+    extras["attribute_part"] = {"crown_color": "eye"}  # explicit attribute -> part mapping wins over names
+    items, _ = regions.part_items(_tiny_dataset(tmp_path, extras), 64, parts=["eye"])
+    assert [it.text for it in items] == ["a bird with a red eye"]
     boxes = pd.DataFrame({"filename": ["a.png"], "part": ["beak"], "x0": [10], "y0": [20], "x1": [14], "y1": [22]})
     items, files = regions.part_items(_tiny_dataset(tmp_path, {"part_boxes": boxes}), 64)
     assert files == ["a.png"] and items[0].region.sum() == 8

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .features import _prepare, check_model, text_mask
+from .features import _prepare, check_model, text_mask, trim
 
 
 def _check_block(blk) -> None:
@@ -91,11 +91,12 @@ def image_forward(model, images: torch.Tensor, grad: bool = False) -> tuple[torc
 
 
 def text_forward(model, ids: torch.Tensor, grad: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Text embeddings ``B x D`` (equal to ``encode_text``) and per-layer causal attention ``B x H x L x L``."""
+    """Text embeddings ``B x D`` (equal to ``encode_text``) and per-layer causal attention ``B x H x n x n``
+    over the positions up to the batch's last EOT (see ``trim``)."""
     check_model(model)
-    ids = ids.to(model.positional_embedding.device)
+    ids = trim(ids.to(model.positional_embedding.device))
     x = model.token_embedding(ids)
-    x = x + model.positional_embedding.to(x.dtype)
+    x = x + model.positional_embedding[: ids.shape[1]].to(x.dtype)
     if grad:
         x = x.detach().requires_grad_(True)
     x, attns = _run(model.transformer.resblocks, x, model.attn_mask)
@@ -156,25 +157,33 @@ def text_rollout(model, ids: torch.Tensor) -> torch.Tensor:
         _, attns = text_forward(model, ids)
     r = rollout([a.float() for a in attns])
     ids = ids.to(r.device)
-    return r[torch.arange(len(ids)), ids.argmax(-1)].cpu() * text_mask(ids).cpu()
+    row = F.pad(r[torch.arange(len(ids)), ids.argmax(-1)], (0, ids.shape[1] - r.shape[-1]))
+    return (row * text_mask(ids)).cpu()
 
 
-def pair_relevance(model, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_relevance(model, images: torch.Tensor, ids: torch.Tensor, text: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Gradient-weighted relevance for image-text pairs (row i with row i).
 
     Returns image relevance ``B x gh x gw`` (pooled token -> patches), text relevance ``B x L``
-    (EOT -> tokens) and the cosine similarities ``B`` that were explained.
+    (EOT -> tokens; None with ``text=False``, which skips the text tower's backward) and the cosine
+    similarities ``B`` that were explained.
     """
     with torch.enable_grad():
         img, a_img = image_forward(model, images, grad=True)
-        txt, a_txt = text_forward(model, ids, grad=True)
+        with torch.set_grad_enabled(text):
+            txt, a_txt = text_forward(model, ids, grad=text)
         if len(img) != len(txt):
             raise ValueError(f"{len(img)} images vs {len(txt)} captions: relevance explains pairs, pass equal numbers")
         s = (F.normalize(img.float(), dim=-1) * F.normalize(txt.float(), dim=-1)).sum(-1)
-        grads = torch.autograd.grad(s.sum(), a_img + a_txt)  # pairs are independent: one backward for all
+        wrt = a_img + (a_txt if text else [])
+        grads = torch.autograd.grad(s.sum(), wrt)  # pairs are independent: one backward for all
     n = len(a_img)
     r_img = relevance([a.detach().float() for a in a_img], [g.float() for g in grads[:n]])
-    r_txt = relevance([a.detach().float() for a in a_txt], [g.float() for g in grads[n:]])
-    ids = ids.to(r_txt.device)
-    t = r_txt[torch.arange(len(ids)), ids.argmax(-1)] * text_mask(ids)
-    return _patch_row(model, r_img).cpu(), t.cpu(), s.detach().cpu()
+    t = None
+    if text:
+        r_txt = relevance([a.detach().float() for a in a_txt], [g.float() for g in grads[n:]])
+        ids = ids.to(r_txt.device)
+        t = F.pad(r_txt[torch.arange(len(ids)), ids.argmax(-1)], (0, ids.shape[1] - r_txt.shape[-1])) * text_mask(ids)
+        t = t.cpu()
+    return _patch_row(model, r_img).cpu(), t, s.detach().cpu()

@@ -169,24 +169,37 @@ def image_tokens(model, images: torch.Tensor, normalize: bool = False) -> tuple[
     return pooled, patches
 
 
+def trim(ids: torch.Tensor) -> torch.Tensor:
+    """Cut a token batch after its last EOT: the causal text tower never lets later positions
+    change earlier ones, so padding columns cost time and change nothing."""
+    return ids[:, : int(ids.argmax(-1).max()) + 1]
+
+
 def text_tokens(model, ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
     """Projected token states ``B x L x D``: ``ln_final(transformer(emb + pos)) @ text_projection``.
 
     The row at the EOT position equals ``model.encode_text``. The text transformer is causal, so a
-    token's state has seen only the words before it.
+    token's state has seen only the words before it. Columns after the batch's last EOT are not
+    computed (NaN): they are padding.
     """
     check_model(model)
     ids = ids.to(model.positional_embedding.device)
+    L = ids.shape[1]
+    short = trim(ids)
+    n = short.shape[1]
     cast = model.transformer.get_cast_dtype() if hasattr(model.transformer, "get_cast_dtype") else None
-    x = model.token_embedding(ids)
+    x = model.token_embedding(short)
     if cast is not None:
         x = x.to(cast)
-    x = x + model.positional_embedding.to(x.dtype)
-    x = model.transformer(x, attn_mask=model.attn_mask)
+    x = x + model.positional_embedding[:n].to(x.dtype)
+    mask = model.attn_mask[:n, :n] if model.attn_mask is not None else None
+    x = model.transformer(x, attn_mask=mask)
     x = model.ln_final(x)
     proj = model.text_projection
     x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
-    return F.normalize(x, dim=-1) if normalize else x
+    if normalize:
+        x = F.normalize(x, dim=-1)
+    return F.pad(x, (0, 0, 0, L - n), value=float("nan"))
 
 
 def token_patch_similarity(text_feats: torch.Tensor, patch_feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -138,7 +138,8 @@ def plot_method_maps(image, maps: dict[str, torch.Tensor], title: str = ""):
     fig, axes = _grid(len(maps), len(maps), size=2.4)
     for ax, (name, m) in zip(axes.flat, maps.items()):
         im = overlay(ax, image, m, shared_norm([m]), title=name)
-        fig.colorbar(im, ax=ax, shrink=0.7, label={"similarity": "cosine", "rollout": "rollout weight"}.get(name, "relevance"))
+        label = "cosine" if name.startswith("similarity") else "rollout weight" if name.startswith("rollout") else "relevance"
+        fig.colorbar(im, ax=ax, shrink=0.7, label=label)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig

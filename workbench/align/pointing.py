@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import image_rollout, pair_relevance
-from .features import similarity_maps, tokenize, word_map
+from .features import image_tokens, similarity_maps, text_tokens, token_patch_similarity, tokenize, word_map
 
 METHODS = ("similarity", "rollout", "relevance")
 
@@ -61,7 +61,7 @@ def point_hits(maps: torch.Tensor, regions: torch.Tensor, min_cover: float = 0.0
 
 
 def method_maps(model, tokenizer, images: torch.Tensor, texts: list[str], words: list[str], method: str) -> torch.Tensor:
-    """Maps ``B x gh x gw`` for image-caption pairs by one method.
+    """Maps ``B x gh x gw`` for image-caption pairs (row i with row i) by one method.
 
     - ``similarity``: cosine of the word's token states (mean over its pieces) with each patch;
     - ``rollout``: image-tower attention rollout (the same for every caption);
@@ -73,8 +73,45 @@ def method_maps(model, tokenizer, images: torch.Tensor, texts: list[str], words:
     if method == "rollout":
         return image_rollout(model, images)
     if method == "relevance":
-        return pair_relevance(model, images, tokenize(tokenizer, texts).ids)[0]
+        return pair_relevance(model, images, tokenize(tokenizer, texts).ids, text=False)[0]
     raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+
+
+def item_maps(model, tokenizer, images: torch.Tensor, items: list[PartItem], method: str, batch_size: int = 32,
+              progress: bool = False) -> torch.Tensor:
+    """``method_maps`` for every item, ``N x gh x gw``, computing each image and each caption once where
+    the method allows (similarity: patches per image, token states per caption; rollout: per image)."""
+    from tqdm.auto import tqdm
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+    bar = lambda n: tqdm(range(0, n, batch_size), disable=not progress, desc=f"pointing ({method})")  # noqa: E731
+    uniq = sorted({it.index for it in items})
+    where = {u: k for k, u in enumerate(uniq)}
+    if method == "relevance":  # the gradient depends on the pair: one pass per pair
+        out = []
+        for i in bar(len(items)):
+            b = items[i : i + batch_size]
+            out.append(method_maps(model, tokenizer, images[[it.index for it in b]], [it.text for it in b], [it.word for it in b], method))
+        return torch.cat(out)
+    if method == "rollout":
+        per_image = torch.cat([image_rollout(model, images[uniq[i : i + batch_size]]) for i in bar(len(uniq))])
+        return per_image[[where[it.index] for it in items]]
+    gh, gw = model.visual.grid_size
+    with torch.no_grad():
+        patches = torch.cat([image_tokens(model, images[uniq[i : i + batch_size]])[1].float().cpu() for i in bar(len(uniq))])
+        texts = list(dict.fromkeys(it.text for it in items))
+        tt = tokenize(tokenizer, texts)
+        states = torch.cat([text_tokens(model, tt.ids[i : i + batch_size]).float().cpu() for i in range(0, len(texts), batch_size)])
+    tpos = {t: k for k, t in enumerate(texts)}
+    out = []
+    for i in range(0, len(items), batch_size):
+        b = items[i : i + batch_size]
+        t = [tpos[it.text] for it in b]
+        sim = token_patch_similarity(states[t], patches[[where[it.index] for it in b]], tt.mask[t])
+        sim = sim.reshape(len(b), -1, gh, gw)
+        out += [word_map(s, tt.words[k], it.word) for s, k, it in zip(sim, t, b)]
+    return torch.stack(out)
 
 
 def pointing_game(
@@ -91,8 +128,6 @@ def pointing_game(
 
     Returns ``{method: {score, chance, area, n, per_part: {part: {score, chance, n}}}}``.
     """
-    from tqdm.auto import tqdm
-
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown pointing-game methods {bad}; expected some of {list(METHODS)}")
@@ -101,18 +136,11 @@ def pointing_game(
     S = images.shape[-1]
     if any(it.region.shape[-2:] != images.shape[-2:] for it in items):
         raise ValueError(f"part regions must be {S}x{S} like the images (see workbench.align.regions)")
+    regions = torch.stack([it.region for it in items])
+    parts = [it.part for it in items]
     out = {}
     for method in methods:
-        rows = {"hit": [], "chance": [], "area": []}
-        for i in tqdm(range(0, len(items), batch_size), disable=not progress, desc=f"pointing ({method})"):
-            batch = items[i : i + batch_size]
-            x = images[[it.index for it in batch]]
-            maps = method_maps(model, tokenizer, x, [it.text for it in batch], [it.word for it in batch], method)
-            r = point_hits(maps, torch.stack([it.region for it in batch]), min_cover)
-            for k in rows:
-                rows[k].append(r[k])
-        res = {k: torch.cat(v) for k, v in rows.items()}
-        parts = [it.part for it in items]
+        res = point_hits(item_maps(model, tokenizer, images, items, method, batch_size, progress), regions, min_cover)
         per_part = {}
         for p in dict.fromkeys(parts):
             sel = torch.tensor([q == p for q in parts])

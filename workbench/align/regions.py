@@ -3,8 +3,9 @@
 Images reach the model through ``image_cache`` (short side resized to ``S``, centre crop), so
 annotations in original-image coordinates go through the same transform here.
 
-Accepted annotations, looked up in ``Dataset.extras`` (rows matched by ``filename``):
-- ``part_masks``: a callable ``filename -> {part: H x W mask}`` or a mapping ``filename -> {part: mask}``;
+Accepted annotations, looked up in ``Dataset.extras`` (rows matched by ``filename``), first found wins:
+- ``part_mask`` + ``parts``: a callable ``filename -> H x W label map`` whose ids index ``parts`` (the
+  synthetic benchmark; masks mark visible pixels). ``background``, ``body`` and ``occluder`` are not parts;
 - ``part_boxes``: a table with ``filename, part, x0, y0, x1, y1`` (pixels, x1/y1 exclusive);
 - ``part_locs``: a table with ``filename, part, x, y[, visible]`` (keypoints; a disk of ``radius``).
 For CUB, ``parts/part_locs.txt`` is read from the dataset root when the loader gave none.
@@ -26,6 +27,7 @@ CUB_PART_WORDS = {
     "forehead": "forehead", "left eye": "eye", "left leg": "leg", "left wing": "wing", "nape": "nape",
     "right eye": "eye", "right leg": "leg", "right wing": "wing", "tail": "tail", "throat": "throat",
 }
+NOT_PARTS = ("background", "body", "occluder")
 
 
 def crop_geometry(w: int, h: int, size: int) -> tuple[float, int, int, int, int]:
@@ -35,17 +37,18 @@ def crop_geometry(w: int, h: int, size: int) -> tuple[float, int, int, int, int]
     return s, nw, nh, (nw - size) // 2, (nh - size) // 2
 
 
-def transform_mask(mask, size: int) -> torch.Tensor:
-    """An ``H x W`` mask of the original image -> ``size x size`` bool in model-input pixels."""
-    m = torch.as_tensor(np.asarray(mask)).bool()
+def transform_mask(mask, size: int, labels: bool = False) -> torch.Tensor:
+    """An ``H x W`` mask (or integer label map) of the original image -> ``size x size`` in model-input pixels."""
+    m = torch.as_tensor(np.array(mask))
+    m = m.long() if labels else m.bool()
     if m.ndim != 2:
         raise ValueError(f"part mask must be 2-D (H x W); got shape {tuple(m.shape)}")
     h, w = m.shape
-    if (h, w) == (size, size):
-        return m
-    _, nw, nh, left, top = crop_geometry(w, h, size)
-    m = F.interpolate(m[None, None].float(), size=(nh, nw), mode="nearest")[0, 0] > 0.5
-    return m[top : top + size, left : left + size]
+    if (h, w) != (size, size):
+        _, nw, nh, left, top = crop_geometry(w, h, size)
+        m = F.interpolate(m[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].round().long()
+        m = m[top : top + size, left : left + size]
+    return m if labels else m.bool()
 
 
 def transform_points(xy, wh: tuple[int, int], size: int) -> torch.Tensor:
@@ -140,12 +143,14 @@ def part_regions(ds, size: int, radius: float | None = None, part_words: dict[st
         d = out.setdefault(fn, {})
         d[word] = d[word] | region if word in d else region
 
-    if "part_masks" in ex:
-        src = ex["part_masks"]
+    if callable(ex.get("part_mask")):
+        ids = [(i, p) for i, p in enumerate(ex.get("parts") or []) if p not in NOT_PARTS]
+        if not ids:
+            raise ValueError("Dataset.extras['part_mask'] needs extras['parts'] (label id -> part name)")
         for fn in names:
-            masks = src(fn) if callable(src) else src.get(fn)
-            for part, m in (masks or {}).items():
-                add(fn, part, transform_mask(m, size))
+            lab = transform_mask(ex["part_mask"](fn), size, labels=True)
+            for i, part in ids:
+                add(fn, part, lab == i)
     elif "part_boxes" in ex:
         df = _table(ex["part_boxes"], "part_boxes", ("filename", "part", "x0", "y0", "x1", "y1"))
         df = df[df["filename"].isin(set(names))]
@@ -161,7 +166,7 @@ def part_regions(ds, size: int, radius: float | None = None, part_words: dict[st
             rename = lambda p: part_words.get(p)  # noqa: E731
         if locs is None:
             raise ValueError(
-                f"dataset {ds.name!r} has no part annotations: expected Dataset.extras 'part_masks', "
+                f"dataset {ds.name!r} has no part annotations: expected Dataset.extras 'part_mask' (+ 'parts'), "
                 "'part_boxes' or 'part_locs' (or a CUB root with parts/part_locs.txt)"
             )
         df = _table(locs, "part_locs", ("filename", "part", "x", "y"))
@@ -175,17 +180,26 @@ def part_regions(ds, size: int, radius: float | None = None, part_words: dict[st
     return out
 
 
-def part_text(part: str, row=None, template: str = "a bird with a {desc}") -> str:
-    """Caption naming ``part``, with its attribute values when the table has ``<part>_*`` columns.
+def part_attributes(part: str, row=None, attribute_part: dict[str, str] | None = None) -> list[str]:
+    """Attribute values of ``part`` in a table row: columns mapped to it by ``attribute_part``
+    (e.g. ``{"crown_color": "crown"}``), else columns named ``<part>_*``."""
+    vals = []
+    for col, val in (row.items() if row is not None else ()):
+        owner = attribute_part.get(col) if attribute_part else (part if str(col).startswith(f"{part}_") else None)
+        if owner == part and isinstance(val, str) and val.strip() and val.lower() not in ("none", "nan"):
+            vals.append(val.strip())
+    return vals
 
-    E.g. a row with ``crown_color="red"`` gives "a bird with a red crown".
-    """
-    adjs = []
-    if row is not None:
-        for col, val in row.items():
-            if str(col).startswith(f"{part}_") and isinstance(val, str) and val.strip() and val.lower() not in ("none", "nan"):
-                adjs.append(val.strip())
-    return template.format(desc=" ".join(adjs + [part.replace("_", " ")]))
+
+def part_text(part: str, row=None, template: str = "a bird with {desc}", attribute_part: dict | None = None,
+              noun: str | None = None) -> str:
+    """Caption naming ``part`` (as ``noun``, default the part name) with its attribute values,
+    e.g. "a bird with a red crown"."""
+    noun = noun or part.replace("_", " ")
+    desc = " ".join(part_attributes(part, row, attribute_part) + [noun])
+    if noun.endswith("s") and not part.endswith("s"):  # a plural noun ("wings") takes no article
+        return template.format(desc=desc)
+    return template.format(desc=("an " if desc[0].lower() in "aeiou" else "a ") + desc)
 
 
 def part_items(
@@ -194,10 +208,15 @@ def part_items(
     parts: list[str] | None = None,
     max_images: int | None = None,
     radius: float | None = None,
-    template: str = "a bird with a {desc}",
+    template: str = "a bird with {desc}",
     seed: int = 0,
+    part_nouns: dict[str, str] | None = None,
 ) -> tuple[list[PartItem], list[str]]:
     """Pointing-game queries for up to ``max_images`` annotated images of ``ds`` (a random, seeded pick).
+
+    Each part gets the caption ``template.format(desc=...)`` (e.g. "a bird with a red crown"); its
+    map is read at the part's noun, ``part_nouns.get(part, part)`` (e.g. ``{"wing": "wings"}`` when
+    the model learnt the plural).
 
     Returns (items, filenames); ``item.index`` indexes ``filenames`` (decode those with ``image_cache``).
     """
@@ -220,7 +239,9 @@ def part_items(
         row = row.iloc[0] if isinstance(row, pd.DataFrame) else row
         for part, region in regions[fn].items():
             if parts is None or part in parts:
-                word = part.replace("_", " ").split()[-1]  # the noun the map is read from
-                items.append(PartItem(i, part, part_text(part, row, template), word, region))
+                noun = (part_nouns or {}).get(part) or part.replace("_", " ")
+                word = noun.split()[-1]  # the word the map is read from
+                text = part_text(part, row, template, ds.extras.get("attribute_part"), noun)
+                items.append(PartItem(i, part, text, word, region))
     return items, files
 

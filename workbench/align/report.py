@@ -11,6 +11,7 @@ from ..io import read_json, read_jsonl, update_metrics
 from .attention import image_rollout, pair_relevance
 from .features import argmax_token_map, find_phrase, similarity_maps, word_maps
 from .pointing import METHODS, pointing_game
+from .regions import part_attributes
 
 
 def finetuned_checkpoint(run_dir: str | Path, method: str = "gist", shots="full", seed: int | None = None) -> dict | None:
@@ -43,19 +44,14 @@ def load_models(run_dir, model: str, pretrained: str | None, device="auto", meth
     return bundles, f"fine-tuned: {row['method']} shots={row['shots']} seed={row.get('seed')} epoch={row.get('epoch')} ({row['path']})"
 
 
-def attribute_caption(row, classname: str | None = None, parts: list[str] | None = None) -> str:
-    """"<class>: red crown, blue wing" from a table row's ``<part>_<attribute>`` columns."""
-    by_part: dict[str, list[str]] = {}
-    for col, val in row.items():
-        if "_" in str(col) and isinstance(val, str) and val.strip() and val.lower() not in ("none", "nan"):
-            part = str(col).split("_")[0]
-            if parts is None or part in parts:
-                by_part.setdefault(part, []).append(val.strip())
-    desc = ", ".join(" ".join(v + [p]) for p, v in by_part.items()) or "a bird"
+def attribute_caption(row, classname: str | None = None, parts: list[str] = (), attribute_part: dict | None = None) -> str:
+    """"<class>: red crown, blue wing, ..." from a table row's attribute columns (see ``part_attributes``)."""
+    descs = [" ".join(v + [p]) for p in parts if (v := part_attributes(p, row, attribute_part))]
+    desc = ", ".join(descs) or "a bird"
     return f"{classname}: {desc}" if classname else desc
 
 
-def captions_for(run_dir, filename: str, classname: str, row=None) -> list[str]:
+def captions_for(run_dir, filename: str, classname: str, row=None, parts: list[str] = (), attribute_part: dict | None = None) -> list[str]:
     """Captions for an image: its matched captions from ``matches.jsonl`` when present, else one built from
     the table's attribute columns."""
     path = Path(run_dir) / "matches.jsonl"
@@ -63,7 +59,7 @@ def captions_for(run_dir, filename: str, classname: str, row=None) -> list[str]:
         for r in read_jsonl(path):
             if r.get("image") == filename and r.get("captions"):
                 return list(r["captions"])
-    return [attribute_caption(row if row is not None else {}, classname)]
+    return [attribute_caption(row if row is not None else {}, classname, parts, attribute_part)]
 
 
 def pair_maps(bundle, image: torch.Tensor, caption: str, classname: str | None = None) -> dict:
@@ -133,3 +129,32 @@ def per_part_table(results: dict) -> pd.DataFrame:
                 rows.append({"method": method, "model": model, "part": part, "score": p["score"], "chance": p["chance"], "n": p["n"]})
     df = pd.DataFrame(rows)
     return df.pivot_table(index="part", columns=["method", "model"], values="score") if len(df) else df
+
+
+def example_figures(run_dir, bundles: dict, image: torch.Tensor, caption: str, classname: str | None, tag: str) -> dict:
+    """The figures of one image-caption pair, saved as ``figures/align_<kind>_<tag>.png``:
+    per-word maps (pretrained), the argmax-token map (last model), the three methods side by side
+    (last model), and pretrained vs fine-tuned when both are given."""
+    from . import plots
+
+    maps = {name: pair_maps(b, image, caption, classname) for name, b in bundles.items()}
+    for m in maps.values():  # punctuation pieces have maps too, but nobody asks where ":" is
+        m["words"] = {w: v for w, v in m["words"].items() if any(c.isalnum() for c in w)}
+    last = list(maps)[-1]
+    figs = {
+        "words": plots.plot_word_maps(image, maps["pretrained"]["words"], title=f"pretrained: {caption}"),
+        "argmax": plots.plot_argmax_tokens(image, maps[last]["argmax"], maps[last]["pieces"], maps[last]["highlight"],
+                                           title=f"most similar token per patch ({last})"),
+        "methods": plots.plot_method_maps(
+            image,
+            {"similarity (word mean)": torch.stack(list(maps[last]["words"].values())).mean(0),
+             "rollout": maps[last]["rollout"], "relevance": maps[last]["relevance"]},
+            title=f"{last}, image-caption cosine {maps[last]['similarity']:.2f}"),
+    }
+    if "finetuned" in maps:
+        figs["before_after"] = plots.plot_before_after(image, maps["pretrained"]["words"], maps["finetuned"]["words"],
+                                                       title=caption)
+    for kind, fig in figs.items():
+        plots.save(fig, run_dir, f"{kind}_{tag}")
+    return figs
+
