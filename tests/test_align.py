@@ -191,6 +191,13 @@ def test_pointing_game_end_to_end_structure(clip, images, monkeypatch):
     res = pointing.pointing_game(model, tok, images, items, methods=("similarity",))
     assert res["similarity"]["per_part"] == {"crown": {"score": 1.0, "chance": 1 / 64, "n": 1},
                                              "tail": {"score": 0.0, "chance": 1.0 - 1 / 64, "n": 1}}
+    assert res["similarity"]["other_parts"] is None  # one part per image: no control
+    # same image, two parts: the crown hit also counts as landing on "another part" for the tail query
+    tail = torch.zeros(64, 64, dtype=torch.bool)
+    tail[56:, 56:] = True
+    same = [items[0], pointing.PartItem(0, "tail", "a bird with a long tail", "tail", tail)]
+    res = pointing.pointing_game(model, tok, images, same, methods=("similarity",))
+    assert res["similarity"]["score"] == 0.5 and res["similarity"]["other_parts"] == 0.5
     monkeypatch.undo()
     res = pointing.pointing_game(model, tok, images, items)
     assert set(res) == set(pointing.METHODS)

@@ -48,10 +48,11 @@ def overlay(ax, image, m, norm: Normalize, cmap: str = "inferno", alpha: float =
     return im
 
 
-def _grid(n: int, ncols: int, nrows: int | None = None, size: float = 1.8):
+def _grid(n: int, ncols: int, nrows: int | None = None, size: float = 1.8, extra_w: float = 1.0):
     ncols = max(1, min(ncols, n))
     nrows = nrows or -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + 1.0, size * nrows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols + extra_w, size * nrows + 0.4), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[n:]:
         ax.axis("off")
     return fig, axes
@@ -113,19 +114,28 @@ def plot_argmax_tokens(image, argmax: torch.Tensor, pieces: list[str], highlight
     return fig
 
 
-def plot_before_after(image, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], words: list[str] | None = None, label: str = SIM_LABEL, title: str = ""):
-    """Pretrained (top row) vs fine-tuned (bottom row) maps per word, one colour scale for both rows."""
+def plot_before_after(image, before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], words: list[str] | None = None,
+                      label: str = SIM_LABEL, title: str = "", ncols: int = 7):
+    """Pretrained (upper row of each pair) vs fine-tuned (lower row) maps per word, one colour scale
+    for all panels; long captions wrap into several row pairs of ``ncols`` words."""
     words = words or [w for w in before if w in after]
     if not words:
         raise ValueError("no word common to both sets of maps")
     norm = shared_norm([before[w] for w in words] + [after[w] for w in words])
-    fig, axes = _grid(2 * len(words), len(words), nrows=2)
+    ncols = min(ncols, len(words))
+    pairs = -(-len(words) // ncols)
+    fig, axes = _grid(2 * pairs * ncols, ncols, nrows=2 * pairs)
     im = None
-    for j, w in enumerate(words):
-        im = overlay(axes[0, j], image, before[w], norm, title=w)
-        overlay(axes[1, j], image, after[w], norm)
-    axes[0, 0].set_ylabel("pretrained", fontsize=9)
-    axes[1, 0].set_ylabel("fine-tuned", fontsize=9)
+    for k, w in enumerate(words):
+        r, c = 2 * (k // ncols), k % ncols
+        im = overlay(axes[r, c], image, before[w], norm, title=w)
+        overlay(axes[r + 1, c], image, after[w], norm)
+        if c == 0:
+            axes[r, c].set_ylabel("pretrained", fontsize=9)
+            axes[r + 1, c].set_ylabel("fine-tuned", fontsize=9)
+    for k in range(len(words), pairs * ncols):  # empty cells of the last pair
+        axes[2 * (k // ncols), k % ncols].axis("off")
+        axes[2 * (k // ncols) + 1, k % ncols].axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), label=label, shrink=0.8)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -135,7 +145,7 @@ def plot_before_after(image, before: dict[str, torch.Tensor], after: dict[str, t
 def plot_method_maps(image, maps: dict[str, torch.Tensor], title: str = ""):
     """One overlay per method (similarity, rollout, relevance), each with its own labelled scale:
     the methods' units differ, so a shared scale across them would mean nothing."""
-    fig, axes = _grid(len(maps), len(maps), size=2.4)
+    fig, axes = _grid(len(maps), len(maps), size=2.4, extra_w=1.2 * len(maps))
     for ax, (name, m) in zip(axes.flat, maps.items()):
         im = overlay(ax, image, m, shared_norm([m]), title=name)
         label = "cosine" if name.startswith("similarity") else "rollout weight" if name.startswith("rollout") else "relevance"
@@ -156,7 +166,10 @@ def plot_pointing(results: dict[str, dict[str, dict]], title: str = "pointing ga
         s = [results[m].get(model, {}).get("score", np.nan) for m in methods]
         c = [results[m].get(model, {}).get("chance", np.nan) for m in methods]
         ax.bar(xs, s, width * 0.9, label=model)
+        o = [results[m].get(model, {}).get("other_parts") for m in methods]
         ax.scatter(xs, c, marker="_", s=300, color="black", zorder=3, label="chance" if i == 0 else None)
+        ax.scatter(xs, [np.nan if v is None else v for v in o], marker="x", color="dimgray", zorder=3,
+                   label="hit on another part (control)" if i == 0 else None)
     ax.set_xticks(np.arange(len(methods)), methods)
     ax.set_ylim(0, 1)
     ax.set_ylabel("hit rate (hottest patch in part)")

@@ -60,6 +60,21 @@ def point_hits(maps: torch.Tensor, regions: torch.Tensor, min_cover: float = 0.0
     }
 
 
+def other_part_hits(items: list[PartItem], top: torch.Tensor, cover: torch.Tensor) -> float | None:
+    """Mean over items (with other parts annotated on the same image) of the fraction of those other
+    parts whose region the item's hottest patch ``top`` touches; ``cover``: ``N x gh x gw`` bool."""
+    by_image: dict[int, list[int]] = {}
+    for k, it in enumerate(items):
+        by_image.setdefault(it.index, []).append(k)
+    flat = cover.reshape(len(items), -1)
+    vals = []
+    for k, it in enumerate(items):
+        others = [j for j in by_image[it.index] if j != k]
+        if others:
+            vals.append(flat[others, top[k]].float().mean().item())
+    return sum(vals) / len(vals) if vals else None
+
+
 def method_maps(model, tokenizer, images: torch.Tensor, texts: list[str], words: list[str], method: str) -> torch.Tensor:
     """Maps ``B x gh x gw`` for image-caption pairs (row i with row i) by one method.
 
@@ -126,7 +141,10 @@ def pointing_game(
 ) -> dict[str, dict]:
     """Run the pointing game; ``images[item.index]`` is the (uint8, model-size) image of each item.
 
-    Returns ``{method: {score, chance, area, n, per_part: {part: {score, chance, n}}}}``.
+    Returns ``{method: {score, chance, area, other_parts, n, per_part: {part: {score, chance, n}}}}``.
+    ``other_parts`` is a control: how often the same hottest patch lands in one of the image's *other*
+    parts (averaged over them). A map that finds the bird but not the part scores as high there as
+    on ``score``; a part-specific map scores lower.
     """
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -140,7 +158,9 @@ def pointing_game(
     parts = [it.part for it in items]
     out = {}
     for method in methods:
-        res = point_hits(item_maps(model, tokenizer, images, items, method, batch_size, progress), regions, min_cover)
+        maps = item_maps(model, tokenizer, images, items, method, batch_size, progress)
+        res = point_hits(maps, regions, min_cover)
+        other = other_part_hits(items, res["argmax"], patch_cover(regions, maps.shape[-2:]) > min_cover)
         per_part = {}
         for p in dict.fromkeys(parts):
             sel = torch.tensor([q == p for q in parts])
@@ -149,6 +169,7 @@ def pointing_game(
             "score": res["hit"].mean().item(),
             "chance": res["chance"].mean().item(),
             "area": res["area"].mean().item(),
+            "other_parts": other,
             "n": len(items),
             "per_part": per_part,
         }

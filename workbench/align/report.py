@@ -104,19 +104,20 @@ def run_pointing(
         model, _, tok = b
         for method, r in pointing_game(model, tok, images, items, methods, batch_size, progress=progress).items():
             results[method][name] = r
-    section = {"pointing_game": results, "note": note, "models": {k: b.model_id.split("|")[:2] for k, b in bundles.items()}}
+    section = {"pointing_game": results, "note": note,
+               "models": {k: {"model": b.name, "weights": b.pretrained} for k, b in bundles.items()}}
     section.update(extra or {})
     update_metrics(run_dir, "alignment", section)
     return results
 
 
 def pointing_table(results: dict) -> pd.DataFrame:
-    """Long table: method, model, score, chance, lift over chance, n."""
+    """Long table: method, model, score, chance, the other-parts control, area, n."""
     rows = []
     for method, by_model in results.items():
         for model, r in by_model.items():
             rows.append({"method": method, "model": model, "score": r["score"], "chance": r["chance"],
-                         "lift": r["score"] - r["chance"], "area": r.get("area"), "n": r["n"]})
+                         "other_parts": r.get("other_parts"), "area": r.get("area"), "n": r["n"]})
     return pd.DataFrame(rows)
 
 
@@ -139,7 +140,7 @@ def example_figures(run_dir, bundles: dict, image: torch.Tensor, caption: str, c
 
     maps = {name: pair_maps(b, image, caption, classname) for name, b in bundles.items()}
     for m in maps.values():  # punctuation pieces have maps too, but nobody asks where ":" is
-        m["words"] = {w: v for w, v in m["words"].items() if any(c.isalnum() for c in w)}
+        m["words"] = {w: v for w, v in m["words"].items() if any(c.isalnum() for c in w.split("#")[0])}
     last = list(maps)[-1]
     figs = {
         "words": plots.plot_word_maps(image, maps["pretrained"]["words"], title=f"pretrained: {caption}"),
