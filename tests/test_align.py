@@ -321,3 +321,34 @@ def test_word_figure_shares_one_scale_and_saves(clip, images, tmp_path):
     fig = plots.plot_before_after(images[0], maps["words"], {k: v * 2 for k, v in maps["words"].items()})
     assert len({im.get_clim() for ax in fig.axes for im in ax.get_images() if im.get_alpha() is not None}) == 1
     plots.plot_argmax_tokens(images[0], maps["argmax"], maps["pieces"], maps["highlight"])
+
+
+def test_notebook_runs_with_tiny_parameters(tmp_path):
+    """notebooks/05_align.ipynb end to end: random-init tiny CLIP vs a 'fine-tuned' checkpoint, tiny synthetic set."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from workbench.io import read_json
+    from workbench.pipeline import run_notebook
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(5)
+    model = load_clip("tiny", device="cpu").model
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "checkpoints" / "g.safetensors"))
+    (run / "checkpoints" / "index.json").write_text(json.dumps([
+        {"method": "gist", "shots": "full", "seed": 0, "path": "checkpoints/g.safetensors", "model": "tiny",
+         "pretrained": None, "epoch": 1, "val_top1": 0.5}]))
+    nb = Path(__file__).resolve().parents[1] / "notebooks" / "05_align.ipynb"
+    params = {"run_dir": str(run), "pretrained": None, "progress": False, "max_images": 4, "n_examples": 1,
+              "dataset_options": {"n_species": 3, "n_train": 1, "n_val": 1, "n_test": 2}}
+    run_notebook(nb, run / "05_align.ipynb", params, cwd=run, html=False)
+    pg = read_json(run / "metrics.json")["alignment"]["pointing_game"]
+    assert set(pg) == {"similarity", "rollout", "relevance"}
+    for by_model in pg.values():
+        assert set(by_model) == {"pretrained", "finetuned"}
+        for r in by_model.values():
+            assert 0 <= r["score"] <= 1 and 0 < r["chance"] < 1 and r["n"] > 0
+    figs = {p.name for p in (run / "figures").glob("align_*.png")}
+    assert {"align_words_0.png", "align_argmax_0.png", "align_before_after_0.png", "align_pointing.png"} <= figs

@@ -135,7 +135,10 @@ def per_part_table(results: dict) -> pd.DataFrame:
 def example_figures(run_dir, bundles: dict, image: torch.Tensor, caption: str, classname: str | None, tag: str) -> dict:
     """The figures of one image-caption pair, saved as ``figures/align_<kind>_<tag>.png``:
     per-word maps (pretrained), the argmax-token map (last model), the three methods side by side
-    (last model), and pretrained vs fine-tuned when both are given."""
+    (last model), and pretrained vs fine-tuned when both are given. Returns ``{kind: path}``; the
+    figures are closed (show the PNGs: rendering each figure once is what costs time)."""
+    import matplotlib.pyplot as plt
+
     from . import plots
 
     maps = {name: pair_maps(b, image, caption, classname) for name, b in bundles.items()}
@@ -155,7 +158,9 @@ def example_figures(run_dir, bundles: dict, image: torch.Tensor, caption: str, c
     if "finetuned" in maps:
         figs["before_after"] = plots.plot_before_after(image, maps["pretrained"]["words"], maps["finetuned"]["words"],
                                                        title=caption)
+    paths = {}
     for kind, fig in figs.items():
-        plots.save(fig, run_dir, f"{kind}_{tag}")
-    return figs
+        paths[kind] = plots.save(fig, run_dir, f"{kind}_{tag}")
+        plt.close(fig)
+    return paths
 
