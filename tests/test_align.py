@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -273,20 +274,27 @@ def test_part_items_from_masks_boxes_and_keypoints(tmp_path):
         regions.part_items(_tiny_dataset(tmp_path, {"part_locs": locs}), 64, parts=["wing"])
 
 
-def test_cub_part_locs_from_root(tmp_path):
-    (tmp_path / "parts").mkdir()
-    (tmp_path / "images" / "001.A").mkdir(parents=True)
-    Image.fromarray(np.zeros((100, 200, 3), np.uint8)).save(tmp_path / "images" / "001.A" / "a.jpg")
-    (tmp_path / "images.txt").write_text("1 001.A/a.jpg\n")
-    (tmp_path / "parts" / "parts.txt").write_text("1 beak\n2 left wing\n3 right wing\n")
-    (tmp_path / "parts" / "part_locs.txt").write_text("1 1 190.0 50.0 1\n1 2 60.0 20.0 1\n1 3 140.0 80.0 1\n")
-    table = pd.DataFrame({"filename": ["images/001.A/a.jpg"], "split": ["test"], "label": [0], "species": ["A"]})
-    ds = Dataset("cub", tmp_path, table, ["A"], {})
-    reg = regions.part_regions(ds, 64, radius=2)["images/001.A/a.jpg"]
-    # 200x100 -> scale 0.64, width 128, crop left 32: beak (190, 50) -> x 89.6, cropped away;
-    # wings (60, 20) -> (6.4, 12.8) and (140, 80) -> (57.6, 51.2), merged into one region
-    assert sorted(reg) == ["wing"]
-    assert reg["wing"][13, 6] and reg["wing"][51, 57]
+def test_cub_keypoints_from_the_cub_loader(tmp_path):
+    """The CUB loader's part table (original pixels) -> disks in model-input pixels, left/right merged."""
+    from fixtures_datasets import make_mini_cub
+
+    from workbench.data import load_dataset
+
+    ds = load_dataset("cub", make_mini_cub(tmp_path, n_classes=2, n_train=1, n_val=0, n_test=1, attributes=False))
+    ds = ds.split("test")
+    regs = regions.part_regions(ds, 64, radius=3)
+    parts = ds.extras["parts"]
+    for fn in ds.table["filename"]:
+        reg = regs[fn]
+        assert "crown" in reg and not any(k.startswith(("left", "right")) for k in reg)
+        # images are 40 x 32 -> scale 2, width 80, crop 8 px each side
+        crown = parts[(parts["filename"] == fn) & (parts["part"] == "crown")].iloc[0]
+        x, y = crown["x"] * 2 - 8, crown["y"] * 2
+        assert reg["crown"][int(y), int(x)]
+        assert reg["crown"].sum() <= math.pi * 9 + 12
+    assert any("wing" in r for r in regs.values())
+    items, files = regions.part_items(ds, 64, parts=["crown", "beak"])
+    assert {it.text for it in items} <= {"a bird with a crown", "a bird with a beak"} and len(files) == 2
 
 
 def test_finetuned_checkpoint_row(tmp_path):

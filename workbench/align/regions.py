@@ -7,8 +7,8 @@ Accepted annotations, looked up in ``Dataset.extras`` (rows matched by ``filenam
 - ``part_mask`` + ``parts``: a callable ``filename -> H x W label map`` whose ids index ``parts`` (the
   synthetic benchmark; masks mark visible pixels). ``background``, ``body`` and ``occluder`` are not parts;
 - ``part_boxes``: a table with ``filename, part, x0, y0, x1, y1`` (pixels, x1/y1 exclusive);
-- ``part_locs``: a table with ``filename, part, x, y[, visible]`` (keypoints; a disk of ``radius``).
-For CUB, ``parts/part_locs.txt`` is read from the dataset root when the loader gave none.
+- ``part_locs``, or ``parts`` as a table (the CUB loader): ``filename, part, x, y[, visible]``
+  (keypoints; a disk of ``radius``). CUB's left/right parts merge into one region ("wing", "eye", "leg").
 """
 from __future__ import annotations
 
@@ -53,9 +53,10 @@ def transform_mask(mask, size: int, labels: bool = False) -> torch.Tensor:
 
 def transform_points(xy, wh: tuple[int, int], size: int) -> torch.Tensor:
     """Points ``k x 2`` (x, y) in original pixels -> model-input pixels."""
-    s, _, _, left, top = crop_geometry(wh[0], wh[1], size)
+    _, nw, nh, left, top = crop_geometry(wh[0], wh[1], size)
     xy = torch.as_tensor(np.asarray(xy, dtype=np.float64)).reshape(-1, 2)
-    return xy * s - torch.tensor([left, top], dtype=xy.dtype)
+    # the resize rounds each side, so the exact scale differs slightly between x and y
+    return xy * torch.tensor([nw / wh[0], nh / wh[1]], dtype=xy.dtype) - torch.tensor([left, top], dtype=xy.dtype)
 
 
 def disk(centers, radius: float, size: int) -> torch.Tensor:
@@ -88,40 +89,6 @@ def _table(obj, name: str, cols: tuple[str, ...]) -> pd.DataFrame:
     if missing:
         raise ValueError(f"Dataset.extras[{name!r}] lacks columns {missing}; expected {list(cols)}")
     return df
-
-
-def cub_part_locs(root: str | Path) -> pd.DataFrame:
-    """CUB ``parts/part_locs.txt`` joined with ``images.txt`` and ``parts/parts.txt`` -> filename, part, x, y, visible.
-
-    ``filename`` is as in ``images.txt`` (relative to ``<root>/images``).
-    """
-    root = Path(root)
-    files = [root / "images.txt", root / "parts" / "parts.txt", root / "parts" / "part_locs.txt"]
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise FileNotFoundError(f"CUB part annotations not found: {missing} (expected the CUB_200_2011 layout)")
-    images = pd.read_csv(files[0], sep=" ", names=["image_id", "filename"])
-    names = {}
-    for line in files[1].read_text().splitlines():
-        if line.strip():
-            pid, name = line.strip().split(" ", 1)
-            names[int(pid)] = name
-    locs = pd.read_csv(files[2], sep=r"\s+", names=["image_id", "part_id", "x", "y", "visible"])
-    locs["part"] = locs["part_id"].map(names)
-    return locs.merge(images, on="image_id")[["filename", "part", "x", "y", "visible"]]
-
-
-def _cub_locs_for(ds) -> pd.DataFrame | None:
-    """CUB keypoints with filenames as in ``ds.table`` (table names may carry an ``images/`` prefix)."""
-    root = Path(ds.root)
-    for base in (root, root.parent):
-        if (base / "parts" / "part_locs.txt").exists():
-            locs = cub_part_locs(base)
-            sample = str(ds.table["filename"].iloc[0]) if len(ds.table) else ""
-            if sample.startswith("images/"):
-                locs["filename"] = "images/" + locs["filename"]
-            return locs
-    return None
 
 
 def part_regions(ds, size: int, radius: float | None = None, part_words: dict[str, str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -160,16 +127,16 @@ def part_regions(ds, size: int, radius: float | None = None, part_words: dict[st
                 add(fn, r.part, box((r.x0, r.y0, r.x1, r.y1), wh, size))
     else:
         locs = ex.get("part_locs")
-        if locs is None and ds.name == "cub":
-            locs = _cub_locs_for(ds)
-            part_words = part_words or CUB_PART_WORDS
-            rename = lambda p: part_words.get(p)  # noqa: E731
+        if locs is None and isinstance(ex.get("parts"), pd.DataFrame):
+            locs = ex["parts"]
         if locs is None:
             raise ValueError(
                 f"dataset {ds.name!r} has no part annotations: expected Dataset.extras 'part_mask' (+ 'parts'), "
-                "'part_boxes' or 'part_locs' (or a CUB root with parts/part_locs.txt)"
+                "'part_boxes', or keypoints in 'part_locs' / 'parts' (e.g. CUB with parts/part_locs.txt)"
             )
         df = _table(locs, "part_locs", ("filename", "part", "x", "y"))
+        if part_words is None and set(df["part"]) <= set(CUB_PART_WORDS):  # CUB: merge left/right parts
+            rename = CUB_PART_WORDS.get
         df = df[df["filename"].isin(set(names))]
         if "visible" in df.columns:
             df = df[df["visible"].astype(bool)]
