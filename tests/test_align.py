@@ -360,3 +360,8 @@ def test_notebook_runs_with_tiny_parameters(tmp_path):
             assert 0 <= r["score"] <= 1 and 0 < r["chance"] < 1 and r["n"] > 0
     figs = {p.name for p in (run / "figures").glob("align_*.png")}
     assert {"align_words_0.png", "align_argmax_0.png", "align_before_after_0.png", "align_pointing.png"} <= figs
+
+
+def test_bad_method_fails_fast():
+    with pytest.raises(ValueError, match="unknown pointing-game methods \\['gradcam'\\]"):
+        pointing.check_methods(["similarity", "gradcam"])

@@ -131,13 +131,14 @@ def find_phrase(tokenizer, ids_row: torch.Tensor, phrase: str) -> list[int]:
 
 
 def _prepare(model, images: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> normalised model input on the model's device; float input is taken as ready."""
-    device = next(model.parameters()).device
+    """uint8 images -> normalised model input on the model's device and in its weights' dtype
+    (fp16/bf16 models take half inputs); float input is taken as normalised already."""
+    w = model.visual.conv1.weight
     if images.ndim == 3:
         images = images[None]
     if images.dtype == torch.uint8:
-        return normalize_images(images.to(device), model)
-    return images.to(device)
+        images = normalize_images(images.to(w.device), model)
+    return images.to(w.device, w.dtype)
 
 
 @contextmanager

@@ -129,6 +129,15 @@ def item_maps(model, tokenizer, images: torch.Tensor, items: list[PartItem], met
     return torch.stack(out)
 
 
+def check_methods(methods) -> list[str]:
+    """The methods, validated (call before loading models: a typo should not cost a run)."""
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"unknown pointing-game methods {bad or methods}; expected some of {list(METHODS)}")
+    return methods
+
+
 def pointing_game(
     model,
     tokenizer,
@@ -146,9 +155,7 @@ def pointing_game(
     parts (averaged over them). A map that finds the bird but not the part scores as high there as
     on ``score``; a part-specific map scores lower.
     """
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown pointing-game methods {bad}; expected some of {list(METHODS)}")
+    methods = check_methods(methods)
     if not items:
         raise ValueError("no pointing-game items: the dataset has no part annotations for the chosen images/parts")
     S = images.shape[-1]

@@ -47,9 +47,11 @@ def explorer(bundles: dict, images: torch.Tensor, captions: list[list[str]], nam
                     return
                 m = maps()
                 words = list(m["words"])
-                if list(word_w.options) != words:
-                    word_w.unobserve(render, "value")
+                if list(word_w.options) != words or word_w.value not in words:
+                    word_w.unobserve(render, "value")  # no re-render while we fix the word list
+                    keep = word_w.value
                     word_w.options = words
+                    word_w.value = keep if keep in words else words[0]
                     word_w.observe(render, "value")
                 method = method_w.value
                 if method == "similarity":
