@@ -321,6 +321,8 @@ def test_variant_precision_against_hand_count():
             {"image": "d", "class": "X", "description_ids": ["f1"]}]         # no truth: ignored
     vp = variant_precision(recs, descs, table)
     assert vp["variant_precision"] == 1 / 2
+    lo, hi = vp["variant_precision_ci95"]
+    assert lo < 0.5 < hi and 0 <= lo and hi <= 1
     assert vp["variant_precision_topk"] == 2 / 4  # m1 ok, f1 wrong, m2 wrong, m2 ok
     assert vp["random_precision"] == pytest.approx((2 / 3 + 1 / 3 + 2 / 3) / 3)
     assert vp["true_rate_top1"] == pytest.approx(2 / 3)
