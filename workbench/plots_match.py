@@ -74,9 +74,14 @@ def plot_match_diagnostics(records: Sequence[dict], descriptions: Sequence[dict]
         vals = [np.nan if v is None else float(v) for v in vals]  # None: nothing variant-specific was picked
         ax.bar([lab for _, lab in keys], np.nan_to_num(vals), color=["#08519c", "#6baed6", "#bdbdbd"])
         for i, v in enumerate(vals):
-            ax.text(i, (0 if np.isnan(v) else v) + 0.01, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", fontsize=8)
+            ax.text(i, 0.03, "n/a" if np.isnan(v) else f"{v:.2f}", ha="center", fontsize=8,
+                    color="k" if np.isnan(v) or v < 0.08 else "w")
+        ci = metrics.get("variant_precision_ci95")
+        if ci and not np.isnan(vals[0]):  # Wilson 95% interval: how many picks back the top-1 figure
+            ax.errorbar([0], [vals[0]], yerr=[[vals[0] - ci[0]], [ci[1] - vals[0]]], color="k", capsize=4, lw=1)
         ax.set_ylim(0, 1.05)
-        ax.set_title("variant precision vs truth")
+        n1 = metrics.get("n_top1_variant_specific")
+        ax.set_title("variant precision vs truth" + (f" (n={n1})" if n1 is not None else ""))
     fig.tight_layout()
     return _save(fig, path)
 
