@@ -1,0 +1,97 @@
+import pytest
+import yaml
+
+from workbench import config as C
+
+
+def _schema():
+    def p(t, d, h=""):
+        return {"inferred_type_name": t, "default": d, "help": h}
+
+    return {
+        "match": {"run_dir": p("str", '"x"'), "dataset": p("str", '"synthetic"'), "model": p("str", '"tiny"'),
+                  "pretrained": p("Optional[str]", '"synthetic"'), "k": p("int", "5"),
+                  "batch_size": p("int", "256")},
+        "finetune": {"run_dir": p("str", '"x"'), "model": p("str", '"tiny"'),
+                     "pretrained": p("Optional[str]", "None"), "lr": p("float", "1e-5"),
+                     "batch_size": p("int", "64"), "shots": p("list", '["full", 1]')},
+    }
+
+
+def test_defaults_come_from_notebooks():
+    cfg = C.resolve(_schema())
+    assert cfg["match"] == {"model": "tiny", "pretrained": "synthetic", "k": 5, "batch_size": 256}
+    assert cfg["finetune"]["shots"] == ["full", 1]
+    assert cfg["dataset"] == "synthetic" and cfg["seed"] == 0 and "dataset" not in cfg["match"]
+
+
+def test_merge_order_defaults_preset_file_set():
+    preset = {"seed": 1, "match": {"k": 3, "batch_size": 8}}
+    file = {"match": {"k": 4}}
+    cfg = C.resolve(_schema(), [preset, file], ["match.k=7"])
+    assert cfg["seed"] == 1
+    assert cfg["match"]["k"] == 7 and cfg["match"]["batch_size"] == 8
+
+
+def test_bare_key_sets_every_stage_that_has_it():
+    cfg = C.resolve(_schema(), [], ["batch_size=32"])
+    assert cfg["match"]["batch_size"] == 32 and cfg["finetune"]["batch_size"] == 32
+    cfg = C.resolve(_schema(), [{"batch_size": 16}])  # top-level key in a file behaves the same
+    assert cfg["finetune"]["batch_size"] == 16
+
+
+def test_model_override_switches_pretrained_unless_given():
+    preset = {"match": {"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
+              "finetune": {"model": "ViT-L-14-336", "pretrained": "openai"}}
+    cfg = C.resolve(_schema(), [preset], ["model=tiny"])
+    assert cfg["match"]["model"] == cfg["finetune"]["model"] == "tiny"
+    assert cfg["match"]["pretrained"] == cfg["finetune"]["pretrained"] == "synthetic"
+    cfg = C.resolve(_schema(), [preset], ["model=tiny", "pretrained=null"])
+    assert cfg["match"]["pretrained"] is None and cfg["finetune"]["pretrained"] is None
+
+
+def test_unknown_keys_listed():
+    with pytest.raises(C.ConfigError) as e:
+        C.resolve(_schema(), [{"match": {"kk": 1}}], ["nonexistent=1", "nostage.k=2"])
+    msg = str(e.value)
+    assert "unknown configuration key(s): match.kk, nonexistent, nostage.k" in msg
+    with pytest.raises(C.ConfigError, match="run_dir"):
+        C.resolve(_schema(), [], ["run_dir=/tmp"])
+
+
+def test_wrong_types_listed():
+    with pytest.raises(C.ConfigError) as e:
+        C.resolve(_schema(), [], ["match.k=abc", "seed=true", "finetune.lr=3", "stages=[nope]"])
+    msg = str(e.value)
+    assert "match.k='abc' (expected int)" in msg
+    assert "seed=True (expected int)" in msg
+    assert "unknown stage(s) ['nope']" in msg
+    assert "finetune.lr" not in msg  # an int is a fine float
+
+
+@pytest.mark.parametrize("value,ann,ok", [
+    (None, "Optional[str]", True), ("a", "Optional[str]", True), (1, "Optional[str]", False),
+    (True, "int", False), (1, "bool", False), ([1], "list", True), ({"a": 1}, "dict", True),
+    (1, "Union[str, int]", True), (1.5, "Union[str, int]", False), ("x", "SomeClass", True),
+])
+def test_type_ok(value, ann, ok):
+    assert C.type_ok(value, ann) is ok
+
+
+def test_parse_set_yaml_values():
+    assert C.parse_set("a=3") == ("a", 3)
+    assert C.parse_set("a=null") == ("a", None)
+    assert C.parse_set("a=[1, 3, 5]") == ("a", [1, 3, 5])
+    assert C.parse_set("a=ViT-B-32") == ("a", "ViT-B-32")
+    with pytest.raises(C.ConfigError, match="key=value"):
+        C.parse_set("novalue")
+
+
+def test_sources_and_base(tmp_path):
+    f = tmp_path / "my.yaml"
+    f.write_text(yaml.safe_dump({"base": "demo", "seed": 3}))
+    src = C.load_source(str(f))
+    assert src["seed"] == 3 and src["dataset"] == "synthetic"
+    with pytest.raises(C.ConfigError, match="unknown preset 'nope'"):
+        C.load_source("nope")
+    assert "demo" in C.list_presets()

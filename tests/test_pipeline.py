@@ -1,0 +1,91 @@
+"""The papermill runner and the CLI, on small notebooks built here."""
+import json
+
+import pytest
+import yaml
+
+from nbutil import make_notebook
+from workbench import cli, pipeline
+
+PARAMS = '''from typing import Optional
+
+run_dir: str = "../reports/lab"  # run directory
+dataset: str = "synthetic"  # dataset name
+seed: int = 0  # random seed
+k: int = 5  # top-k
+tag: Optional[str] = None  # a tag
+'''
+
+
+@pytest.fixture
+def nb_dir(tmp_path, monkeypatch):
+    d = tmp_path / "notebooks"
+    make_notebook(d / "01_first.ipynb", PARAMS,
+                  "import json, os, pathlib\n"
+                  "pathlib.Path('first.json').write_text(json.dumps("
+                  "{'cwd': os.getcwd(), 'k': k, 'tag': tag, 'seed': seed, 'k_type': type(k).__name__}))")
+    make_notebook(d / "02_second.ipynb", 'run_dir: str = "x"  # run directory\nscale: float = 1.0  # factor',
+                  "import json, pathlib\nd = json.loads(pathlib.Path('first.json').read_text())\n"
+                  "pathlib.Path('second.json').write_text(json.dumps({'v': d['k'] * scale}))")
+    monkeypatch.setenv("WORKBENCH_NOTEBOOKS", str(d))
+    return d
+
+
+def test_run_writes_run_directory(nb_dir, tmp_path):
+    p = pipeline.plan("demo", ["k=7", "seed=3", "second.scale=0.5"], name="t1", reports=tmp_path / "reports")
+    run_dir = pipeline.execute(p, log=lambda *_: None)
+    params = yaml.safe_load((run_dir / "params.yaml").read_text())
+    assert params["first"] == {"k": 7, "tag": None} and params["second"] == {"scale": 0.5}
+    assert params["seed"] == 3
+    first = json.loads((run_dir / "first.json").read_text())
+    assert first == {"cwd": str(run_dir), "k": 7, "tag": None, "seed": 3, "k_type": "int"}
+    assert json.loads((run_dir / "second.json").read_text()) == {"v": 3.5}
+    for stem in ("01_first", "02_second"):
+        assert (run_dir / f"{stem}.ipynb").exists()
+        assert "<html" in (run_dir / f"{stem}.html").read_text()[:500].lower()
+    timing = json.loads((run_dir / "metrics.json").read_text())["timing"]
+    assert set(timing) == {"first_s", "second_s"}
+
+
+def test_stage_subset(nb_dir, tmp_path):
+    p = pipeline.plan("demo", stages=["first"], name="t2", reports=tmp_path / "r")
+    assert list(p.stages) == ["first"]
+    pipeline.execute(p, log=lambda *_: None)
+    assert not (p.run_dir / "02_second.ipynb").exists()
+
+
+def test_failing_stage_keeps_partial_notebook(nb_dir, tmp_path, capsys):
+    make_notebook(nb_dir / "02_second.ipynb", 'run_dir: str = "x"  # run directory',
+                  "ok = 1", "raise RuntimeError('boom in stage two')", "never = 1")
+    rc = cli.main(["run", "demo", "--name", "bad", "--reports", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "stage 'second' failed in cell" in err and "RuntimeError: boom in stage two" in err
+    run_dir = tmp_path / "r" / "bad"
+    partial = json.loads((run_dir / "02_second.ipynb").read_text())
+    outputs = [o for c in partial["cells"] for o in c.get("outputs", [])]
+    assert any(o.get("ename") == "RuntimeError" for o in outputs)
+    assert (run_dir / "02_second.html").exists()
+    assert (run_dir / "first.json").exists()  # earlier stage's work is kept
+
+
+def test_unknown_key_fails_before_running(nb_dir, tmp_path, capsys):
+    rc = cli.main(["run", "demo", "--set", "nonexistent=1", "--reports", str(tmp_path / "r")])
+    assert rc == 2
+    assert "nonexistent" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_params_and_list(nb_dir, capsys):
+    assert cli.main(["params", "first"]) == 0
+    out = capsys.readouterr().out
+    assert "k: int (default 5)" in out and "top-k" in out and "tag: Optional[str]" in out
+    assert cli.main(["run", "--list"]) == 0
+    assert "demo" in capsys.readouterr().out
+    assert cli.main(["params", "nope"]) == 2
+
+
+def test_notebook_without_run_dir_is_rejected(tmp_path):
+    nb = make_notebook(tmp_path / "01_x.ipynb", "k: int = 1  # k")
+    with pytest.raises(ValueError, match="must declare `run_dir"):
+        pipeline.notebook_parameters(nb)

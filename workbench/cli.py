@@ -1,0 +1,70 @@
+"""Console entry point: ``workbench run``, ``workbench params``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import config as C
+from . import pipeline
+
+
+def _run(args) -> int:
+    if args.list:
+        for name, desc in C.list_presets().items():
+            print(f"{name:16s} {desc}")
+        return 0
+    if not args.target:
+        print("workbench run: give a preset name or a config .yaml (see --list)", file=sys.stderr)
+        return 2
+    stages = [s for item in (args.stages or []) for s in item.split(",") if s]
+    try:
+        plan = pipeline.plan(args.target, args.set or [], name=args.name, stages=stages or None,
+                             reports=args.reports)
+    except (C.ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"workbench run: {e}", file=sys.stderr)
+        return 2
+    print(f"run {plan.name!r}: stages {list(plan.stages)} -> {plan.run_dir}")
+    try:
+        pipeline.execute(plan)
+    except pipeline.StageFailed as e:
+        print(f"workbench run: {e}", file=sys.stderr)
+        return 1
+    print(f"done: {plan.run_dir}")
+    return 0
+
+
+def _params(args) -> int:
+    stages = pipeline.discover_stages()
+    if args.stage not in stages:
+        print(f"workbench params: unknown stage {args.stage!r}; stages: {list(stages)}", file=sys.stderr)
+        return 2
+    params = pipeline.notebook_parameters(stages[args.stage])
+    print(f"Parameters of stage {args.stage!r} ({stages[args.stage].name}); set with "
+          f"--set {args.stage}.<name>=<value> (common keys without a prefix):")
+    for name, p in params.items():
+        tag = " [common]" if name in C.COMMON else " [set by the pipeline]" if name in C.RESERVED else ""
+        print(f"  {name}: {p['inferred_type_name']} (default {p['default']}){tag}  {p['help']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="workbench", description="GIST workbench: run the notebook pipeline.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the stage notebooks with papermill into reports/<name>/")
+    r.add_argument("target", nargs="?", help="preset name (see --list) or config .yaml")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override: common key, <stage>.<key>, or a bare stage key (sets it in every stage)")
+    r.add_argument("--name", help="run name (default: the preset or file name)")
+    r.add_argument("--stages", action="append", help="stages to run, e.g. --stages describe,match")
+    r.add_argument("--reports", default="reports", help="folder that holds run directories")
+    r.add_argument("--list", action="store_true", help="list presets and exit")
+    r.set_defaults(fn=_run)
+    p = sub.add_parser("params", help="print a stage's parameters")
+    p.add_argument("stage")
+    p.set_defaults(fn=_params)
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

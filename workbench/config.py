@@ -1,0 +1,257 @@
+"""Run configuration: presets, YAML files and ``--set`` overrides, validated against the notebooks.
+
+A config is a plain dict:
+
+    dataset: synthetic          # common keys, passed to every stage that declares them
+    seed: 0
+    match: {k: 5}               # one section per stage; keys are that notebook's parameters
+
+The schema of a stage section is the parameters cell of its notebook (papermill's inspection),
+so a parameter added to a notebook is configurable with no other change. Resolution order:
+notebook defaults < preset < config file < ``--set``.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+# Keys shared by all stages: name -> (type, default). A stage gets those its notebook declares.
+COMMON: dict[str, tuple[str, Any]] = {
+    "dataset": ("str", "synthetic"),
+    "data_root": ("Optional[str]", None),
+    "dataset_options": ("dict", {}),
+    "seed": ("int", 0),
+    "device": ("str", "auto"),
+    "progress": ("bool", True),
+    "interactive": ("bool", False),
+}
+# Top-level keys that are not passed to notebooks.
+META: dict[str, tuple[str, Any]] = {
+    "stages": ("Optional[list]", None),  # stages to run, in pipeline order (None: all)
+}
+# Keys the pipeline sets itself; not configurable.
+RESERVED = {"run_dir"}
+
+
+class ConfigError(ValueError):
+    """The configuration names unknown keys or has values of the wrong type."""
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> its one-line description (the first comment line of the YAML)."""
+    out = {}
+    for p in sorted(PRESET_DIR.glob("*.yaml")):
+        first = p.read_text().splitlines()[0] if p.read_text().strip() else ""
+        out[p.stem] = first.lstrip("# ").strip() if first.startswith("#") else ""
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_source(target: str) -> dict:
+    """A preset name or a YAML path -> its dict; a file may name a preset to start from with ``base:``."""
+    path = Path(target)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        data = load_yaml(path)
+        base = data.pop("base", None)
+        return deep_merge(load_source(base), data) if base else data
+    preset = PRESET_DIR / f"{target}.yaml"
+    if not preset.exists():
+        raise ConfigError(f"unknown preset {target!r}; presets: {sorted(list_presets())} (or give a .yaml path)")
+    data = load_yaml(preset)
+    base = data.pop("base", None)
+    return deep_merge(load_source(base), data) if base else data
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in COMMON:
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """``key=value`` with the value parsed as YAML (``3`` -> int, ``null`` -> None, ``[1,3]`` -> list)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+# ---------------------------------------------------------------- schema from notebooks
+def defaults_from_schema(schema: dict[str, dict[str, dict]]) -> dict:
+    """Notebook defaults -> a full config (common defaults + one section per stage)."""
+    cfg: dict[str, Any] = {k: copy.deepcopy(d) for k, (_, d) in {**COMMON, **META}.items()}
+    for stage, params in schema.items():
+        cfg[stage] = {
+            name: _literal(p["default"], f"{stage}.{name}")
+            for name, p in params.items()
+            if name not in COMMON and name not in RESERVED
+        }
+    return cfg
+
+
+def _literal(src: str, where: str) -> Any:
+    try:
+        return ast.literal_eval(src)
+    except (ValueError, SyntaxError) as e:
+        raise ConfigError(f"default of {where} is not a literal: {src!r}") from e
+
+
+def resolve(
+    schema: dict[str, dict[str, dict]],
+    sources: list[dict] = (),
+    sets: list[str] = (),
+) -> dict:
+    """Merge notebook defaults < each source < ``--set`` items, then validate. Returns the full config.
+
+    A bare key that is not common (``--set k=3``, or a top-level ``k: 3`` in a file) sets that
+    parameter in every stage that has it. ``model=<arch>`` also switches those stages' ``pretrained``
+    to the architecture's own default tag (``tiny`` -> ``synthetic``) unless ``pretrained`` is given.
+    """
+    cfg = defaults_from_schema(schema)
+    unknown: list[str] = []
+    for src in sources:
+        for key, value in src.items():
+            _assign(cfg, schema, key, value, unknown, explicit=_bare_keys(src))
+    pairs = [parse_set(s) for s in sets]
+    explicit = {k for k, _ in pairs}
+    for key, value in pairs:
+        _assign(cfg, schema, key, value, unknown, explicit)
+    if unknown:
+        raise ConfigError(
+            "unknown configuration key(s): " + ", ".join(unknown)
+            + f". Stages: {list(schema)}; common keys: {sorted(COMMON) + sorted(META)}; "
+            "see `workbench params <stage>`."
+        )
+    validate(cfg, schema)
+    return cfg
+
+
+def _bare_keys(src: dict) -> set[str]:
+    return {k for k in src if "." not in k}
+
+
+def _assign(cfg, schema, key: str, value, unknown: list, explicit: set) -> None:
+    if key in RESERVED:
+        unknown.append(f"{key} (set by the pipeline)")
+        return
+    if key in COMMON or key in META:
+        cfg[key] = value
+        return
+    if "." in key:
+        stage, _, name = key.partition(".")
+        if stage in schema and name in schema[stage] and name not in COMMON and name not in RESERVED:
+            cfg[stage][name] = value
+        else:
+            unknown.append(key)
+        return
+    if key in schema and isinstance(value, dict):  # a whole stage section
+        for name, v in value.items():
+            _assign(cfg, schema, f"{key}.{name}", v, unknown, explicit)
+        return
+    hit = [s for s, params in schema.items() if key in params]
+    if not hit:
+        unknown.append(key)
+        return
+    for stage in hit:
+        cfg[stage][key] = value
+        if key == "model" and "pretrained" in schema[stage] and "pretrained" not in explicit:
+            from .models import DEFAULT_TAGS, resolve_name
+
+            tag = DEFAULT_TAGS.get(resolve_name(str(value)))
+            if tag is not None:
+                cfg[stage]["pretrained"] = tag
+
+
+# ---------------------------------------------------------------- type checking
+_BASIC = {"str": (str,), "int": (int,), "float": (float, int), "bool": (bool,), "list": (list,),
+          "dict": (dict,), "None": (type(None),), "tuple": (list, tuple)}
+
+
+def type_ok(value: Any, annotation: str | None) -> bool:
+    """Check ``value`` against a parameter annotation as papermill reports it (``Optional[str]``...)."""
+    if not annotation or annotation == "None":
+        return True  # untyped parameter: nothing to check
+    ann = annotation.replace("typing.", "").strip()
+    m = re.fullmatch(r"Optional\[(.*)\]", ann)
+    if m:
+        return value is None or type_ok(value, m.group(1))
+    m = re.fullmatch(r"Union\[(.*)\]", ann)
+    if m:
+        return any(type_ok(value, a) for a in _split_args(m.group(1)))
+    if "|" in ann:
+        return any(type_ok(value, a) for a in ann.split("|"))
+    base = re.sub(r"\[.*\]$", "", ann).strip().lower()
+    types = _BASIC.get(base)
+    if types is None:
+        return True  # an annotation we do not model
+    if isinstance(value, bool) and bool not in types:
+        return False  # True is an int in Python; not a valid int parameter
+    return isinstance(value, types)
+
+
+def _split_args(s: str) -> list[str]:
+    out, depth, cur = [], 0, ""
+    for ch in s:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur]
+
+
+def validate(cfg: dict, schema: dict[str, dict[str, dict]]) -> None:
+    """Raise :class:`ConfigError` listing every key whose value has the wrong type."""
+    bad = []
+    for key, (ann, _) in {**COMMON, **META}.items():
+        if not type_ok(cfg.get(key), ann):
+            bad.append(f"{key}={cfg.get(key)!r} (expected {ann})")
+    if cfg.get("stages"):
+        unknown = [s for s in cfg["stages"] if s not in schema]
+        if unknown:
+            bad.append(f"stages: unknown stage(s) {unknown}; stages are {list(schema)}")
+    for stage, params in schema.items():
+        for name, value in cfg.get(stage, {}).items():
+            ann = params.get(name, {}).get("inferred_type_name")
+            if not type_ok(value, ann):
+                bad.append(f"{stage}.{name}={value!r} (expected {ann})")
+    if bad:
+        raise ConfigError("invalid configuration value(s): " + "; ".join(bad))
+
+
+def stage_parameters(cfg: dict, stage: str, schema: dict[str, dict[str, dict]]) -> dict:
+    """The parameters to pass to one stage's notebook (common keys it declares + its section)."""
+    declared = schema[stage]
+    params = {k: cfg[k] for k in COMMON if k in declared}
+    params.update(cfg.get(stage, {}))
+    return params
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
