@@ -90,7 +90,8 @@ def probe_draw(
     yt = y[draw.test].to(logits.device)
     m = _score_rows(topk_correct(logits, yt, 1), topk_correct(logits, yt, 3), bootstrap_n, bootstrap_seed)
     m.update(n_train=int(len(draw.train)), weight_decay=res.weight_decay, val_top1=res.val_top1, fit_on=res.fit_on,
-             draw=draw.source)
+             draw=draw.source, sweep=[{"weight_decay": w["weight_decay"], "val_top1": round(w["val_top1"], 3),
+                                       "val_loss": round(w["val_loss"], 5)} for w in res.sweep])
     return m, res
 
 
