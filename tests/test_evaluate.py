@@ -347,3 +347,29 @@ def test_notebook_runs_all_four_methods(tmp_path, monkeypatch):
         (m, s) for m in ("zero-shot", "linear-probe", "finetune-classname", "gist") for s in ("full", "1")}
     assert (run / "figures" / "evaluate_accuracy.png").exists()
     assert (run / "figures" / "evaluate_probe_sweep.png").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_probe_and_features_match_cpu(tiny_ds, tmp_path, monkeypatch):
+    """The GPU paths: the probe on CUDA agrees with the CPU fit; features encoded on CUDA (bf16
+    autocast) are cached under their own key and are close to the fp32 CPU ones."""
+    from workbench.evaluate import image_features
+    from workbench.models import load_clip
+
+    (Xtr, ytr), (Xva, yva), (Xte, yte) = _gaussian_problem()
+    cpu = linear_probe(Xtr, ytr, Xva, yva, 5, weight_decays=[1e-1, 1e-2], device="cpu")
+    gpu = linear_probe(Xtr, ytr, Xva, yva, 5, weight_decays=[1e-1, 1e-2], device="cuda")
+    assert gpu.W.device.type == "cuda" and gpu.weight_decay == cpu.weight_decay
+    p_cpu, p_gpu = cpu.logits(Xte).softmax(1), gpu.logits(Xte).softmax(1).cpu()
+    assert (p_cpu - p_gpu).abs().max() < 1e-3
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    sd = load_clip("tiny", device="cpu").model.state_dict()
+    b_cpu, b_gpu = load_clip("tiny", device="cpu"), load_clip("tiny", device="cuda")
+    b_cpu.model.load_state_dict(sd)
+    b_gpu.model.load_state_dict(sd)
+    f_cpu, f_gpu = image_features(b_cpu, tiny_ds), image_features(b_gpu, tiny_ds)
+    assert len(list((tmp_path / "cache" / "features").glob("*.safetensors"))) == 2
+    cos = F.cosine_similarity(f_cpu, f_gpu, dim=1)
+    assert cos.min() > 0.98, cos.min()
