@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from workbench.data import Dataset
 from workbench.evaluate import (
-    accuracy_table, bootstrap_ci, classname_classifier, classname_scores, description_scores, finetuned_rows,
+    accuracy_table, bootstrap_ci, check_draws, classname_classifier, classname_scores, description_scores, finetuned_rows,
     linear_probe, load_descriptions, load_shot_file, make_draw, probe_rows, read_checkpoint_index, runs_table,
     seed_summary, topk_correct, zero_shot_rows,
 )
@@ -155,6 +155,12 @@ def test_few_shot_draws_deterministic_and_split_files(tiny_ds, tmp_path):
         load_shot_file(tiny_ds, csv, k=3)
     with pytest.raises(ValueError, match="these classes have fewer"):
         make_draw(tiny_ds, 6, seed=0)
+    # Everything the evaluation will draw is checked up front.
+    assert len(check_draws(tiny_ds, ["full", 1, 3], [0, 1], {1: csv})) == 6
+    with pytest.raises(ValueError, match="these classes have fewer"):
+        check_draws(tiny_ds, ["full", 6], [0])
+    with pytest.raises(ValueError, match=r"not in shots"):
+        check_draws(tiny_ds, ["full"], [0], {5: csv})
 
 
 # ---------------------------------------------------------------- zero-shot

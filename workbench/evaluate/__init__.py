@@ -8,7 +8,7 @@ from .bootstrap import bootstrap_ci, seed_summary
 from .compare import (
     FINETUNED, METHODS, finetuned_rows, probe_draw, probe_rows, read_checkpoint_index, zero_shot_rows,
 )
-from .features import Draw, image_features, load_shot_file, make_draw, parse_shots, rows_in
+from .features import Draw, check_draws, image_features, load_shot_file, make_draw, parse_shots, rows_in
 from .probe import DEFAULT_WEIGHT_DECAYS, ProbeResult, fit_logreg, linear_probe, reference_probe, topk_correct
 from .report import accuracy_table, runs_table
 from .zeroshot import (
@@ -17,7 +17,7 @@ from .zeroshot import (
 
 __all__ = [
     "DEFAULT_WEIGHT_DECAYS", "Draw", "FINETUNED", "METHODS", "ProbeResult", "TEMPLATES", "accuracy_table",
-    "bootstrap_ci", "classname_classifier", "classname_scores", "description_scores", "description_texts",
+    "bootstrap_ci", "check_draws", "classname_classifier", "classname_scores", "description_scores", "description_texts",
     "finetuned_rows", "fit_logreg", "image_features", "linear_probe", "load_descriptions", "load_shot_file",
     "make_draw", "parse_shots", "probe_draw", "probe_rows", "read_checkpoint_index", "reference_probe",
     "rows_in", "runs_table", "seed_summary", "topk_correct", "zero_shot_rows",

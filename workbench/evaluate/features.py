@@ -117,6 +117,18 @@ def make_draw(ds: Dataset, shots, seed: int = 0, shot_file: str | Path | None = 
     return Draw(shots, seed, source, parts["train"], parts["val"], parts["test"])
 
 
+def check_draws(ds: Dataset, shots, seeds, shot_files: dict | None = None) -> list[Draw]:
+    """Build every draw the evaluation will use, so a k larger than a class has, a missing or wrong
+    split file, or an empty split fails before any model loads."""
+    shot_files = {str(k): v for k, v in (shot_files or {}).items()}
+    unknown = sorted(set(shot_files) - {str(s) for s in parse_shots(shots)})
+    if unknown:
+        raise ValueError(f"shot_files has entries for shots {unknown} that are not in shots {list(shots)}")
+    if not seeds:
+        raise ValueError("seeds is empty")
+    return [make_draw(ds, s, int(seed), shot_files.get(str(s))) for s in parse_shots(shots) for seed in seeds]
+
+
 def parse_shots(shots) -> list:
     """Normalise a shots list: ``"full"`` stays, numbers (or numeric strings) become positive ints."""
     out = []

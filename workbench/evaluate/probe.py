@@ -98,7 +98,7 @@ def fit_logreg(
 
     with torch.enable_grad():
         opt.step(closure)
-    iters = opt.state[opt._params[0]].get("n_iter", 0)
+    iters = opt.state[W].get("n_iter", 0)  # L-BFGS keeps its state on the first parameter
     return W.detach(), b.detach(), int(iters)
 
 
