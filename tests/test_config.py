@@ -95,3 +95,15 @@ def test_sources_and_base(tmp_path):
     with pytest.raises(C.ConfigError, match="unknown preset 'nope'"):
         C.load_source("nope")
     assert "demo" in C.list_presets()
+
+
+def test_dotted_key_into_common_dict():
+    cfg = C.resolve(_schema(), [{"dataset_options": {"a": 1}}], ["dataset_options.metadata=m.csv"])
+    assert cfg["dataset_options"] == {"a": 1, "metadata": "m.csv"}
+
+
+def test_unknown_loader_option_is_named():
+    from workbench.data import load_dataset
+
+    with pytest.raises(ValueError, match=r"dataset 'cub': unknown option\(s\) \['colour'\]; accepted options"):
+        load_dataset("cub", "/nonexistent", colour=1)

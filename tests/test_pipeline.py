@@ -89,3 +89,17 @@ def test_notebook_without_run_dir_is_rejected(tmp_path):
     nb = make_notebook(tmp_path / "01_x.ipynb", "k: int = 1  # k")
     with pytest.raises(ValueError, match="must declare `run_dir"):
         pipeline.notebook_parameters(nb)
+
+
+def test_relative_data_root_made_absolute(nb_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = pipeline.plan("demo", ["data_root=some/where"], name="t3", reports=tmp_path / "r")
+    assert p.config["data_root"] == str(tmp_path / "some" / "where")
+
+
+def test_wrong_data_root_fails_before_any_stage(nb_dir, tmp_path, capsys):
+    rc = cli.main(["run", "demo", "--set", "dataset=cub", "--set", f"data_root={tmp_path}/nope",
+                   "--reports", str(tmp_path / "r")])
+    assert rc == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -20,6 +20,7 @@ def _run(args) -> int:
     try:
         plan = pipeline.plan(args.target, args.set or [], name=args.name, stages=stages or None,
                              reports=args.reports)
+        pipeline.check_dataset(plan.config)
     except (C.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"workbench run: {e}", file=sys.stderr)
         return 2

@@ -161,6 +161,10 @@ def _assign(cfg, schema, key: str, value, unknown: list, explicit: set) -> None:
     if key in COMMON or key in META:
         cfg[key] = value
         return
+    head, _, rest = key.partition(".")
+    if head in COMMON and isinstance(cfg.get(head), dict) and rest:  # dataset_options.metadata=...
+        cfg[head] = {**cfg[head], rest: value}
+        return
     if "." in key:
         stage, _, name = key.partition(".")
         if stage in schema and name in schema[stage] and name not in COMMON and name not in RESERVED:

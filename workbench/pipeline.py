@@ -133,10 +133,20 @@ def plan(target: str, sets: list[str] = (), name: str | None = None, stages: lis
     if stages:
         cfg["stages"] = list(stages)
         C.validate(cfg, schema)
+    if cfg.get("data_root"):
+        # Notebooks run with the run directory as cwd: a relative root must not change meaning.
+        cfg["data_root"] = str(Path(cfg["data_root"]).expanduser().resolve())
     chosen = cfg.get("stages") or list(all_stages)
     selected = {s: p for s, p in all_stages.items() if s in chosen}
     name = name or (Path(target).stem if Path(target).suffix in (".yaml", ".yml") else target)
     return RunPlan(name, Path(reports).resolve() / name, cfg, selected, schema)
+
+
+def check_dataset(cfg: dict):
+    """Load the configured dataset once, so a wrong root or missing file fails before any notebook."""
+    from .data import load_dataset
+
+    return load_dataset(cfg["dataset"], cfg.get("data_root"), **(cfg.get("dataset_options") or {}))
 
 
 def execute(p: RunPlan, log=print) -> Path:

@@ -77,7 +77,16 @@ def load_dataset(name: str, root: str | Path | None = None, **options) -> Datase
     if name not in LOADERS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(LOADERS)}")
     module, fn = LOADERS[name].split(":")
-    return getattr(importlib.import_module(module), fn)(root, **options)
+    loader = getattr(importlib.import_module(module), fn)
+    import inspect
+
+    sig = inspect.signature(loader)
+    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        accepted = [p for p in sig.parameters if p != "root"]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ValueError(f"dataset {name!r}: unknown option(s) {unknown}; accepted options: {accepted}")
+    return loader(root, **options)
 
 
 def few_shot(ds: Dataset, k: int | str, seed: int = 0) -> Dataset:

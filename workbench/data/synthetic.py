@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from . import Dataset
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 PARTS = ["background", "body", "crown", "beak", "eye", "wing", "breast", "tail", "occluder"]
 PART_ID = {p: i for i, p in enumerate(PARTS)}
@@ -161,13 +161,13 @@ def _ellipse(cx, cy, rx, ry, rot=0.0, n=28, a0=0.0, a1=2 * math.pi):
 
 
 _BEAKS = {
-    "short": [(0.70, -0.43), (0.93, -0.34), (0.70, -0.26)],
-    "long": [(0.70, -0.40), (1.18, -0.34), (0.70, -0.29)],
-    "hooked": [(0.70, -0.45), (0.90, -0.42), (1.00, -0.32), (0.96, -0.22), (0.90, -0.30), (0.70, -0.26)],
+    "short": [(0.70, -0.44), (0.88, -0.35), (0.70, -0.26)],
+    "long": [(0.70, -0.40), (1.06, -0.34), (0.70, -0.29)],
+    "hooked": [(0.70, -0.46), (0.88, -0.43), (0.97, -0.32), (0.94, -0.20), (0.88, -0.29), (0.70, -0.25)],
 }
 _TAILS = {
-    "short": [(-0.40, 0.00), (-0.78, -0.10), (-0.80, 0.16), (-0.40, 0.22)],
-    "long": [(-0.40, 0.00), (-1.15, -0.16), (-1.18, 0.18), (-0.40, 0.22)],
+    "short": [(-0.40, 0.00), (-0.70, -0.08), (-0.72, 0.14), (-0.40, 0.22)],
+    "long": [(-0.40, 0.00), (-1.00, -0.18), (-1.02, 0.20), (-0.40, 0.22)],
 }
 _HEAD = (0.50, -0.36, 0.24)
 
@@ -180,7 +180,7 @@ def _bird_shapes(attrs: dict):
         ("tail", BODY_COLOR, _TAILS[attrs["tail_size"]]),
         ("body", BODY_COLOR, _ellipse(0.0, 0.10, 0.55, 0.35)),
         ("body", BODY_COLOR, _ellipse(hx, hy, hr, hr)),
-        ("breast", col["breast_color"], _ellipse(0.22, 0.20, 0.30, 0.19)),
+        ("breast", col["breast_color"], _ellipse(0.24, 0.22, 0.30, 0.19)),
     ]
     dark = tuple(int(c * 0.45) for c in col["breast_color"])
     if attrs["breast_pattern"] == "streaked":
@@ -190,8 +190,8 @@ def _bird_shapes(attrs: dict):
         for x, y in ((0.06, 0.14), (0.20, 0.10), (0.34, 0.15), (0.12, 0.27), (0.27, 0.27), (0.40, 0.24)):
             shapes.append(("breast", dark, _ellipse(x, y, 0.045, 0.045, n=10)))
     shapes += [
-        ("wing", col["wing_color"], _ellipse(-0.10, 0.02, 0.40, 0.17, rot=-0.25)),
-        ("crown", col["crown_color"], _ellipse(hx, hy, hr, hr, a0=math.pi * 1.08, a1=math.pi * 1.92, n=16)),
+        ("wing", col["wing_color"], _ellipse(-0.12, -0.01, 0.40, 0.16, rot=-0.25)),
+        ("crown", col["crown_color"], _ellipse(hx, hy, hr, hr, a0=math.pi * 1.0, a1=math.pi * 2.0, n=16)),
         ("beak", BEAK_COLOR, _BEAKS[attrs["beak_shape"]]),
         ("eye", EYE_COLOR, _ellipse(hx + 0.09, hy + 0.02, 0.05, 0.05, n=10)),
     ]
@@ -200,11 +200,11 @@ def _bird_shapes(attrs: dict):
 
 def sample_nuisance(rng: np.random.Generator, size: int, occlusion: float = 0.3, noise: float = 6.0) -> dict:
     """Per-image nuisance: position, scale, flip, background, noise, occluder (JSON-able)."""
-    scale = float(rng.uniform(0.32, 0.42))
+    scale = float(rng.uniform(0.38, 0.46))
     nz = {
         "scale": round(scale, 4),
-        "x": round(float(0.5 + rng.uniform(-0.08, 0.08)), 4),
-        "y": round(float(0.55 + rng.uniform(-0.08, 0.08)), 4),
+        "x": round(float(0.5 + rng.uniform(-0.05, 0.05)), 4),
+        "y": round(float(0.54 + rng.uniform(-0.06, 0.06)), 4),
         "flip": bool(rng.random() < 0.5),
         "background": int(rng.integers(len(_BACKGROUNDS))),
         "bg_jitter": [int(v) for v in rng.integers(-20, 21, size=3)],
@@ -457,3 +457,34 @@ def load(root: str | Path | None = None, **options) -> Dataset:
     if clash:
         raise ValueError(f"synthetic dataset at {root} was generated with other options (given, stored): {clash}")
     return _read(root, {k: stored[k] for k in DEFAULTS})
+
+
+# ---------------------------------------------------------------- figure
+def plot_samples(ds: Dataset, n_species: int = 6, per_species: int = 4, split: str = "train"):
+    """Grid of images (rows: species; columns: images, alternating variants) with part outlines."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    t = ds.table[ds.table["split"] == split]
+    labels = sorted(t["label"].unique())[:n_species]
+    cmap = ListedColormap(["none", "#999999", "#e41a1c", "#ff7f00", "#000000", "#377eb8", "#4daf4a", "#984ea3", "#a65628"])
+    fig, axes = plt.subplots(len(labels), 2 * per_species, figsize=(2 * per_species * 1.1, len(labels) * 1.2), squeeze=False)
+    for r, lab in enumerate(labels):
+        rows = t[t["label"] == lab].head(per_species)
+        for c, row in enumerate(rows.itertuples()):
+            img = np.asarray(Image.open(ds.root / row.filename))
+            parts = ds.extras["part_mask"](row.filename)
+            axes[r, 2 * c].imshow(img)
+            axes[r, 2 * c].set_title(row.variant, fontsize=6)
+            axes[r, 2 * c + 1].imshow(img, alpha=0.35)
+            axes[r, 2 * c + 1].imshow(np.ma.masked_equal(parts, 0), cmap=cmap, vmin=0, vmax=len(PARTS) - 1,
+                                      interpolation="nearest", alpha=0.8)
+        axes[r, 0].set_ylabel(ds.classnames[lab].replace(" ", "\n"), fontsize=6, rotation=0, ha="right", va="center")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(1, len(PARTS))]
+    fig.legend(handles, PARTS[1:], loc="lower center", ncol=len(PARTS) - 1, fontsize=7, frameon=False)
+    fig.suptitle("synthetic birds: images and part masks", fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    return fig

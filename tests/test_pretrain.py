@@ -1,0 +1,128 @@
+"""The tiny CLIP pretrained on the synthetic benchmark: loss, captions, caching, zero-shot figures."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workbench import pretrain as P
+from workbench.data import load_dataset, synthetic as syn
+from workbench.models import load_clip
+
+
+def test_loss_is_clip_loss_with_one_positive():
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    scale = torch.tensor(10.0)
+    logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    ref = (F.cross_entropy(logits, torch.arange(8)) + F.cross_entropy(logits.T, torch.arange(8))) / 2
+    got = P.multi_positive_clip_loss(img, txt, scale, torch.eye(8, dtype=torch.bool))
+    assert torch.allclose(got, ref, atol=1e-6)
+    # two positives for image 0: its target splits evenly between captions 0 and 1
+    pos = torch.eye(8, dtype=torch.bool)
+    pos[0, 1] = True
+    got = P.multi_positive_clip_loss(img, txt, scale, pos)
+    lp = logits.log_softmax(1)
+    i2t = torch.stack([-(lp[0, 0] + lp[0, 1]) / 2] + [-lp[i, i] for i in range(1, 8)]).mean()
+    lpt = logits.T.log_softmax(1)  # caption 1 is true of images 0 and 1
+    t2i = torch.stack([-lpt[0, 0], -(lpt[1, 0] + lpt[1, 1]) / 2] + [-lpt[i, i] for i in range(2, 8)]).mean()
+    assert torch.allclose(got, (i2t + t2i) / 2, atol=1e-6)
+
+
+def test_loss_with_several_captions_per_image():
+    g = torch.Generator().manual_seed(1)
+    img, txt = torch.randn(4, 16, generator=g), torch.randn(8, 16, generator=g)
+    pos = torch.zeros(4, 8, dtype=torch.bool)
+    pos[torch.arange(8) // 2, torch.arange(8)] = True  # captions 2i and 2i+1 belong to image i
+    logits = 5.0 * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    i2t = -(logits.log_softmax(1)[pos].view(4, 2).mean(1)).mean()
+    t2i = F.cross_entropy(logits.T, torch.arange(8) // 2)
+    got = P.multi_positive_clip_loss(img, txt, torch.tensor(5.0), pos)
+    assert torch.allclose(got, (i2t + t2i) / 2, atol=1e-6)
+
+
+def test_short_text_encoding_matches_open_clip():
+    torch.manual_seed(0)
+    model, _, tok = load_clip("tiny", device="cpu")
+    t = tok(["a bird with a red crown.", "this bird has blue wings and a long tail."])
+    with torch.no_grad():
+        assert torch.allclose(P._encode_text(model, t), model.encode_text(t), atol=1e-5)
+
+
+def test_captions_are_true_and_never_name_species():
+    rng = np.random.default_rng(0)
+    vocab = P.caption_vocabulary()
+    for _ in range(200):
+        attrs = {a: str(rng.choice(v)) for a, v in syn.ATTRIBUTE_VALUES.items()}
+        cap, keys = P.attribute_caption(attrs, rng)
+        assert set(cap.replace(",", " ").replace(".", " ").split()) <= vocab
+        for k in keys:
+            assert attrs[k] in cap
+    names = syn.make_species(syn.MAX_SPECIES)["species"]
+    assert not {w for n in names for w in n.replace("-", " ").split()} & vocab
+
+
+def test_checkpoint_trains_once_under_a_lock(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_train(config, progress=False):
+        calls.append(config)
+        threading.Event().wait(0.3)  # long enough for the other caller to reach the lock
+        return {"w": torch.zeros(2)}, {"train_seconds": 0.0}
+
+    monkeypatch.setattr(P, "train", fake_train)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(P.synthetic_checkpoint(steps=3))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and paths[0] == paths[1] and paths[0].exists()
+    assert P.checkpoint_info(steps=3) == {"train_seconds": 0.0}
+    assert P.checkpoint_path(steps=3) != P.checkpoint_path(steps=4)
+    with pytest.raises(ValueError, match="unknown pretraining option"):
+        P.checkpoint_path(epochs=3)
+
+
+@pytest.fixture(scope="session")
+def pretrained_figures(tmp_path_factory):
+    """Train (once per cache) and evaluate the pretrained tiny CLIP on a small synthetic dataset."""
+    bundle = load_clip("tiny", pretrained="synthetic", device="cpu")
+    ds = load_dataset("synthetic", tmp_path_factory.mktemp("syn") / "data", n_species=8, n_train=2, n_val=1, n_test=10)
+    return P.evaluate_pretrained(bundle, dataset=ds, n_heldout=240)
+
+
+def test_pretrained_knows_attributes_not_species(pretrained_figures):
+    f = pretrained_figures
+    attrs = f["attributes"]
+    assert set(attrs) == set(syn.ATTRIBUTES)
+    assert f["attribute_mean_top1"] > f["attribute_mean_chance"] + 0.15
+    # colours of parts are learned within the CPU budget (shapes and patterns stay near chance)
+    for a in ("crown_color", "wing_color", "breast_color"):
+        assert attrs[a]["top1"] > attrs[a]["chance"] + 0.15, (a, attrs[a])
+    sp = f["species"]
+    assert sp["chance"] == 1 / 8 and sp["n"] == 80
+    assert sp["top1"] < sp["chance"] + 0.2 < f["attribute_mean_top1"]
+    assert "synthetic" in f["model"]
+
+
+def test_notebook_runs_and_writes_metrics(pretrained_figures, tmp_path):
+    """00_pretrain with the cached model (the fixture trained it): metrics section and figures."""
+    from pathlib import Path
+
+    from workbench.io import read_json
+    from workbench.pipeline import run_notebook
+
+    nb = Path(__file__).resolve().parents[1] / "notebooks" / "00_pretrain.ipynb"
+    params = {"run_dir": str(tmp_path), "progress": False, "n_heldout": 120,
+              "dataset_options": {"n_species": 4, "n_train": 2, "n_val": 1, "n_test": 3}}
+    run_notebook(nb, tmp_path / "00_pretrain.ipynb", params, cwd=tmp_path, html=False)
+    m = read_json(tmp_path / "metrics.json")["pretrain"]
+    assert set(m["attributes"]) == set(syn.ATTRIBUTES) and m["species"]["n"] == 4 * 3
+    assert m["training"]["train_seconds"] > 0
+    assert (tmp_path / "figures" / "pretrain_samples.png").exists()
+    assert (tmp_path / "figures" / "pretrain_zeroshot.png").exists()
+    run_notebook(nb, tmp_path / "skip.ipynb", {**params, "pretrained": None}, cwd=tmp_path, html=False)
+    assert read_json(tmp_path / "metrics.json")["pretrain"]["skipped"] is True

@@ -1,0 +1,183 @@
+"""Pointing game: does the hottest patch of a map for a part word fall inside that part's region?
+
+A map is a ``gh x gw`` grid over the model input (``S x S`` pixels, ``S = gh * patch``). A part
+region is an ``S x S`` boolean mask in the same pixels. The hottest patch *hits* when it covers at
+least one region pixel (more than ``min_cover`` of its area). The chance level is what a patch drawn
+uniformly at random scores under the same rule (the fraction of patches touching the region); the
+raw pixel area fraction of the region is reported beside it as ``area``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import image_rollout, pair_relevance
+from .features import image_tokens, similarity_maps, text_tokens, token_patch_similarity, tokenize, word_map
+
+METHODS = ("similarity", "rollout", "relevance")
+
+
+@dataclass
+class PartItem:
+    """One pointing-game query: image ``index``, the ``part``, a caption ``text`` naming it with ``word``."""
+
+    index: int
+    part: str
+    text: str
+    word: str
+    region: torch.Tensor  # S x S bool, model-input pixels
+
+
+def patch_cover(regions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Fraction of each patch covered by the region: ``B x S x S`` bool -> ``B x gh x gw`` float."""
+    if regions.ndim == 2:
+        regions = regions[None]
+    S_h, S_w = regions.shape[-2:]
+    gh, gw = grid
+    if S_h % gh or S_w % gw:
+        raise ValueError(f"region size {S_h}x{S_w} is not a multiple of the patch grid {gh}x{gw}")
+    return F.avg_pool2d(regions[:, None].float(), (S_h // gh, S_w // gw))[:, 0]
+
+
+def point_hits(maps: torch.Tensor, regions: torch.Tensor, min_cover: float = 0.0) -> dict[str, torch.Tensor]:
+    """Score maps ``B x gh x gw`` against regions ``B x S x S``: per item ``hit``, ``chance``, ``area``, ``argmax``."""
+    if maps.ndim == 2:
+        maps, regions = maps[None], regions[None]
+    if len(maps) != len(regions):
+        raise ValueError(f"{len(maps)} maps vs {len(regions)} regions")
+    B, gh, gw = maps.shape
+    cover = patch_cover(regions, (gh, gw)) > min_cover
+    m = maps.float().reshape(B, -1).nan_to_num(nan=float("-inf"))
+    top = m.argmax(-1)
+    hit = cover.reshape(B, -1)[torch.arange(B), top]
+    return {
+        "hit": hit.float(),
+        "chance": cover.reshape(B, -1).float().mean(-1),
+        "area": regions.reshape(B, -1).float().mean(-1),
+        "argmax": top,
+    }
+
+
+def other_part_hits(items: list[PartItem], top: torch.Tensor, cover: torch.Tensor) -> float | None:
+    """Mean over items (with other parts annotated on the same image) of the fraction of those other
+    parts whose region the item's hottest patch ``top`` touches; ``cover``: ``N x gh x gw`` bool."""
+    by_image: dict[int, list[int]] = {}
+    for k, it in enumerate(items):
+        by_image.setdefault(it.index, []).append(k)
+    flat = cover.reshape(len(items), -1)
+    vals = []
+    for k, it in enumerate(items):
+        others = [j for j in by_image[it.index] if j != k]
+        if others:
+            vals.append(flat[others, top[k]].float().mean().item())
+    return sum(vals) / len(vals) if vals else None
+
+
+def method_maps(model, tokenizer, images: torch.Tensor, texts: list[str], words: list[str], method: str) -> torch.Tensor:
+    """Maps ``B x gh x gw`` for image-caption pairs (row i with row i) by one method.
+
+    - ``similarity``: cosine of the word's token states (mean over its pieces) with each patch;
+    - ``rollout``: image-tower attention rollout (the same for every caption);
+    - ``relevance``: Chefer et al. relevance of the image-caption similarity.
+    """
+    if method == "similarity":
+        sim, tt = similarity_maps(model, tokenizer, images, texts)
+        return torch.stack([word_map(s, w, word) for s, w, word in zip(sim, tt.words, words)])
+    if method == "rollout":
+        return image_rollout(model, images)
+    if method == "relevance":
+        return pair_relevance(model, images, tokenize(tokenizer, texts).ids, text=False)[0]
+    raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+
+
+def item_maps(model, tokenizer, images: torch.Tensor, items: list[PartItem], method: str, batch_size: int = 32,
+              progress: bool = False) -> torch.Tensor:
+    """``method_maps`` for every item, ``N x gh x gw``, computing each image and each caption once where
+    the method allows (similarity: patches per image, token states per caption; rollout: per image)."""
+    from tqdm.auto import tqdm
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+    bar = lambda n: tqdm(range(0, n, batch_size), disable=not progress, desc=f"pointing ({method})")  # noqa: E731
+    uniq = sorted({it.index for it in items})
+    where = {u: k for k, u in enumerate(uniq)}
+    if method == "relevance":  # the gradient depends on the pair: one pass per pair
+        out = []
+        for i in bar(len(items)):
+            b = items[i : i + batch_size]
+            out.append(method_maps(model, tokenizer, images[[it.index for it in b]], [it.text for it in b], [it.word for it in b], method))
+        return torch.cat(out)
+    if method == "rollout":
+        per_image = torch.cat([image_rollout(model, images[uniq[i : i + batch_size]]) for i in bar(len(uniq))])
+        return per_image[[where[it.index] for it in items]]
+    gh, gw = model.visual.grid_size
+    with torch.no_grad():
+        patches = torch.cat([image_tokens(model, images[uniq[i : i + batch_size]])[1].float().cpu() for i in bar(len(uniq))])
+        texts = list(dict.fromkeys(it.text for it in items))
+        tt = tokenize(tokenizer, texts)
+        states = torch.cat([text_tokens(model, tt.ids[i : i + batch_size]).float().cpu() for i in range(0, len(texts), batch_size)])
+    tpos = {t: k for k, t in enumerate(texts)}
+    out = []
+    for i in range(0, len(items), batch_size):
+        b = items[i : i + batch_size]
+        t = [tpos[it.text] for it in b]
+        sim = token_patch_similarity(states[t], patches[[where[it.index] for it in b]], tt.mask[t])
+        sim = sim.reshape(len(b), -1, gh, gw)
+        out += [word_map(s, tt.words[k], it.word) for s, k, it in zip(sim, t, b)]
+    return torch.stack(out)
+
+
+def check_methods(methods) -> list[str]:
+    """The methods, validated (call before loading models: a typo should not cost a run)."""
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"unknown pointing-game methods {bad or methods}; expected some of {list(METHODS)}")
+    return methods
+
+
+def pointing_game(
+    model,
+    tokenizer,
+    images: torch.Tensor,
+    items: list[PartItem],
+    methods=METHODS,
+    batch_size: int = 32,
+    min_cover: float = 0.0,
+    progress: bool = False,
+) -> dict[str, dict]:
+    """Run the pointing game; ``images[item.index]`` is the (uint8, model-size) image of each item.
+
+    Returns ``{method: {score, chance, area, other_parts, n, per_part: {part: {score, chance, n}}}}``.
+    ``other_parts`` is a control: how often the same hottest patch lands in one of the image's *other*
+    parts (averaged over them). A map that finds the bird but not the part scores as high there as
+    on ``score``; a part-specific map scores lower.
+    """
+    methods = check_methods(methods)
+    if not items:
+        raise ValueError("no pointing-game items: the dataset has no part annotations for the chosen images/parts")
+    S = images.shape[-1]
+    if any(it.region.shape[-2:] != images.shape[-2:] for it in items):
+        raise ValueError(f"part regions must be {S}x{S} like the images (see workbench.align.regions)")
+    regions = torch.stack([it.region for it in items])
+    parts = [it.part for it in items]
+    out = {}
+    for method in methods:
+        maps = item_maps(model, tokenizer, images, items, method, batch_size, progress)
+        res = point_hits(maps, regions, min_cover)
+        other = other_part_hits(items, res["argmax"], patch_cover(regions, maps.shape[-2:]) > min_cover)
+        per_part = {}
+        for p in dict.fromkeys(parts):
+            sel = torch.tensor([q == p for q in parts])
+            per_part[p] = {"score": res["hit"][sel].mean().item(), "chance": res["chance"][sel].mean().item(), "n": int(sel.sum())}
+        out[method] = {
+            "score": res["hit"].mean().item(),
+            "chance": res["chance"].mean().item(),
+            "area": res["area"].mean().item(),
+            "other_parts": other,
+            "n": len(items),
+            "per_part": per_part,
+        }
+    return out

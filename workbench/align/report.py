@@ -1,0 +1,166 @@
+"""What notebook 05_align calls: find the fine-tuned checkpoint, pick captions, compute the maps of one
+image-caption pair, run the pointing game for pretrained vs fine-tuned and store it in metrics.json."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..io import read_json, read_jsonl, update_metrics
+from .attention import image_rollout, pair_relevance
+from .features import argmax_token_map, find_phrase, similarity_maps, word_maps
+from .pointing import METHODS, pointing_game
+from .regions import part_attributes
+
+
+def finetuned_checkpoint(run_dir: str | Path, method: str = "gist", shots="full", seed: int | None = None) -> dict | None:
+    """The ``checkpoints/index.json`` row of the ``method``/``shots`` run (best ``val_top1``; ``seed`` if given),
+    with ``path`` made absolute; None when there is no such file or row."""
+    index = Path(run_dir) / "checkpoints" / "index.json"
+    if not index.exists():
+        return None
+    rows = [r for r in read_json(index) if r.get("method") == method and str(r.get("shots")) == str(shots)]
+    if seed is not None:
+        rows = [r for r in rows if r.get("seed") == seed]
+    if not rows:
+        return None
+    row = dict(max(rows, key=lambda r: (r.get("val_top1") or 0.0, -int(r.get("seed") or 0))))
+    row["path"] = str((Path(run_dir) / row["path"]).resolve())
+    return row
+
+
+def load_models(run_dir, model: str, pretrained: str | None, device="auto", method: str = "gist") -> tuple[dict, str]:
+    """``{"pretrained": bundle[, "finetuned": bundle]}`` and a note saying what was (not) found."""
+    from ..models import load_clip
+
+    bundles = {"pretrained": load_clip(model, pretrained, device=device)}
+    row = finetuned_checkpoint(run_dir, method)
+    if row is None:
+        return bundles, f"no {method!r} full-shot checkpoint in {Path(run_dir) / 'checkpoints' / 'index.json'}: pretrained only"
+    if not Path(row["path"]).exists():
+        return bundles, f"checkpoint listed in index.json is missing: {row['path']}: pretrained only"
+    bundles["finetuned"] = load_clip(row.get("model") or model, row["path"], device=device)
+    return bundles, f"fine-tuned: {row['method']} shots={row['shots']} seed={row.get('seed')} epoch={row.get('epoch')} ({row['path']})"
+
+
+def attribute_caption(row, classname: str | None = None, parts: list[str] = (), attribute_part: dict | None = None) -> str:
+    """"<class>: red crown, blue wing, ..." from a table row's attribute columns (see ``part_attributes``)."""
+    descs = [" ".join(v + [p]) for p in parts if (v := part_attributes(p, row, attribute_part))]
+    desc = ", ".join(descs) or "a bird"
+    return f"{classname}: {desc}" if classname else desc
+
+
+def captions_for(run_dir, filename: str, classname: str, row=None, parts: list[str] = (), attribute_part: dict | None = None) -> list[str]:
+    """Captions for an image: its matched captions from ``matches.jsonl`` when present, else one built from
+    the table's attribute columns."""
+    path = Path(run_dir) / "matches.jsonl"
+    if path.exists():
+        for r in read_jsonl(path):
+            if r.get("image") == filename and r.get("captions"):
+                return list(r["captions"])
+    return [attribute_caption(row if row is not None else {}, classname, parts, attribute_part)]
+
+
+def pair_maps(bundle, image: torch.Tensor, caption: str, classname: str | None = None) -> dict:
+    """Everything the figures show for one image-caption pair under one model.
+
+    ``words``: word -> similarity map; ``argmax``/``pieces``/``highlight``: the argmax-token map, the
+    caption's pieces, the class-name positions; ``rollout``, ``relevance``: image maps; ``text_relevance``.
+    """
+    model, _, tok = bundle
+    sim, tt = similarity_maps(model, tok, image[None], caption)
+    ids = tt.ids
+    rel, trel, score = pair_relevance(model, image[None], ids)
+    return {
+        "words": word_maps(sim[0], tt.words[0]),
+        "sim": sim[0],
+        "tokens": tt,
+        "argmax": argmax_token_map(sim[0], tt.mask[0], tt.special[0]),
+        "pieces": tt.pieces[0],
+        "highlight": find_phrase(tok, ids[0], classname) if classname else [],
+        "rollout": image_rollout(model, image[None])[0],
+        "relevance": rel[0],
+        "text_relevance": trel[0, : int(tt.eot[0]) + 1],
+        "similarity": score.item(),
+    }
+
+
+def run_pointing(
+    run_dir,
+    bundles: dict,
+    images: torch.Tensor,
+    items,
+    methods=METHODS,
+    note: str = "",
+    extra: dict | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict:
+    """Pointing game for each model in ``bundles``; stored as ``metrics.json["alignment"]``:
+    ``{"pointing_game": {method: {"pretrained": {score, chance, area, n, per_part}, "finetuned": {...}}}, ...}``."""
+    results: dict[str, dict] = {m: {} for m in methods}
+    for name, b in bundles.items():
+        model, _, tok = b
+        for method, r in pointing_game(model, tok, images, items, methods, batch_size, progress=progress).items():
+            results[method][name] = r
+    section = {"pointing_game": results, "note": note,
+               "models": {k: {"model": b.name, "weights": b.pretrained} for k, b in bundles.items()}}
+    section.update(extra or {})
+    update_metrics(run_dir, "alignment", section)
+    return results
+
+
+def pointing_table(results: dict) -> pd.DataFrame:
+    """Long table: method, model, score, chance, the other-parts control, area, n."""
+    rows = []
+    for method, by_model in results.items():
+        for model, r in by_model.items():
+            rows.append({"method": method, "model": model, "score": r["score"], "chance": r["chance"],
+                         "other_parts": r.get("other_parts"), "area": r.get("area"), "n": r["n"]})
+    return pd.DataFrame(rows)
+
+
+def per_part_table(results: dict) -> pd.DataFrame:
+    """Score per part, method and model (chance in brackets in the column pairs)."""
+    rows = []
+    for method, by_model in results.items():
+        for model, r in by_model.items():
+            for part, p in r["per_part"].items():
+                rows.append({"method": method, "model": model, "part": part, "score": p["score"], "chance": p["chance"], "n": p["n"]})
+    df = pd.DataFrame(rows)
+    return df.pivot_table(index="part", columns=["method", "model"], values="score") if len(df) else df
+
+
+def example_figures(run_dir, bundles: dict, image: torch.Tensor, caption: str, classname: str | None, tag: str) -> dict:
+    """The figures of one image-caption pair, saved as ``figures/align_<kind>_<tag>.png``:
+    per-word maps (pretrained), the argmax-token map (last model), the three methods side by side
+    (last model), and pretrained vs fine-tuned when both are given. Returns ``{kind: path}``; the
+    figures are closed (show the PNGs: rendering each figure once is what costs time)."""
+    import matplotlib.pyplot as plt
+
+    from . import plots
+
+    maps = {name: pair_maps(b, image, caption, classname) for name, b in bundles.items()}
+    for m in maps.values():  # punctuation pieces have maps too, but nobody asks where ":" is
+        m["words"] = {w: v for w, v in m["words"].items() if any(c.isalnum() for c in w.split("#")[0])}
+    last = list(maps)[-1]
+    figs = {
+        "words": plots.plot_word_maps(image, maps["pretrained"]["words"], title=f"pretrained: {caption}"),
+        "argmax": plots.plot_argmax_tokens(image, maps[last]["argmax"], maps[last]["pieces"], maps[last]["highlight"],
+                                           title=f"most similar token per patch ({last})"),
+        "methods": plots.plot_method_maps(
+            image,
+            {"similarity (word mean)": torch.stack(list(maps[last]["words"].values())).mean(0),
+             "rollout": maps[last]["rollout"], "relevance": maps[last]["relevance"]},
+            title=f"{last}, image-caption cosine {maps[last]['similarity']:.2f}"),
+    }
+    if "finetuned" in maps:
+        figs["before_after"] = plots.plot_before_after(image, maps["pretrained"]["words"], maps["finetuned"]["words"],
+                                                       title=caption)
+    paths = {}
+    for kind, fig in figs.items():
+        paths[kind] = plots.save(fig, run_dir, f"{kind}_{tag}")
+        plt.close(fig)
+    return paths
+

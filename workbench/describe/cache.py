@@ -1,0 +1,97 @@
+"""Resumable generation state: an append-only response cache keyed by request hash, and JSONL repair.
+
+Every paid response is appended to the cache the moment it arrives (by the worker thread that got
+it), before it is validated or turned into a description, so an interrupted run never pays for it
+again. Files are JSONL written with :func:`workbench.io.append_jsonl` (flush + fsync per record).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ..io import append_jsonl, iter_jsonl
+
+
+def hash_key(*parts) -> str:
+    """Stable hex digest of JSON-able parts (same scheme as :func:`workbench.cache.hash_key`, without torch)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def request_key(*parts) -> str:
+    """Hash identifying a paid request: backend identity, messages, sampling parameters, seed."""
+    return hash_key("describe-request", *parts)
+
+
+def repair_jsonl(path: str | Path) -> int:
+    """Drop a partial last line left by a killed writer so appends start on a fresh line.
+
+    Returns the number of bytes removed.
+    """
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 1))
+        if f.read(1) == b"\n":
+            return 0
+        # scan back for the last newline
+        pos = size
+        while pos > 0:
+            step = min(65536, pos)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                keep = pos - step + i + 1
+                break
+            pos -= step
+        else:
+            keep = 0
+        f.truncate(keep)
+        return size - keep
+
+
+class ResponseCache:
+    """Raw LLM responses keyed by request hash, in a JSONL file; thread-safe appends.
+
+    Records: ``{"key", "time", "backend", "model", "messages", "params", "text", "meta"}``. Request
+    headers (and so API keys) are never part of a record.
+    """
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self._lock = threading.Lock()
+        self._texts: dict[str, str] = {}
+        if self.path is not None:
+            repair_jsonl(self.path)
+            for r in iter_jsonl(self.path):
+                self._texts[r["key"]] = r["text"]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._texts
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def get(self, key: str) -> str | None:
+        return self._texts.get(key)
+
+    def put(self, key: str, text: str, **fields) -> None:
+        rec = {"key": key, "time": now(), **fields, "text": text}
+        with self._lock:
+            if self.path is not None:
+                append_jsonl(self.path, rec)
+            self._texts[key] = text

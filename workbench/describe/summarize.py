@@ -1,0 +1,281 @@
+"""Summaries "<class name>: <short description>" that fit CLIP's context, counted with its tokenizer.
+
+Two ways: an LLM summarization prompt (:func:`summarize` with a chat backend), and an offline
+extractive fallback (:func:`extractive_summary`) that keeps the most informative clauses that fit.
+Text is only ever shortened at clause or word boundaries, never inside a word.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+from .validate import Validator, clean_text
+
+# --- token counting -----------------------------------------------------------------------------------
+
+
+def get_tokenizer(tokenizer_or_model="tiny"):
+    """A CLIP tokenizer from a tokenizer, a :func:`workbench.models.load_clip` bundle, or a model name."""
+    if isinstance(tokenizer_or_model, str):
+        import open_clip
+
+        from ..models import resolve_name
+
+        return open_clip.get_tokenizer(resolve_name(tokenizer_or_model))
+    if hasattr(tokenizer_or_model, "tokenizer") and hasattr(tokenizer_or_model, "model_id"):
+        return tokenizer_or_model.tokenizer
+    return tokenizer_or_model
+
+
+def context_length(tokenizer) -> int:
+    return int(getattr(tokenizer, "context_length", None) or 77)
+
+
+def token_counter(tokenizer) -> Callable[[str], int]:
+    """``count(text)``: tokens the CLIP text tower sees for ``text``, start/end tokens included, untruncated."""
+    tokenizer = get_tokenizer(tokenizer)
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id"):  # open_clip SimpleTokenizer
+        return lambda text: len(tokenizer.encode(text)) + 2
+    hf = getattr(tokenizer, "tokenizer", None)
+    if hf is not None and callable(hf):  # open_clip HFTokenizer: the wrapped HF tokenizer adds its specials
+        return lambda text: len(hf(text)["input_ids"])
+
+    def count(text: str) -> int:  # generic: tokenize with a long context, count up to the last non-pad
+        ids = tokenizer([text], context_length=4096)[0]
+        nz = (ids != 0).nonzero()
+        return int(nz[-1]) + 1 if len(nz) else 0
+
+    return count
+
+
+def token_lengths(texts: Sequence[str], tokenizer) -> list[int]:
+    count = token_counter(tokenizer)
+    return [count(t) for t in texts]
+
+
+# --- extractive summary ----------------------------------------------------------------------------
+
+_COLOURS = (
+    "black white grey gray brown red orange yellow green blue purple violet pink buff olive rufous chestnut "
+    "cinnamon tan cream golden gold silver iridescent dark pale light bright dull glossy metallic crimson "
+    "scarlet maroon lavender magenta ivory bronze copper rust rusty sooty blackish whitish brownish greyish "
+    "grayish reddish yellowish bluish greenish pinkish erythematous violaceous hyperpigmented hypopigmented"
+).split()
+_PATTERNS = (
+    "striped streaked spotted speckled barred mottled patch patches stripe stripes streak streaks spots "
+    "spot band bands bar bars ring ring-shaped eyering crest crested hooked curved pointed forked notched "
+    "rounded long short large small slender thick thin stout tipped edged scaly plaque plaques papules "
+    "papule nodule nodules scale scales vesicles pustules crust ulcer annular raised flat smooth rough"
+).split()
+_PARTS = (
+    "head crown forehead nape neck throat chin cheek face eye eyes eyebrow beak bill breast chest belly "
+    "back wing wings wingbars tail rump flank flanks leg legs feet foot toes plumage feathers underparts "
+    "upperparts mantle petal petals stamen stamens pistil sepal sepals leaf leaves stem centre center "
+    "fuselage engine engines nose cockpit winglet winglets fin propeller propellers gear skin lesion "
+    "lesions border borders surface"
+).split()
+_VISUAL = {w: 2.0 for w in _COLOURS + _PATTERNS + _PARTS}
+_STOP = set(
+    "a an the and or of with its it is are has have having in on at to from by as for this that these those "
+    "which while also be been being very some any into over under up down out appear appears appearing "
+    "overall its their there they can may display displays exhibits features feature possesses shows "
+    "showing distinguished distinguishes provides providing allowing along".split()
+)
+_LEAD_VERBS = r"(?:also\s+)?(?:has|have|is|are|features|displays|exhibits|possesses|shows|boasts|sports|bears|presents)\b"
+_SUBJECTS = [
+    r"(?:the|this|a|an)\s+(?:image|photo|photograph)\s+shows\s+(?:a\s+)?(?:person'?s|patient'?s)?",
+    r"(?:it|this\s+(?:\w+\s+){0,2}(?:bird|flower|plant|aircraft|plane|species|condition)|the\s+(?:bird|flower|plant|aircraft|plane))'?s?",
+    r"its",
+]
+
+
+def _name_pattern(classname: str) -> str:
+    words = re.findall(r"[0-9A-Za-z]+", classname)
+    return r"[\s\-_']*".join(re.escape(w) for w in words)
+
+
+def split_clauses(classname: str, text: str) -> list[str]:
+    """Clauses of ``text`` without their subject lead ("The male <class> has", "It has", "Its")."""
+    name = _name_pattern(classname)
+    lead_class = re.compile(
+        r"^(?:the|this|a|an)?\s*(?:(?:adult|male|female|juvenile|immature|young|breeding|non-breeding)\s+)*"
+        + name + r"(?:'s)?\s*(?:" + _LEAD_VERBS + r")?\s*",
+        re.IGNORECASE,
+    )
+    lead_other = re.compile(r"^(?:" + "|".join(_SUBJECTS) + r")\s*(?:" + _LEAD_VERBS + r")?\s*", re.IGNORECASE)
+    connectors = re.compile(
+        r"^(?:and|with|while|along\s+with|which|but|as\s+well\s+as|plus|look\s+for|note|also)\b\s*", re.IGNORECASE
+    )
+    clauses = []
+    for sent in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+        sent = sent.strip().rstrip(".!?").strip()
+        sent = lead_class.sub("", sent, count=1) if name else sent
+        sent = lead_other.sub("", sent, count=1)
+        parts = []
+        for part in re.split(r"\s*[;,]\s*", sent):
+            part = connectors.sub("", part.strip()).strip(" .:-")
+            part = connectors.sub("", part).strip()  # "and with ..."
+            part = re.sub(r"^(?:a|an|the)\s+", "", part, flags=re.IGNORECASE)
+            if part[:1].isupper() and part[1:2].islower():  # "The bill" -> "bill"; keeps "DC-10"
+                part = part[0].lower() + part[1:]
+            if part and re.search(r"[A-Za-z]", part):
+                parts.append(part)
+        # one- or two-word pieces are list items cut off by commas ("a dark, sooty-brown plumage",
+        # "white head, neck, and underparts"): glue them to their neighbour
+        merged: list[str] = []
+        for part in parts:
+            if merged and len(part.split()) <= 2:
+                merged[-1] += ", " + part
+            elif merged and len(merged[-1].split()) <= 2 and len(merged) == 1:
+                merged[-1] += ", " + part
+            else:
+                merged.append(part)
+        clauses.extend(merged)
+    return clauses
+
+
+def informativeness(clause: str, classname: str = "") -> float:
+    """Visual words (colours, patterns, parts) count double; other content words once; the class name not at all."""
+    own = set(re.findall(r"[a-z]+", classname.lower()))
+    score = 0.0
+    for w in re.findall(r"[a-z][a-z\-]*", clause.lower()):
+        if w in own or w in _STOP or len(w) < 3:
+            continue
+        score += max((_VISUAL.get(p, 1.0) for p in w.split("-")), default=1.0)
+    return score
+
+
+def _join(classname: str, clauses: Sequence[str]) -> str:
+    return f"{classname}: " + ", ".join(clauses) + "." if clauses else f"{classname}:"
+
+
+def extractive_summary(classname: str, text: str, tokenizer="tiny", max_tokens: int | None = None,
+                       target_tokens: int = 40) -> str:
+    """``"<classname>: clause, clause, ..."`` from ``text``: the most informative clauses that fit.
+
+    Clauses are chosen greedily by :func:`informativeness` while the caption stays within
+    ``min(target_tokens, max_tokens)`` tokens (``max_tokens``: the tokenizer's context, 77 for CLIP),
+    then kept in their original order. If not even the best clause fits, it is shortened by whole
+    words. Raises ``ValueError`` when the class name alone does not fit.
+    """
+    tok = get_tokenizer(tokenizer)
+    count = token_counter(tok)
+    limit = context_length(tok) if max_tokens is None else max_tokens
+    budget = min(limit, target_tokens) if target_tokens else limit
+    if count(_join(classname, [])) > limit:
+        raise ValueError(f"class name {classname!r} alone takes more than {limit} tokens")
+    clauses, seen = [], set()
+    for c in split_clauses(classname, text):
+        key = c.lower()
+        if key not in seen:
+            seen.add(key)
+            clauses.append(c)
+    if not clauses:
+        return _join(classname, [])
+    ranked = sorted(range(len(clauses)), key=lambda i: (-informativeness(clauses[i], classname), i))
+    keep: list[int] = []
+    for i in ranked:
+        if informativeness(clauses[i], classname) <= 0 and keep:
+            break
+        trial = sorted(keep + [i])
+        if count(_join(classname, [clauses[j] for j in trial])) <= budget:
+            keep = trial
+    if keep:
+        return _join(classname, [clauses[j] for j in keep])
+    words = clauses[ranked[0]].split()  # the best clause alone is too long: drop whole words from its end
+    while words and count(_join(classname, [" ".join(words)])) > budget:
+        words.pop()
+    return _join(classname, [" ".join(words)] if words else [])
+
+
+# --- summaries of many descriptions, optionally by an LLM ---------------------------------------
+
+
+def _tidy_llm(classname: str, text: str) -> str:
+    text = clean_text(text)
+    text = re.sub(r"^\s*(?:summary|caption)\s*:\s*", "", text, flags=re.IGNORECASE)
+    name = _name_pattern(classname)
+    if name:
+        text = re.sub(r"^\s*" + name + r"\s*:\s*", "", text, flags=re.IGNORECASE)
+    return text.strip().rstrip(".").strip()
+
+
+def summarize(
+    texts: Sequence[str],
+    classes: Sequence[str],
+    tokenizer="tiny",
+    backend=None,
+    cache_path=None,
+    max_tokens: int | None = None,
+    target_tokens: int = 40,
+    max_words: int = 25,
+    progress: bool = False,
+    stats: dict | None = None,
+) -> list[str]:
+    """One ``"<class>: <short description>"`` per ``(text, class)``, each within the tokenizer's context.
+
+    ``backend``: None for the extractive summary, or a chat backend (instance or name + defaults)
+    asked with the summary prompt; its answers are cached in ``cache_path`` by request hash and
+    fall back to the extractive summary when empty, a refusal, or too long. ``stats`` (a dict)
+    receives counts: ``llm``, ``fallback`` and per-reason ``rejected``.
+    """
+    from tqdm.auto import tqdm
+
+    from .backend import ChatBackend, ChatRequest, make_backend
+    from .cache import ResponseCache, request_key
+    from .prompts import SUMMARY_PROMPT_ID, summary_messages
+
+    if len(texts) != len(classes):
+        raise ValueError(f"{len(texts)} texts but {len(classes)} class names")
+    tok = get_tokenizer(tokenizer)
+    count = token_counter(tok)
+    limit = context_length(tok) if max_tokens is None else max_tokens
+    stats = stats if stats is not None else {}
+    stats.update(llm=0, fallback=0, extractive=0, rejected={})
+
+    def extract(c, t):
+        return extractive_summary(c, t, tok, max_tokens=limit, target_tokens=target_tokens)
+
+    if backend is None:
+        stats["extractive"] = len(texts)
+        return [extract(c, t) for t, c in tqdm(list(zip(texts, classes)), disable=not progress, desc="summarize")]
+
+    be = make_backend(backend)
+    if not isinstance(be, ChatBackend):
+        raise TypeError("summarize(backend=...) needs an LLM backend (openai, transformers)")
+    cache = ResponseCache(cache_path)
+    reqs = []
+    for t, c in zip(texts, classes):
+        msgs = summary_messages(c, t, max_words=max_words)
+        params = {**be.sampling(), "seed": 0}
+        reqs.append(ChatRequest(request_key(be.identity(), msgs, params), msgs, params,
+                                {"class": c, "prompt_id": SUMMARY_PROMPT_ID}))
+    todo = [r for r in reqs if r.key not in cache]
+    step = max(1, be.batch_size)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(batch):
+        for r, res in zip(batch, be.complete(batch)):
+            if isinstance(res, str):
+                cache.put(r.key, res, backend=be.name, model=be.model, messages=r.messages, params=r.params, meta=r.meta)
+
+    with ThreadPoolExecutor(max_workers=be.max_concurrency) as ex:
+        list(tqdm(ex.map(work, [todo[i : i + step] for i in range(0, len(todo), step)]),
+                  total=-(-len(todo) // step), disable=not progress, desc="summarize"))
+    validator = Validator(sorted(set(classes)), min_words=1)
+    out = []
+    for r, t, c in zip(reqs, texts, classes):
+        answer = _tidy_llm(c, cache.get(r.key) or "")
+        reason = validator.check(c, answer) if answer else "empty"
+        if reason == "duplicate":  # identical summaries of different descriptions are fine
+            reason = None
+        caption = f"{c}: {answer}." if reason is None else ""
+        if reason is None and count(caption) <= limit:
+            stats["llm"] += 1
+            out.append(caption)
+            continue
+        if reason is not None:
+            stats["rejected"][reason] = stats["rejected"].get(reason, 0) + 1
+        stats["fallback"] += 1
+        out.append(extract(c, answer if reason is None else t))  # too long: shorten the LLM's own words
+    return out
