@@ -327,3 +327,15 @@ def test_batches_are_even_and_cover_the_epoch(toy):
     assert b["text"].shape[1] == int(t.eot[t._perm[:8]].max()) + 1 < 77
     seen = torch.cat([t._perm[i * 8:(i + 1) * 8] for i in range(3)])
     assert sorted(seen.tolist()) == list(range(24))
+
+
+def test_trimmed_text_encoding_equals_open_clip():
+    m = _tiny()
+    ids = m.tokenizer(["toy species 1: a red square", "toy species 2: a much longer caption about a green square"])
+    L = int(ids.argmax(-1).max()) + 1
+    with torch.no_grad():
+        full = m.model.encode_text(ids)
+        trimmed, tokens = ft.encode_text(m.model, ids[:, :L], tokens=True)
+    assert torch.allclose(trimmed, full, atol=1e-5)
+    assert tokens.shape == (2, L, full.shape[1])
+    assert torch.allclose(tokens[torch.arange(2), ids.argmax(-1)], full, atol=1e-5)  # the EOT row is the pooled feature
