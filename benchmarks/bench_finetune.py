@@ -17,7 +17,8 @@ H200 bf16 matmul peak). ``mfu_executed`` counts the text FLOPs at the trimmed le
     python benchmarks/bench_finetune.py --device cuda         # ViT-B-16 and ViT-L-14-336, random init
     python benchmarks/bench_finetune.py --device cuda --quick # fewer steps and images
 Each model's workbench part is bounded by ``--budget-s`` (default 60 s on CUDA, warm-up and compile
-included, at least 3 timed steps), the reference by half of it. A failure (compile, memory) is
+included, at least 5 timed steps), the reference by half of it, and the whole script by
+``--deadline-s`` (default 290 s on CUDA; the reference is skipped rather than overrun). A failure (compile, memory) is
 reported in that model's JSON (``error`` / ``compile_error``: then it is re-run without compile) and
 the next model still runs.
 """
@@ -128,7 +129,11 @@ def bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warm
     t1 = time.perf_counter()
     images = image_cache(paths, size)  # decode once (cached on disk, keyed by the files)
     decode_s = time.perf_counter() - t1
-    n_pairs = len(texts)
+    keep = len(texts) // batch * batch  # whole batches: the trainer then runs exactly `batch`
+    if keep == 0:
+        raise ValueError(f"{len(texts)} pairs are fewer than one batch of {batch}; pass more --images")
+    texts, rows, labels = texts[:keep], rows[:keep], labels[:keep]
+    n_pairs = keep
     cfg = FinetuneConfig(
         loss="clip", batch_size=batch, epochs=10_000, lr=1e-5, warmup=10, compile=compile_,
         validate=False, precision="auto",
@@ -285,6 +290,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps (at most; bounded by --budget-s)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (compile happens here)")
     p.add_argument("--budget-s", type=float, default=None, help="time budget per model for the workbench part")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="wall-clock limit for the whole script (default 290 s on CUDA): budgets shrink to fit, "
+                        "the reference is skipped when too little time is left")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer images and steps (a smoke run)")
@@ -301,6 +309,9 @@ def main(argv=None):
     steps = a.steps or ((10 if a.quick else 40) if cuda else (3 if a.quick else 8))
     warmup = a.warmup if a.warmup is not None else (4 if cuda else 1)
     budget = a.budget_s or ((30 if a.quick else 60) if cuda else 120)
+    t_script = time.perf_counter()
+    deadline = a.deadline_s or (290 if cuda else 3600)
+    remaining = lambda: deadline - (time.perf_counter() - t_script)  # noqa: E731
     workers = min(8, os.cpu_count() or 1) if cuda else 0
     compile_ = cuda and not a.no_compile
 
@@ -310,14 +321,17 @@ def main(argv=None):
         paths = write_jpegs(Path(tmp) / "jpeg", n_images, px, workers=max(1, os.cpu_count() or 1))
         write_s = time.perf_counter() - t0
         texts, rows, labels = make_captions(n_images, a.captions)
-        for name in models:
+        for i, name in enumerate(models):
             batch = a.batch_size or DEFAULT_BATCH.get(name, 256 if cuda else 32)
+            # the later models keep their share of what is left (model setup and compile ~ 40 s each)
+            share = remaining() / (len(models) - i)
+            wb_budget = max(20.0, min(budget, share - budget / 2 - 40))
             res = {"model": name, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                    "precision": "bf16 autocast, fp32 master weights" if cuda else "fp32"}
             for use_compile in ([True, False] if compile_ else [False]):
                 try:
                     res.update(bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warmup,
-                                               use_compile, budget))
+                                               use_compile, wb_budget))
                     break
                 except Exception as e:  # report and go on: one failure must not cost the other models
                     res["error" if not use_compile else "compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -332,10 +346,13 @@ def main(argv=None):
                 res["tflops"] = 3 * (img_f + txt_f) * res["pairs_per_s"] / 1e12
                 res["mfu"] = 3 * (img_f + txt_f) * res["pairs_per_s"] / PEAK_FLOPS if cuda else None
                 res["mfu_executed"] = 3 * exec_f * res["pairs_per_s"] / PEAK_FLOPS if cuda else None
-            if not a.no_reference:
+            ref_budget = min(budget / 2, remaining() - (len(models) - i - 1) * (budget + 40) - 20)
+            if not a.no_reference and ref_budget < 10:
+                res["reference_error"] = f"skipped: {remaining():.0f} s left of the {deadline:.0f} s deadline"
+            elif not a.no_reference:
                 try:
                     res.update(bench_reference(name, paths, texts, rows, device, max(3, steps // 2) if cuda else 3,
-                                               2, workers, budget / 2))
+                                               2, workers, ref_budget))
                 except Exception as e:
                     res["reference_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     traceback.print_exc(file=sys.stderr)

@@ -314,3 +314,28 @@ def test_notebook_runs_and_writes_outputs(tmp_path):
     assert sorted(r["method"] for r in index) == ["finetune-classname", "gist"]
     assert (run / "figures" / "finetune_curves.png").stat().st_size > 5000
     assert {r["run"] for r in read_json(run / "metrics.json")["finetune"]["runs"]} == {"gist-full-s0", "finetune-classname-full-s0"}
+
+
+def test_batches_are_even_and_cover_the_epoch(toy):
+    tr_, images, rows, texts, labels = _run_inputs(toy)  # 24 pairs
+    m = _tiny()
+    t = trainer.Trainer(m.model, m.tokenizer, ft.FinetuneConfig(batch_size=10, epochs=2), images, rows, texts, labels)
+    assert (t.steps_per_epoch, t.B, t.total) == (3, 8, 6)
+    b = t.batch(0)
+    assert b["images"].shape == (8, 3, 64, 64) and b["labels"].shape == (8,)
+    # text ids are trimmed to the longest caption in the batch (the causal tower ignores the rest)
+    assert b["text"].shape[1] == int(t.eot[t._perm[:8]].max()) + 1 < 77
+    seen = torch.cat([t._perm[i * 8:(i + 1) * 8] for i in range(3)])
+    assert sorted(seen.tolist()) == list(range(24))
+
+
+def test_trimmed_text_encoding_equals_open_clip():
+    m = _tiny()
+    ids = m.tokenizer(["toy species 1: a red square", "toy species 2: a much longer caption about a green square"])
+    L = int(ids.argmax(-1).max()) + 1
+    with torch.no_grad():
+        full = m.model.encode_text(ids)
+        trimmed, tokens = ft.encode_text(m.model, ids[:, :L], tokens=True)
+    assert torch.allclose(trimmed, full, atol=1e-5)
+    assert tokens.shape == (2, L, full.shape[1])
+    assert torch.allclose(tokens[torch.arange(2), ids.argmax(-1)], full, atol=1e-5)  # the EOT row is the pooled feature

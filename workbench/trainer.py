@@ -44,8 +44,8 @@ class FinetuneConfig:
     loss: str = "clip"  # "clip", "class-aware" or "filip"
     captions_per_image: int = 4  # GIST trains on 4 of the top-5 captions, each its own pair
     epochs: int = 3
-    batch_size: int = 128  # global batch (split across ranks under DDP)
-    lr: float = 1e-4
+    batch_size: int = 128  # global batch, at most (evened so each epoch uses every pair; split across ranks)
+    lr: float = 3e-4  # the tiny demo model; real CLIPs want ~1e-5 (FLYP), GIST used 1e-6
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
@@ -383,11 +383,15 @@ class Trainer:
             raise ValueError(f"{n} training pair(s); a contrastive loss needs at least 2")
         if not (len(texts) == len(pair_labels) == n):
             raise ValueError(f"pairs disagree: {n} image rows, {len(texts)} texts, {len(pair_labels)} labels")
-        self.B = min(cfg.batch_size, n - n % self.world)
-        if self.B % self.world:
-            raise ValueError(f"batch_size {self.B} is not divisible by the {self.world} processes")
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {self.world} processes")
+        if n < self.world * 2:
+            raise ValueError(f"{n} training pairs cannot be split over {self.world} processes")
+        # Equal batches (one shape for compile and DDP) of at most batch_size that cover the epoch:
+        # 240 pairs at batch_size 128 -> 2 steps of 120, not 1 step that drops 112 pairs.
+        self.steps_per_epoch = math.ceil(n / min(cfg.batch_size, n))
+        self.B = (n // self.steps_per_epoch) // self.world * self.world
         self.b = self.B // self.world
-        self.steps_per_epoch = n // self.B  # drop the last partial batch: equal shapes for compile and DDP
         self.total = self.steps_per_epoch * cfg.epochs
         self.size = image_size(clip)
         if tuple(images.shape[-2:]) != (self.size, self.size):
