@@ -1,0 +1,195 @@
+"""The comparison: zero-shot, frozen-encoder linear probe, and linear probes on fine-tuned encoders
+(``checkpoints/index.json``), over shots and seeds, as ``metrics.json["accuracy"]`` rows.
+
+Row: ``{method, shots, seed, top1, top3, ci95, ...}``; accuracies in percent, ``ci95`` the 95%
+bootstrap interval of top-1 over the test predictions (``top3_ci95`` likewise). Every row uses the
+same bootstrap resamples of the test set (seed ``bootstrap_seed``), so rows are compared on paired
+resamples. Conventions:
+
+- ``zero-shot`` uses no training image: one number, repeated under every requested shots value and
+  flagged ``zero_shot: true`` (the table prints it as "0-shot").
+- Rows without a random draw (zero-shot, full-shot probes, fixed split files) carry the first seed.
+- A fine-tuned checkpoint trained on the k-shot draw of seed s is probed on that same draw.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import Dataset
+from ..io import read_json
+from .bootstrap import bootstrap_ci
+from .features import Draw, image_features, make_draw, parse_shots
+from .probe import DEFAULT_WEIGHT_DECAYS, ProbeResult, linear_probe, topk_correct
+from .zeroshot import (
+    TEMPLATES, classname_classifier, classname_scores, description_scores, description_texts, load_descriptions,
+)
+
+METHODS = ("zero-shot", "linear-probe", "finetune-classname", "gist")
+FINETUNED = ("finetune-classname", "gist")
+ZERO_SHOT_NOTE = "0-shot: uses no training images; the same number is listed under every shots value"
+
+
+def _shots_value(s):
+    return "full" if s == "full" else int(s)
+
+
+def read_checkpoint_index(run_dir: str | Path) -> list[dict] | None:
+    """Entries of ``run_dir/checkpoints/index.json`` (validated, paths resolved), or None if absent."""
+    path = Path(run_dir) / "checkpoints" / "index.json"
+    if not path.exists():
+        return None
+    entries = read_json(path)
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a JSON list of checkpoint entries, got {type(entries).__name__}")
+    problems, out = [], []
+    for i, e in enumerate(entries):
+        miss = [k for k in ("method", "shots", "seed", "path", "model") if k not in e]
+        if miss:
+            problems.append(f"entry {i}: missing {miss}")
+            continue
+        if e["method"] not in FINETUNED:
+            problems.append(f"entry {i}: method {e['method']!r} is not one of {list(FINETUNED)}")
+        try:
+            shots = parse_shots([e["shots"]])[0]
+        except ValueError as err:
+            problems.append(f"entry {i}: {err}")
+            continue
+        ckpt = Path(e["path"]) if Path(e["path"]).is_absolute() else Path(run_dir) / e["path"]
+        if not ckpt.exists():
+            problems.append(f"entry {i}: checkpoint file not found: {ckpt}")
+        out.append({**e, "shots": shots, "seed": int(e["seed"]), "abspath": str(ckpt)})
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems))
+    return out
+
+
+def _score_rows(correct1: torch.Tensor, correct3: torch.Tensor, bootstrap_n: int, bootstrap_seed: int) -> dict:
+    bs = bootstrap_ci(np.stack([correct1.cpu().numpy(), correct3.cpu().numpy()]), bootstrap_n, bootstrap_seed)
+    return {
+        "top1": float(bs["mean"][0]), "top3": float(bs["mean"][1]),
+        "ci95": [float(x) for x in bs["ci95"][0]], "top3_ci95": [float(x) for x in bs["ci95"][1]],
+        "n_test": int(len(correct1)),
+    }
+
+
+def probe_draw(
+    features: torch.Tensor, labels, draw: Draw, num_classes: int, *, weight_decays=DEFAULT_WEIGHT_DECAYS,
+    use_trainval: bool = False, device="auto", bootstrap_n: int = 1000, bootstrap_seed: int = 0,
+) -> tuple[dict, ProbeResult]:
+    """Fit the probe on one draw, score the test split: ``(metrics, fitted probe)``."""
+    y = torch.tensor(np.array(labels), dtype=torch.long)
+    X = features.float()
+    res = linear_probe(
+        X[draw.train], y[draw.train], X[draw.val], y[draw.val], num_classes,
+        weight_decays=weight_decays, use_trainval=use_trainval, device=device,
+    )
+    logits = res.logits(X[draw.test])
+    yt = y[draw.test].to(logits.device)
+    m = _score_rows(topk_correct(logits, yt, 1), topk_correct(logits, yt, 3), bootstrap_n, bootstrap_seed)
+    m.update(n_train=int(len(draw.train)), weight_decay=res.weight_decay, val_top1=res.val_top1, fit_on=res.fit_on,
+             draw=draw.source, sweep=[{"weight_decay": w["weight_decay"], "val_top1": round(w["val_top1"], 3),
+                                       "val_loss": round(w["val_loss"], 5)} for w in res.sweep])
+    return m, res
+
+
+def probe_rows(
+    method: str, features: torch.Tensor, ds: Dataset, shots, seeds, *, shot_files: dict | None = None,
+    weight_decays=DEFAULT_WEIGHT_DECAYS, use_trainval: bool = False, device="auto", bootstrap_n: int = 1000,
+    bootstrap_seed: int = 0, extra: dict | None = None, progress: bool = False,
+) -> list[dict]:
+    """Linear-probe rows for one encoder's features over ``shots`` x ``seeds``.
+
+    Full shot and split-file draws are deterministic: one row each (first seed).
+    """
+    from tqdm.auto import tqdm
+
+    shots, seeds = parse_shots(shots), [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds is empty")
+    shot_files = {str(k): v for k, v in (shot_files or {}).items()}
+    jobs = []
+    for s in shots:
+        fixed = s == "full" or str(s) in shot_files
+        for seed in seeds[:1] if fixed else seeds:
+            jobs.append((s, seed))
+    rows = []
+    for s, seed in tqdm(jobs, disable=not progress, desc=f"{method} probes"):
+        draw = make_draw(ds, s, seed, shot_files.get(str(s)))
+        m, _ = probe_draw(features, ds.labels, draw, ds.num_classes, weight_decays=weight_decays,
+                          use_trainval=use_trainval, device=device, bootstrap_n=bootstrap_n, bootstrap_seed=bootstrap_seed)
+        rows.append({"method": method, "shots": s, "seed": seed, **m, **(extra or {})})
+    return rows
+
+
+def zero_shot_rows(
+    bundle, ds: Dataset, features: torch.Tensor, shots, *, seed: int = 0, templates=TEMPLATES,
+    descriptions: str | Path | None = None, description_template: str = "{text}", bootstrap_n: int = 1000,
+    bootstrap_seed: int = 0, batch_size: int = 1024,
+) -> list[dict]:
+    """Zero-shot rows (class-name template ensemble) on the test split, repeated per shots value.
+
+    With ``descriptions`` (a ``descriptions.jsonl``), each row also carries description-based scores:
+    ``desc_top1``, ``desc_top3``, ``desc_ci95``.
+    """
+    shots = parse_shots(shots)
+    model, _, tokenizer = bundle
+    texts = labels = None
+    if descriptions is not None:  # validate before encoding anything
+        texts, labels = load_descriptions(descriptions, ds.classnames)
+    test = make_draw(ds, "full").test
+    feats = features[test].float()
+    y = torch.as_tensor(ds.labels[test])
+    W = classname_classifier(model, tokenizer, ds.classnames, templates, batch_size=batch_size)
+    logits = classname_scores(feats, W)
+    m = _score_rows(topk_correct(logits, y, 1), topk_correct(logits, y, 3), bootstrap_n, bootstrap_seed)
+    m.update(templates=len(templates))
+    if texts is not None:
+        from ..models import encode_texts
+
+        D = encode_texts(model, tokenizer, description_texts(texts, labels, ds.classnames, description_template),
+                         batch_size=batch_size, normalize=True)
+        dl = description_scores(feats, D, labels, ds.num_classes)
+        d = _score_rows(topk_correct(dl, y, 1), topk_correct(dl, y, 3), bootstrap_n, bootstrap_seed)
+        m.update(desc_top1=d["top1"], desc_top3=d["top3"], desc_ci95=d["ci95"], n_descriptions=len(texts))
+    extra = {"zero_shot": True, "note": ZERO_SHOT_NOTE, "model": bundle.name, "pretrained": bundle.pretrained}
+    return [{"method": "zero-shot", "shots": s, "seed": seed, **m, **extra} for s in shots]
+
+
+def finetuned_rows(
+    run_dir: str | Path, ds: Dataset, shots, *, index: list[dict] | None = None, shot_files: dict | None = None,
+    weight_decays=DEFAULT_WEIGHT_DECAYS, use_trainval: bool = False, device="auto", bootstrap_n: int = 1000,
+    bootstrap_seed: int = 0, batch_size: int = 256, progress: bool = False,
+) -> tuple[list[dict], list[str]]:
+    """Probe every fine-tuned checkpoint of the index whose shots are requested: ``(rows, notes)``.
+
+    Each checkpoint (method, shots, seed) is probed on the draw of its own seed. ``notes`` name the
+    requested (method, shots) pairs that have no checkpoint.
+    """
+    from ..models import load_clip
+
+    shots = parse_shots(shots)
+    index = read_checkpoint_index(run_dir) if index is None else index
+    if index is None:
+        return [], [f"no {Path(run_dir) / 'checkpoints' / 'index.json'}: fine-tuned methods not evaluated"]
+    chosen: dict[tuple, dict] = {}
+    for e in index:  # a later entry for the same run replaces an earlier one
+        if str(e["shots"]) in map(str, shots):
+            chosen[(e["method"], str(e["shots"]), e["seed"])] = e
+    notes = [f"no checkpoint for {m} at shots={s}" for m in FINETUNED for s in shots
+             if not any(k[0] == m and k[1] == str(s) for k in chosen)]
+    shot_files = {str(k): v for k, v in (shot_files or {}).items()}
+    rows = []
+    for (method, s, seed), e in sorted(chosen.items(), key=lambda kv: (FINETUNED.index(kv[0][0]), kv[0][1], kv[0][2])):
+        bundle = load_clip(e["model"], pretrained=e["abspath"], device=device)
+        feats = image_features(bundle, ds, batch_size=batch_size, progress=progress)
+        del bundle
+        shots_v = _shots_value(s)
+        draw = make_draw(ds, shots_v, seed, shot_files.get(str(shots_v)))
+        m, _ = probe_draw(feats, ds.labels, draw, ds.num_classes, weight_decays=weight_decays,
+                          use_trainval=use_trainval, device=device, bootstrap_n=bootstrap_n, bootstrap_seed=bootstrap_seed)
+        rows.append({"method": method, "shots": shots_v, "seed": seed, **m, "model": e["model"],
+                     "checkpoint": e["path"], "checkpoint_val_top1": e.get("val_top1"), "checkpoint_epoch": e.get("epoch")})
+    return rows, notes

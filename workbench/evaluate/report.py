@@ -1,0 +1,55 @@
+"""Tables of the accuracy rows: the methods x shots comparison and the per-run listing."""
+from __future__ import annotations
+
+import pandas as pd
+
+from .bootstrap import seed_summary
+from .compare import METHODS
+
+
+def _shots_order(rows) -> list[str]:
+    vals = {str(r["shots"]) for r in rows}
+    return (["full"] if "full" in vals else []) + sorted((v for v in vals if v != "full"), key=int)
+
+
+def _method_order(rows) -> list[str]:
+    present = {r["method"] for r in rows}
+    return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+
+
+def accuracy_table(rows: list[dict], metric: str = "top1") -> pd.DataFrame:
+    """Methods x shots, each cell a string.
+
+    Several seeds: ``mean ± std (n=…)`` (sample std over seeds). One run: ``value [lo, hi]`` with
+    its 95% bootstrap interval (top-1 only). Zero-shot cells read ``value (0-shot)``; ``—`` = not run.
+    """
+    shots, methods = _shots_order(rows), _method_order(rows)
+    table = pd.DataFrame("—", index=pd.Index(methods, name="method"), columns=pd.Index(shots, name="shots"))
+    for s in seed_summary(rows):
+        mean, std = s[f"{metric}_mean"], s[f"{metric}_std"]
+        if s["zero_shot"]:
+            cell = f"{mean:.1f} (0-shot)"
+        elif s["n"] > 1:
+            cell = f"{mean:.1f} ± {std:.1f} (n={s['n']})"
+        elif metric == "top1" and s.get("ci95"):
+            lo, hi = s["ci95"]
+            cell = f"{mean:.1f} [{lo:.1f}, {hi:.1f}]"
+        else:
+            cell = f"{mean:.1f}"
+        table.loc[s["method"], str(s["shots"])] = cell
+    return table
+
+
+def runs_table(rows: list[dict]) -> pd.DataFrame:
+    """One line per row (method, shots, seed) with top-1/top-3, intervals and probe details."""
+    order = {m: i for i, m in enumerate(_method_order(rows))}
+    shots = {s: i for i, s in enumerate(_shots_order(rows))}
+    out = []
+    for r in sorted(rows, key=lambda r: (order[r["method"]], shots[str(r["shots"])], r.get("seed") or 0)):
+        d = {"method": r["method"], "shots": str(r["shots"]), "seed": r.get("seed"), "top1": round(r["top1"], 2),
+             "top1 95% CI": "[{:.1f}, {:.1f}]".format(*r["ci95"]) if r.get("ci95") else "", "top3": round(r["top3"], 2)}
+        for k in ("n_train", "weight_decay", "val_top1", "desc_top1"):
+            if r.get(k) is not None:
+                d[k] = round(r[k], 2) if k.endswith("top1") else r[k]
+        out.append(d)
+    return pd.DataFrame(out)

@@ -1,0 +1,103 @@
+"""Zero-shot classification: class-name prompt ensembles, and scoring by descriptions.
+
+Class names: each class's prompts (``"a photo of a {}."`` ...) are embedded, L2-normalised and
+averaged into one class embedding (the CLIP prompt ensemble). Descriptions: a class's score is the
+mean of the image's cosine similarities to that class's descriptions, as in classification by
+description (Menon & Vondrick, 2022); descriptions come from ``descriptions.jsonl``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# A small ensemble that suits fine-grained photos; pass your own (e.g. "a photo of a {}, a type of bird.").
+TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of a {}.",
+    "a good photo of a {}.",
+    "a bright photo of a {}.",
+    "a blurry photo of a {}.",
+    "itap of a {}.",
+)
+
+
+def classname_prompts(classnames: Sequence[str], templates: Sequence[str] = TEMPLATES) -> list[str]:
+    """All prompts, class-major: ``C x T`` strings flattened."""
+    if not templates:
+        raise ValueError("templates is empty")
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise ValueError(f"each template needs exactly one '{{}}' for the class name; these do not: {bad}")
+    return [t.format(c) for c in classnames for t in templates]
+
+
+def classname_classifier(
+    model, tokenizer, classnames: Sequence[str], templates: Sequence[str] = TEMPLATES, batch_size: int = 1024
+) -> torch.Tensor:
+    """``C x D`` unit class embeddings: the mean of each class's normalised prompt embeddings."""
+    from ..models import encode_texts
+
+    T = len(templates)
+    emb = encode_texts(model, tokenizer, classname_prompts(classnames, templates), batch_size=batch_size, normalize=True)
+    return F.normalize(emb.view(len(classnames), T, -1).mean(1), dim=-1)
+
+
+def classname_scores(image_features: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
+    """``N x C`` cosine similarities (features are normalised here; raw features are fine)."""
+    return F.normalize(image_features.float(), dim=-1) @ class_embeddings.to(image_features.device).float().T
+
+
+def load_descriptions(path: str | Path, classnames: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+    """Read ``descriptions.jsonl`` into ``(texts, class indices)``.
+
+    Raises, naming them, on classes unknown to the dataset and on dataset classes with no description
+    (a class without descriptions cannot be scored).
+    """
+    from ..io import read_jsonl
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"descriptions file not found: {path}")
+    records = read_jsonl(path)
+    index = {c: i for i, c in enumerate(classnames)}
+    unknown = sorted({r["class"] for r in records if r["class"] not in index})
+    if unknown:
+        raise ValueError(
+            f"{path}: {len(unknown)} description class name(s) are not classes of the dataset: {unknown[:10]}"
+            + ("…" if len(unknown) > 10 else "") + f" (dataset classes look like {list(classnames[:3])})"
+        )
+    have = {r["class"] for r in records}
+    empty = [c for c in classnames if c not in have]
+    if empty:
+        raise ValueError(f"{path}: {len(empty)} class(es) have no descriptions: {empty[:10]}" + ("…" if len(empty) > 10 else ""))
+    return [r["text"] for r in records], torch.tensor([index[r["class"]] for r in records])
+
+
+def description_texts(texts: Sequence[str], labels, classnames: Sequence[str], template: str = "{text}") -> list[str]:
+    """Format each description; ``template`` may use ``{text}`` and ``{classname}``."""
+    return [template.format(text=t, classname=classnames[int(c)]) for t, c in zip(texts, labels)]
+
+
+def description_scores(
+    image_features: torch.Tensor, description_features: torch.Tensor, description_labels: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """``N x C``: for each class, the mean cosine similarity of the image to that class's descriptions.
+
+    One matmul for all pairs, then one more with the ``M x C`` averaging matrix
+    (``A[m, c] = 1 / n_c`` when description ``m`` belongs to class ``c``).
+    """
+    labels = torch.as_tensor(description_labels, device=image_features.device).long()
+    if len(labels) != len(description_features):
+        raise ValueError(f"{len(description_features)} description features but {len(labels)} labels")
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    if (counts == 0).any():
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"classes with no descriptions cannot be scored: indices {missing[:10]}")
+    A = F.one_hot(labels, num_classes).float() / counts
+    sims = F.normalize(image_features.float(), dim=-1) @ F.normalize(description_features.float(), dim=-1).to(image_features.device).T
+    return sims @ A
