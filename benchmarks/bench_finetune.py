@@ -19,8 +19,8 @@ H200 bf16 matmul peak). ``mfu_executed`` counts the text FLOPs at the trimmed le
 Each model's workbench part is bounded by ``--budget-s`` (default 60 s on CUDA, warm-up and compile
 included, at least 5 timed steps), the reference by half of it, and the whole script by
 ``--deadline-s`` (default 290 s on CUDA; the reference is skipped rather than overrun). A failure (compile, memory) is
-reported in that model's JSON (``error`` / ``compile_error``: then it is re-run without compile) and
-the next model still runs.
+reported in that model's JSON (``error_0``, ...: then it is re-run with PyTorch's default attention
+kernel, then without compile) and the next model still runs.
 """
 from __future__ import annotations
 
@@ -117,7 +117,8 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warmup, compile_, budget_s):
+def bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warmup, compile_, budget_s,
+                    attention="auto"):
     from workbench.data.images import image_cache
     from workbench.models import image_size, load_clip
     from workbench.trainer import FinetuneConfig, Trainer
@@ -136,7 +137,7 @@ def bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warm
     n_pairs = keep
     cfg = FinetuneConfig(
         loss="clip", batch_size=batch, epochs=10_000, lr=1e-5, warmup=10, compile=compile_,
-        validate=False, precision="auto",
+        validate=False, precision="auto", attention=attention,
     )
     tr = Trainer(clip, tok, cfg, images, torch.tensor(rows), texts, torch.tensor(labels), device)
     setup_s = time.perf_counter() - t0
@@ -234,8 +235,8 @@ def bench_reference(name, paths, texts, rows, device, steps, warmup, workers, bu
     opt = torch.optim.Adam(model.parameters(), lr=1e-6, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-3)
     gt = torch.arange(20, device=device)
 
-    def to_fp32():  # the recipe's convert_models_to_fp32
-        for p in model.parameters():
+    def to_fp32(m):  # the recipe's convert_models_to_fp32
+        for p in m.parameters():
             p.data = p.data.float()
             if p.grad is not None:
                 p.grad.data = p.grad.data.float()
@@ -254,7 +255,7 @@ def bench_reference(name, paths, texts, rows, device, steps, warmup, workers, bu
         loss = (F.cross_entropy(li, gt) + F.cross_entropy(lt, gt)) / 2
         loss.backward()
         if fp16:
-            to_fp32()
+            to_fp32(model)
             opt.step()
             convert_weights_to_lp(model, torch.float16)
         else:
@@ -328,13 +329,19 @@ def main(argv=None):
             wb_budget = max(20.0, min(budget, share - budget / 2 - 40))
             res = {"model": name, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                    "precision": "bf16 autocast, fp32 master weights" if cuda else "fp32"}
-            for use_compile in ([True, False] if compile_ else [False]):
+            # fall-backs, each only if the last attempt raised: the fastest attention kernel may not
+            # compile on some builds, compile itself may fail; the error of each failed try is kept
+            tries = [(True, "auto"), (True, "default"), (False, "default")] if compile_ else [(False, "auto")]
+            for n_try, (use_compile, attention) in enumerate(tries):
+                if n_try and remaining() < 60:
+                    res["skipped"] = f"no retry: {remaining():.0f} s left of the {deadline:.0f} s deadline"
+                    break
                 try:
                     res.update(bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warmup,
-                                               use_compile, wb_budget))
+                                               use_compile, wb_budget, attention))
                     break
                 except Exception as e:  # report and go on: one failure must not cost the other models
-                    res["error" if not use_compile else "compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    res[f"error_{n_try}"] = f"compile={use_compile} attention={attention}: {type(e).__name__}: {str(e)[:300]}"
                     traceback.print_exc(file=sys.stderr)
                     _free(device)
                     if isinstance(e, torch.cuda.OutOfMemoryError):
