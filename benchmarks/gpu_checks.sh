@@ -21,6 +21,7 @@ step() {  # step <seconds> <command...>: bounded; stdout (JSON) appended to resu
   echo "rc=${PIPESTATUS[0]}" | tee -a "$out/log.txt"
 }
 step 90 python3 benchmarks/bench_match.py --device cuda --model ViT-B-32 --quick
+step 60 python3 -m pytest -q -p no:cacheprovider tests/test_evaluate.py -k cuda
 step 45 python3 benchmarks/bench_probe.py --device cuda --epochs 100
 step 45 python3 benchmarks/bench_align.py --device cuda --model ViT-B-16 --pairs 1024 --batch 128
 step 290 python3 benchmarks/bench_finetune.py --device cuda --models ViT-B-16,ViT-L-14-336 --deadline-s 270

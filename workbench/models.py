@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import socket
 import threading
@@ -29,6 +30,11 @@ PROVIDED_WEIGHTS: dict[tuple[str, str], str] = {
 DEFAULT_TAGS = {"wb-tiny": "synthetic"}
 
 _HUB_HOST = ("huggingface.co", 443)
+
+
+class _QuietRandomInit(logging.Filter):
+    def filter(self, record):
+        return "No pretrained weights loaded" not in record.getMessage()
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -172,12 +178,19 @@ def load_clip(
     else:
         _check_fetchable(arch, pretrained)
 
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        arch,
-        pretrained=None if checkpoint is not None else pretrained,
-        precision=precision,
-        device=device,
-    )
+    quiet = _QuietRandomInit() if checkpoint is not None or pretrained is None else None
+    if quiet:  # open_clip warns "initialized randomly"; misleading when weights follow from a file
+        logging.getLogger().addFilter(quiet)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch,
+            pretrained=None if checkpoint is not None else pretrained,
+            precision=precision,
+            device=device,
+        )
+    finally:
+        if quiet:
+            logging.getLogger().removeFilter(quiet)
     if checkpoint is not None:
         missing, unexpected = model.load_state_dict(load_state_dict(checkpoint), strict=False)
         if missing or unexpected:
