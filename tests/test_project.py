@@ -55,3 +55,11 @@ def test_notebook_parameters_all_parsed(nb):
 def test_notebooks_committed_without_outputs(nb):
     cells = json.loads(nb.read_text())["cells"]
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in cells if c["cell_type"] == "code")
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "workbench" / "presets").glob("*.yaml")))
+def test_every_preset_resolves_against_the_notebooks(preset):
+    from workbench import pipeline
+
+    plan = pipeline.plan(preset)
+    assert list(plan.stages) == [p.name[3:-6] for p in NOTEBOOKS]

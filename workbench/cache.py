@@ -2,23 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import atomic_write_bytes, cache_root
-
-
-def hash_key(*parts) -> str:
-    """Stable hex digest of JSON-able parts (model id, preprocessing, file fingerprints, ...)."""
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:24]
+from .io import atomic_write_bytes, cache_root, hash_key  # noqa: F401 (hash_key re-exported)
 
 
 def file_fingerprint(paths) -> str:

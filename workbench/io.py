@@ -1,11 +1,21 @@
 """Small file helpers shared by every stage: atomic writes, JSONL, metrics.json, cache root."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+
+def hash_key(*parts) -> str:
+    """Stable hex digest of JSON-able parts (model id, preprocessing, file fingerprints, ...)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
 
 
 def cache_root() -> Path:

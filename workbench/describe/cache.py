@@ -13,16 +13,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..io import append_jsonl, iter_jsonl
-
-
-def hash_key(*parts) -> str:
-    """Stable hex digest of JSON-able parts (same scheme as :func:`workbench.cache.hash_key`, without torch)."""
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:24]
+from ..io import append_jsonl, hash_key, iter_jsonl  # noqa: F401 (hash_key used by callers too)
 
 
 def now() -> str:

@@ -1,0 +1,341 @@
+"""Fine-tuning: augmentation, pairs, schedule, exact resume, non-finite stop, stage outputs, DDP == one process."""
+import json
+import math
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toydata import make_matches, make_toy_dataset  # noqa: E402
+
+from workbench import finetune as ft  # noqa: E402
+from workbench import trainer  # noqa: E402
+from workbench.augment import apply_crops, center_normalize, crop_params, random_resized_crop  # noqa: E402
+from workbench.io import read_json, read_jsonl, write_jsonl  # noqa: E402
+
+MEAN, STD = (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)  # normalisation that leaves pixel values as they are
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    return make_toy_dataset(root, n_classes=3, n_train=4, n_val=2, n_test=1)
+
+
+def _tiny(seed=0):
+    from workbench.models import load_clip
+
+    torch.manual_seed(seed)
+    return load_clip("tiny", None, "cpu")
+
+
+def _run_inputs(toy, k=2):
+    from workbench.data.images import image_cache
+
+    tr = toy.split("train")
+    images = image_cache(tr.paths(), 64)
+    rows, texts, labels = ft.build_pairs(tr, "gist", k, make_matches(toy, 3))
+    return tr, images, rows, texts, labels
+
+
+# ------------------------------------------------------------------ augmentation
+def test_crop_params_ranges_and_determinism():
+    p1 = crop_params(500, (0.25, 1.0), generator=torch.Generator().manual_seed(3))
+    p2 = crop_params(500, (0.25, 1.0), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(p1, p2)
+    cx, cy, w, h, sign = p1.unbind(1)
+    assert ((w > 0) & (w <= 1) & (h > 0) & (h <= 1)).all()
+    assert ((cx - w / 2 >= -1e-6) & (cx + w / 2 <= 1 + 1e-6) & (cy - h / 2 >= -1e-6) & (cy + h / 2 <= 1 + 1e-6)).all()
+    area = w * h
+    assert area.min() >= 0.25 - 1e-5 and area.max() <= 1 + 1e-6
+    assert 0.4 < (sign < 0).float().mean() < 0.6
+    ratio = w / h
+    assert ratio.min() >= 3 / 4 - 1e-5 and ratio.max() <= 4 / 3 + 1e-5
+
+
+def test_whole_image_crop_is_identity_and_flip_mirrors():
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    out = apply_crops(x, torch.tensor([[0.5, 0.5, 1, 1, 1.0], [0.5, 0.5, 1, 1, -1.0]]), 16, MEAN, STD)
+    assert torch.allclose(out[0], x[0].float(), atol=1e-3)
+    assert torch.allclose(out[1], x[1].flip(-1).float(), atol=1e-3)
+    norm = center_normalize(x, 16)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    assert torch.allclose(norm, (x.float() / 255 - mean) / std, atol=1e-5)
+
+
+def test_crop_matches_interpolate_of_the_box():
+    """A box on pixel edges, resampled 2x down, equals bilinear interpolate of that sub-image."""
+    x = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    top, left, hh, ww = 4, 8, 16, 20  # box in pixels
+    p = torch.tensor([[(left + ww / 2) / 32, (top + hh / 2) / 32, ww / 32, hh / 32, 1.0]])
+    out = apply_crops(x, p, 8, MEAN, STD)  # aspect differs: 20 -> 8 and 16 -> 8
+    ref = F.interpolate(x[..., top : top + hh, left : left + ww].float(), size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.allclose(out, ref, atol=1e-3)
+
+
+def test_random_resized_crop_shapes_dtype_and_bad_input():
+    x = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
+    a = random_resized_crop(x, 48, generator=torch.Generator().manual_seed(0))
+    b = random_resized_crop(x, 48, generator=torch.Generator().manual_seed(0))
+    c = random_resized_crop(x, 48, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (5, 3, 48, 48) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="uint8"):
+        random_resized_crop(x.float(), 48)
+    with pytest.raises(ValueError, match="scale"):
+        crop_params(2, (0.0, 1.0))
+
+
+# ------------------------------------------------------------------ data, config, schedule
+def test_build_pairs(toy):
+    tr = toy.split("train")
+    rows, texts, labels = ft.build_pairs(tr, "gist", 2, make_matches(toy, 3))
+    assert len(rows) == 2 * len(tr) and texts[0].startswith(toy.classnames[int(labels[0])] + ": ")
+    assert torch.equal(labels, torch.tensor(tr.labels)[rows])
+    rows, texts, labels = ft.build_pairs(tr, "finetune-classname", 4)
+    assert len(rows) == len(tr) and texts[0] == f"a photo of a {toy.classnames[int(labels[0])]}."
+    with pytest.raises(ValueError, match="no matched captions"):
+        ft.build_pairs(tr, "gist", 2, make_matches(toy, 3)[1:])
+    bad = make_matches(toy, 3)
+    bad[0]["class"] = "toy species 2" if bad[0]["class"] != "toy species 2" else "toy species 0"
+    with pytest.raises(ValueError, match="dataset says"):
+        ft.build_pairs(tr, "gist", 2, bad)
+
+
+def test_config_errors_and_schedule():
+    with pytest.raises(ValueError, match="loss"):
+        ft.FinetuneConfig(loss="triplet")
+    with pytest.raises(ValueError, match="method"):
+        ft.FinetuneConfig(method="flyp")
+    lrs = [ft.lr_at(s, 100, 1.0, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
+
+
+# ------------------------------------------------------------------ resume, non-finite
+def _losses(log, run):
+    return [r["loss"] for r in read_jsonl(log) if r["run"] == run and "loss" in r]
+
+
+def test_resume_continues_exactly(toy, tmp_path):
+    tr, images, rows, texts, labels = _run_inputs(toy)  # 24 pairs, batch 8: 3 steps per epoch
+    cfg = dict(epochs=2, batch_size=8, lr=1e-3, validate=False, log_every=1)
+    base = _tiny()
+    init = {k: v.clone() for k, v in base.model.state_dict().items()}
+    full = ft.train_run(base.model, base.tokenizer, ft.FinetuneConfig(**cfg), images, rows, texts, labels,
+                        out_dir=tmp_path / "a", log_path=tmp_path / "log.jsonl", run="a")
+    assert full["steps"] == 6 and full["status"] == "done"
+
+    m = _tiny()
+    m.model.load_state_dict(init)
+    part = ft.train_run(m.model, m.tokenizer, ft.FinetuneConfig(**cfg, max_steps=4, checkpoint_every=2), images, rows,
+                        texts, labels, out_dir=tmp_path / "b", log_path=tmp_path / "log.jsonl", run="b")
+    assert part["status"] == "interrupted" and part["steps"] == 4
+    m2 = _tiny(seed=123)  # a fresh process would start from other weights: resume must overwrite them
+    rest = ft.train_run(m2.model, m2.tokenizer, ft.FinetuneConfig(**cfg), images, rows, texts, labels,
+                        out_dir=tmp_path / "b", log_path=tmp_path / "log.jsonl", run="b")
+    assert rest["status"] == "done"
+    la, lb = _losses(tmp_path / "log.jsonl", "a"), _losses(tmp_path / "log.jsonl", "b")
+    assert len(la) == len(lb) == 6
+    assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+    for k, v in base.model.state_dict().items():
+        assert torch.allclose(v, m2.model.state_dict()[k], atol=1e-6), k
+    # a checkpoint written with other settings is refused, not silently mixed
+    with pytest.raises(ValueError, match="other settings"):
+        ft.train_run(m2.model, m2.tokenizer, ft.FinetuneConfig(**{**cfg, "lr": 5e-4}), images, rows, texts, labels,
+                     out_dir=tmp_path / "b", run="b")
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert state["step"] == 6 and set(state) >= {"model", "optimizer", "scheduler", "rng_cpu"}
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path, monkeypatch):
+    tr, images, rows, texts, labels = _run_inputs(toy)
+    calls = {"n": 0}
+    real = trainer.compute_loss
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] >= 4 else loss
+
+    monkeypatch.setattr(trainer, "compute_loss", flaky)
+    m = _tiny()
+    cfg = ft.FinetuneConfig(epochs=2, batch_size=8, validate=False, log_every=1, checkpoint_every=2)
+    with pytest.raises(ft.NonFiniteLossError, match=r"loss became nan at step 4.*last good checkpoint.*step 3\)"):
+        ft.train_run(m.model, m.tokenizer, cfg, images, rows, texts, labels,
+                     out_dir=tmp_path / "c", log_path=tmp_path / "log.jsonl", run="c")
+    state = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
+    assert state["step"] == 3  # written at the end of epoch 1, after its losses were checked
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert [r["step"] for r in read_jsonl(tmp_path / "log.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("loss,freeze", [("class-aware", True), ("filip", False)])
+def test_other_losses_train(toy, tmp_path, loss, freeze):
+    tr, images, rows, texts, labels = _run_inputs(toy)
+    m = _tiny()
+    text_before = m.model.text_projection.detach().clone()
+    vis_before = m.model.visual.proj.detach().clone()
+    cfg = ft.FinetuneConfig(loss=loss, freeze_text=freeze, epochs=1, batch_size=12, validate=False, log_every=1)
+    r = ft.train_run(m.model, m.tokenizer, cfg, images, rows, texts, labels, log_path=tmp_path / "l.jsonl", run="x")
+    assert r["steps"] == 2 and all(math.isfinite(v) for v in _losses(tmp_path / "l.jsonl", "x"))
+    assert torch.equal(m.model.text_projection, text_before) == freeze
+    assert not torch.equal(m.model.visual.proj, vis_before)
+
+
+# ------------------------------------------------------------------ the stage
+def test_finetune_all_writes_index_log_metrics(toy, tmp_path):
+    from workbench.models import load_clip
+
+    write_jsonl(tmp_path / "matches.jsonl", make_matches(toy, 3))
+    rows = ft.finetune_all(tmp_path, toy, model="tiny", pretrained=None, methods=["gist", "finetune-classname"],
+                           shots=["full", 1], seeds=[0, 1], epochs=1, batch_size=8, captions_per_image=2,
+                           device="cpu", progress=False)
+    index = read_json(tmp_path / "checkpoints" / "index.json")
+    assert index == json.loads(json.dumps(rows))
+    got = sorted((r["method"], str(r["shots"]), r["seed"]) for r in index)
+    assert got == sorted([(m, s, sd) for m in ("gist", "finetune-classname") for s, sd in
+                          (("full", 0), ("1", 0), ("1", 1))])
+    for r in index:
+        assert set(r) == {"method", "shots", "seed", "path", "model", "pretrained", "epoch", "val_top1"}
+        assert r["path"].endswith(".safetensors") and (tmp_path / r["path"]).exists()
+        assert r["epoch"] in (0, 1) and 0 <= r["val_top1"] <= 1
+    load_clip("tiny", pretrained=str(tmp_path / index[0]["path"]), device="cpu")  # loads through the contract
+    log = read_jsonl(tmp_path / "train_log.jsonl")
+    assert {r["run"] for r in log} == {ft.run_name(*k) for k in
+                                        [("gist", "full", 0), ("gist", 1, 0), ("gist", 1, 1), ("finetune-classname", "full", 0),
+                                         ("finetune-classname", 1, 0), ("finetune-classname", 1, 1)]}
+    assert all({"run", "epoch", "step"} <= set(r) and ("loss" in r or "val_top1" in r) for r in log)
+    fin = read_json(tmp_path / "metrics.json")["finetune"]
+    assert len(fin["runs"]) == 6 and fin["model"] == "tiny"
+    # 1-shot runs train on exactly one image per class: 3 images x 2 captions for GIST
+    one = [r for r in fin["runs"] if r["run"] == "gist-1-s0"][0]
+    assert one["pairs"] == 6
+    # a second call resumes finished runs without training again (and without duplicate log rows)
+    n_log = len(log)
+    ft.finetune_all(tmp_path, toy, model="tiny", pretrained=None, methods=["gist"], shots=["full"], seeds=[0],
+                    epochs=1, batch_size=8, captions_per_image=2, device="cpu", progress=False)
+    assert len(read_jsonl(tmp_path / "train_log.jsonl")) == n_log
+    assert len(read_json(tmp_path / "checkpoints" / "index.json")) == 6
+
+
+def test_finetune_all_errors_before_work(toy, tmp_path):
+    with pytest.raises(FileNotFoundError, match="match stage"):
+        ft.finetune_all(tmp_path, toy, pretrained=None, methods=["gist"], shots=["full"], device="cpu")
+    with pytest.raises(ValueError, match="unknown fine-tuning option"):
+        ft.finetune_all(tmp_path, toy, pretrained=None, methods=["finetune-classname"], epoch=3)
+    with pytest.raises(ValueError, match="fewer"):
+        ft.finetune_all(tmp_path, toy, pretrained=None, methods=["finetune-classname"], shots=[50])
+
+
+# ------------------------------------------------------------------ DDP
+def _ddp_worker(rank, world, port, tmp):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        d = torch.load(Path(tmp) / "inputs.pt", weights_only=False)
+        m = _tiny()
+        m.model.load_state_dict(d["init"])
+        cfg = ft.FinetuneConfig(**d["cfg"])
+        ft.train_run(m.model, m.tokenizer, cfg, d["images"], d["rows"], d["texts"], d["labels"],
+                     out_dir=Path(tmp) / "ddp", log_path=Path(tmp) / "ddp.jsonl", run="ddp")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("loss", ["class-aware", "filip"])
+def test_ddp_two_processes_equal_one_process(toy, tmp_path, loss):
+    """2 gloo ranks x 6 pairs == 1 process x 12 pairs: same losses, same weights after 2 steps."""
+    import torch.multiprocessing as mp
+
+    tr, images, rows, texts, labels = _run_inputs(toy)
+    cfg = dict(loss=loss, epochs=1, batch_size=12, validate=False, log_every=1, lr=1e-3)
+    m = _tiny()
+    init = {k: v.clone() for k, v in m.model.state_dict().items()}
+    torch.save({"init": init, "cfg": cfg, "images": images, "rows": rows, "texts": texts, "labels": labels},
+               tmp_path / "inputs.pt")
+    ft.train_run(m.model, m.tokenizer, ft.FinetuneConfig(**cfg), images, rows, texts, labels,
+                 out_dir=tmp_path / "one", log_path=tmp_path / "one.jsonl", run="one")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: the children reuse the imported modules (spawning two fresh interpreters costs ~30 s here)
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    l1, l2 = _losses(tmp_path / "one.jsonl", "one"), _losses(tmp_path / "ddp.jsonl", "ddp")
+    assert len(l1) == len(l2) == 2
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    from safetensors.torch import load_file
+
+    w1, w2 = load_file(tmp_path / "one" / "best.safetensors"), load_file(tmp_path / "ddp" / "best.safetensors")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+def test_benchmark_flops_reproduce_open_clip_profile():
+    """MFU in the benchmark rests on these: open_clip's profile gives 381.9 + 13.3 and 35.1 + 6.0 GFLOPs."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from bench_finetune import forward_flops
+
+    assert [round(x / 1e9, 1) for x in forward_flops("ViT-L-14-336")] == [381.9, 13.3]
+    assert [round(x / 1e9, 1) for x in forward_flops("ViT-B-16")] == [35.1, 6.0]
+    assert forward_flops("ViT-B-16", 32)[1] < forward_flops("ViT-B-16")[1] / 2
+
+
+def test_notebook_runs_and_writes_outputs(tmp_path):
+    from workbench.data import load_dataset
+    from workbench.pipeline import run_notebook
+
+    small = dict(n_species=3, seed=3, n_train=2, n_val=1, n_test=1)
+    ds = load_dataset("synthetic", tmp_path / "syn", **small)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_jsonl(run / "matches.jsonl", make_matches(ds, 2))
+    params = dict(run_dir=str(run), dataset="synthetic", data_root=str(tmp_path / "syn"), dataset_options=small,
+                  pretrained=None, shots=["full"], seeds=[0], epochs=1, batch_size=8, captions_per_image=2,
+                  progress=False)
+    run_notebook(Path(__file__).parents[1] / "notebooks" / "03_finetune.ipynb", run / "03_finetune.ipynb", params,
+                 cwd=run, html=False)
+    index = read_json(run / "checkpoints" / "index.json")
+    assert sorted(r["method"] for r in index) == ["finetune-classname", "gist"]
+    assert (run / "figures" / "finetune_curves.png").stat().st_size > 5000
+    assert {r["run"] for r in read_json(run / "metrics.json")["finetune"]["runs"]} == {"gist-full-s0", "finetune-classname-full-s0"}
+
+
+def test_batches_are_even_and_cover_the_epoch(toy):
+    tr_, images, rows, texts, labels = _run_inputs(toy)  # 24 pairs
+    m = _tiny()
+    t = trainer.Trainer(m.model, m.tokenizer, ft.FinetuneConfig(batch_size=10, epochs=2), images, rows, texts, labels)
+    assert (t.steps_per_epoch, t.B, t.total) == (3, 8, 6)
+    b = t.batch(0)
+    assert b["images"].shape == (8, 3, 64, 64) and b["labels"].shape == (8,)
+    # text ids are trimmed to the longest caption in the batch (the causal tower ignores the rest)
+    assert b["text"].shape[1] == int(t.eot[t._perm[:8]].max()) + 1 < 77
+    seen = torch.cat([t._perm[i * 8:(i + 1) * 8] for i in range(3)])
+    assert sorted(seen.tolist()) == list(range(24))
+
+
+def test_trimmed_text_encoding_equals_open_clip():
+    m = _tiny()
+    ids = m.tokenizer(["toy species 1: a red square", "toy species 2: a much longer caption about a green square"])
+    L = int(ids.argmax(-1).max()) + 1
+    with torch.no_grad():
+        full = m.model.encode_text(ids)
+        trimmed, tokens = ft.encode_text(m.model, ids[:, :L], tokens=True)
+    assert torch.allclose(trimmed, full, atol=1e-5)
+    assert tokens.shape == (2, L, full.shape[1])
+    assert torch.allclose(tokens[torch.arange(2), ids.argmax(-1)], full, atol=1e-5)  # the EOT row is the pooled feature

@@ -1,0 +1,115 @@
+"""Training augmentation on the device, in batches: random resized crop + horizontal flip + normalise.
+
+Input is the decoded uint8 image cache (``N x 3 x S x S``, see ``workbench.data.images.image_cache``),
+so no JPEG is decoded during training. Crop boxes are drawn on the CPU from a seeded generator
+(the same boxes on any device, and no device sync) and applied with one ``affine_grid`` +
+``grid_sample`` call for the whole batch, so the cost is one bilinear resample per pixel.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+
+def crop_params(
+    n: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+    generator: torch.Generator | None = None,
+    aspect: float = 1.0,
+    tries: int = 10,
+) -> torch.Tensor:
+    """``n x 5`` float tensor of crop boxes ``(cx, cy, w, h, sign)`` in fractions of the image side.
+
+    Samples like torchvision's ``RandomResizedCrop.get_params`` (area fraction uniform in ``scale``,
+    aspect log-uniform in ``ratio``, up to ``tries`` draws until the box fits, else the whole image),
+    vectorised over the batch. ``sign`` is -1 for a horizontal flip. ``aspect`` = width / height of
+    the source image.
+    """
+    if not (0 < scale[0] <= scale[1] <= 1):
+        raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+    if not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {ratio}")
+    g = generator
+    area = torch.empty(n, tries).uniform_(scale[0], scale[1], generator=g)
+    logr = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    r = logr.exp()
+    # w, h as fractions of the image width / height; area is a fraction of the image area
+    w = torch.sqrt(area * r / aspect)
+    h = torch.sqrt(area * aspect / r)
+    ok = (w <= 1) & (h <= 1)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    rows = torch.arange(n)
+    w = torch.where(first >= 0, w[rows, first.clamp_min(0)], torch.ones(n))
+    h = torch.where(first >= 0, h[rows, first.clamp_min(0)], torch.ones(n))
+    u = torch.rand(n, 2, generator=g)
+    cx = w / 2 + u[:, 0] * (1 - w)
+    cy = h / 2 + u[:, 1] * (1 - h)
+    sign = torch.ones(n)
+    if flip:
+        sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    return torch.stack([cx, cy, w, h, sign], 1)
+
+
+def apply_crops(
+    images: torch.Tensor,
+    params: torch.Tensor,
+    size: int,
+    mean=OPENAI_DATASET_MEAN,
+    std=OPENAI_DATASET_STD,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Resample each uint8 image's box (from :func:`crop_params`) to ``size x size``, flip, normalise.
+
+    Bilinear; crops from a cache at the model's resolution are never larger than the output, so
+    no antialiasing is needed.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected a uint8 N x 3 x H x W batch, got {images.dtype} {tuple(images.shape)}")
+    n = images.shape[0]
+    p = params.to(images.device, torch.float32, non_blocking=True)
+    cx, cy, w, h, sign = p.unbind(1)
+    theta = torch.zeros(n, 2, 3, device=images.device)
+    theta[:, 0, 0] = w * sign  # output u in [-1, 1] -> input x = 2cx - 1 + w * u (mirrored when sign < 0)
+    theta[:, 0, 2] = 2 * cx - 1
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = 2 * cy - 1
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
+    x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # (x / 255 - mean) / std as one fused multiply-add
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    x = torch.addcmul(-m / s, x, 1 / (255 * s))
+    return x.to(dtype)
+
+
+def random_resized_crop(
+    images: torch.Tensor,
+    size: int,
+    generator: torch.Generator | None = None,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+    mean=OPENAI_DATASET_MEAN,
+    std=OPENAI_DATASET_STD,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """RandomResizedCrop + RandomHorizontalFlip + Normalize for a uint8 batch on any device.
+
+    Deterministic given ``generator`` (a CPU generator; the draws do not depend on the device).
+    """
+    aspect = images.shape[-1] / images.shape[-2]
+    params = crop_params(images.shape[0], scale, ratio, flip, generator, aspect)
+    return apply_crops(images, params, size, mean, std, dtype)
+
+
+def center_normalize(images: torch.Tensor, size: int, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD) -> torch.Tensor:
+    """Evaluation transform for a cache already at ``size``: whole image, no flip, normalised."""
+    n = images.shape[0]
+    params = torch.tensor([[0.5, 0.5, 1.0, 1.0, 1.0]]).expand(n, 5)
+    return apply_crops(images, params, size, mean, std)
