@@ -265,7 +265,11 @@ def test_comparison_end_to_end(tiny_ds, tmp_path, monkeypatch):
 
     shots, seeds = ["full", 1, 3], [0, 1]
     wds = [1e-1, 1e-2]
-    rows = zero_shot_rows(bundle, tiny_ds, feats, shots, bootstrap_n=100)
+    desc = tmp_path / "descriptions.jsonl"
+    desc.write_text("".join(json.dumps({"id": f"{c}-{i}", "class": c, "text": f"a bird with {t} wings"}) + "\n"
+                            for c in tiny_ds.classnames for i, t in enumerate(("red", "blue"))))
+    rows = zero_shot_rows(bundle, tiny_ds, feats, shots, bootstrap_n=100, descriptions=desc)
+    assert rows[0]["n_descriptions"] == 8 and 0 <= rows[0]["desc_top1"] <= rows[0]["desc_top3"] <= 100
     rows += probe_rows("linear-probe", feats, tiny_ds, shots, seeds, weight_decays=wds, device="cpu", bootstrap_n=100)
     assert [(r["shots"], r["seed"]) for r in rows if r["method"] == "linear-probe"] == [
         ("full", 0), (1, 0), (1, 1), (3, 0), (3, 1)]

@@ -13,12 +13,14 @@ COLORS = {"zero-shot": "#9e9e9e", "linear-probe": "#4c72b0", "finetune-classname
 
 def plot_accuracy(rows: list[dict], path: str | Path | None = None, metric: str = "top1", title: str | None = None):
     """Grouped bars (x: shots, one bar per method) at the mean over seeds; each seed drawn as a dot
-    with its own 95% bootstrap interval. Zero-shot bars are hatched (they use no training images)."""
+    with its own 95% bootstrap interval. Zero-shot bars are hatched (they use no training images);
+    a white diamond on them marks zero-shot scored by descriptions, when the rows carry it."""
     import matplotlib.pyplot as plt
 
     shots, methods = _shots_order(rows), _method_order(rows)
     summary = {(s["method"], str(s["shots"])): s for s in seed_summary(rows)}
     width = 0.8 / max(1, len(methods))
+    desc_label = "zero-shot by descriptions"
     fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(shots) * max(1, len(methods)) / 3, 4))
     for j, m in enumerate(methods):
         label = m
@@ -36,8 +38,12 @@ def plot_accuracy(rows: list[dict], path: str | Path | None = None, metric: str 
                 ci = r.get("ci95" if metric == "top1" else "top3_ci95")
                 yerr = None if not ci else [[r[metric] - ci[0]], [ci[1] - r[metric]]]
                 ax.errorbar(x + o, r[metric], yerr=yerr, fmt="o", ms=3, color="black", elinewidth=0.8, capsize=2)
+            desc = runs[0].get(f"desc_{metric}") if sm["zero_shot"] else None
+            if desc is not None:  # zero-shot scored by descriptions, drawn on the class-name bar
+                ax.plot(x, desc, "D", ms=5, mfc="white", mec="black", label=desc_label)
+                desc_label = None
     # Legend in a band above 100%, where no bar reaches.
-    ax.legend(fontsize=8, ncol=min(4, len(methods)), loc="upper center", frameon=False, handlelength=1.2)
+    ax.legend(fontsize=8, ncol=min(5, len(methods) + 1), loc="upper center", frameon=False, handlelength=1.2)
     ax.set_xticks(range(len(shots)), [s if s == "full" else f"{s}-shot" for s in shots])
     ax.set_ylabel(f"test {metric} accuracy (%)")
     ax.set_ylim(0, 112)
