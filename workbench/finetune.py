@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .io import read_json, read_jsonl, update_metrics, write_json
+from .io import read_json, read_jsonl, stage_file, update_metrics, write_json
+from .plots import save_figure
 from .trainer import (  # noqa: F401  (re-exported: the stage's public API)
     METHODS,
     FinetuneConfig,
@@ -260,10 +261,7 @@ def _write_index(run_dir: Path, rows: list[dict]) -> None:
 
 
 def read_index(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "checkpoints" / "index.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the fine-tuning stage first")
-    return read_json(path)
+    return read_json(stage_file(Path(run_dir) / "checkpoints" / "index.json", "index.json", "fine-tuning stage"))
 
 
 # ----------------------------------------------------------------------------- figures
@@ -315,10 +313,7 @@ def plot_training(run_dir: str | Path, runs: list[str] | None = None, path: str 
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    return fig
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- torchrun entry point

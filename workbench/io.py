@@ -80,6 +80,16 @@ def append_jsonl(path: str | Path, records: dict | Iterable[dict]) -> None:
         os.fsync(f.fileno())
 
 
+def stage_file(run_dir_or_path: str | Path, name: str, stage: str) -> Path:
+    """``run_dir/name`` (or the file itself); a missing file names the ``stage`` that writes it."""
+    path = Path(run_dir_or_path)
+    if path.is_dir():
+        path = path / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the {stage} first")
+    return path
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     return list(iter_jsonl(path))
 

@@ -25,7 +25,7 @@ from .match_captions import (  # noqa: F401  (re-exported: one import for the no
     check_summarize, count_tokens, export_captions_top5, import_captions_top5, summarize_texts, truncate_caption,
 )
 from .data.images import BadImagesError, check_images, image_cache
-from .io import cache_root, read_json, read_jsonl, write_json, write_jsonl
+from .io import cache_root, read_json, read_jsonl, stage_file, write_json, write_jsonl
 from .models import encode_images, encode_texts, image_size
 
 TEMPERATURE = 100.0  # GIST: softmax(100 * cos) over the class's descriptions
@@ -38,12 +38,7 @@ TEMPERATURE = 100.0  # GIST: softmax(100 * cos) over the class's descriptions
 def load_descriptions(path_or_records) -> list[dict]:
     """``descriptions.jsonl`` (path or run directory) or a list of records -> list of records."""
     if isinstance(path_or_records, (str, Path)):
-        path = Path(path_or_records)
-        if path.is_dir():
-            path = path / "descriptions.jsonl"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: run the describe stage (01_describe) first")
-        return read_jsonl(path)
+        return read_jsonl(stage_file(path_or_records, "descriptions.jsonl", "describe stage (01_describe)"))
     return list(path_or_records)
 
 
@@ -307,12 +302,7 @@ def _check_images_cached(paths: list[str]) -> list[tuple[str, str]]:
 
 
 def read_matches(run_dir_or_path) -> list[dict]:
-    path = Path(run_dir_or_path)
-    if path.is_dir():
-        path = path / "matches.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the match stage (02_match) first")
-    return read_jsonl(path)
+    return read_jsonl(stage_file(run_dir_or_path, "matches.jsonl", "match stage (02_match)"))
 
 
 __all__ = [

@@ -7,6 +7,7 @@ from typing import Sequence
 import pandas as pd
 
 from .summarize import context_length, extractive_summary, get_tokenizer, token_lengths
+from ..plots import save_figure
 
 
 def counts_table(records: Sequence[dict], classnames: Sequence[str]) -> pd.DataFrame:
@@ -70,10 +71,7 @@ def plot_token_lengths(lengths: pd.DataFrame, limit: int = 77, path: str | Path 
            title=f"Description lengths: {over} of {len(lengths)} exceed {limit} tokens")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    return fig
+    return save_figure(fig, path)
 
 
 def outcomes(metrics: dict) -> pd.DataFrame:

@@ -7,6 +7,7 @@ import numpy as np
 
 from .bootstrap import seed_summary
 from .report import _method_order, _shots_order
+from ..plots import save_figure
 
 COLORS = {"zero-shot": "#9e9e9e", "linear-probe": "#4c72b0", "finetune-classname": "#dd8452", "gist": "#55a868"}
 
@@ -51,10 +52,7 @@ def plot_accuracy(rows: list[dict], path: str | Path | None = None, metric: str 
     ax.set_title(title or f"test {metric}: bars = mean over seeds, dots = runs with 95% bootstrap CI", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    return fig
+    return save_figure(fig, path)
 
 
 def plot_sweep(rows: list[dict], path: str | Path | None = None):
@@ -84,7 +82,4 @@ def plot_sweep(rows: list[dict], path: str | Path | None = None):
     axes[0][-1].legend(fontsize=7)
     fig.suptitle("linear probe: weight-decay sweep on val (* = chosen)", fontsize=9)
     fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    return fig
+    return save_figure(fig, path)
