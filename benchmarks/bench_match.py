@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.data.images import decode_images  # noqa: E402
+from workbench.data.images import decode_checked, decode_images  # noqa: E402
 from workbench.match import encode_uint8, topk_within_class  # noqa: E402
-from workbench.models import encode_images, encode_texts, image_size, load_clip  # noqa: E402
+from workbench.models import default_batch_size, encode_images, encode_texts, image_size, load_clip  # noqa: E402
 
 WORDS = ("red blue green yellow striped spotted crown beak wing breast tail long short curved pale dark "
          "barred white black orange grey brown plumage feathers small large hooked thin eye ring patch").split()
@@ -146,7 +146,7 @@ def main(argv=None):
     n_cache = a.n_cache or ((16384 if q else 32768) if gpu else max(n_images, 1024 if q else 2048))
     n_ref = a.n_ref or ((200 if q else 500) if gpu else (100 if q else 300))
     wh = a.image_wh or (400, 300)  # about CUB's median image size
-    batch_size = a.batch_size or (1024 if gpu else 256)
+    batch_size = a.batch_size or (1024 if gpu else default_batch_size(device))  # the library's CPU default
     a.classes = a.classes or (200 if gpu else 20)
     a.per_class = a.per_class or (30 if gpu else 20)
     budget = a.time_limit or ((45 if q else 120) if gpu else (60 if q else 180))
@@ -196,7 +196,8 @@ def main(argv=None):
         jb = {}
         workers = os.cpu_count() or 2
         t = time.perf_counter()
-        u8 = decode_images(paths, size, workers=workers)
+        u8, bad = decode_checked(paths, size, workers=workers)  # as match_dataset: check + decode, one pass
+        assert not bad, bad
         jb["decode_s"] = time.perf_counter() - t
         jb["decode_workers"] = workers
         sync(device)

@@ -218,6 +218,47 @@ def test_bad_images_skipped_and_recorded(bundle, toy, tmp_path):
     assert matching_metrics(res)["n_bad_images"] == 3
 
 
+def count_opens(monkeypatch) -> list:
+    """Paths opened by PIL in workbench.data.images (checks and decodes alike)."""
+    import workbench.data.images as images
+
+    calls, pil = [], images.Image
+    orig = pil.open
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(pil, name)
+
+        @staticmethod
+        def open(path, *a, **kw):
+            calls.append(str(path))
+            return orig(path, *a, **kw)
+
+    monkeypatch.setattr(images, "Image", Counting())
+    return calls
+
+
+def test_cold_run_decodes_each_file_once(bundle, toy, tmp_path, monkeypatch):
+    """The bad-image check and the image cache share one decode per file; bad files are skipped."""
+    bad = _break_images(toy)
+    decodes = count_opens(monkeypatch)
+    res = match_dataset(toy, make_descriptions(), bundle, k=2, skip_bad_images=True)
+    train = [str(toy.root / f) for f in toy.split("train").table["filename"]]
+    readable = [p for f, p in zip(toy.split("train").table["filename"], train) if f not in bad]
+    assert sorted(decodes) == sorted(p for p in train if Path(p).stat().st_size > 0)  # once each; empty: unopened
+    assert len(res.records) == len(readable)
+    # the features equal those of the images decoded on their own
+    from workbench.data.images import decode_images
+
+    ref = encode_images(bundle.model, decode_images(readable, image_size(bundle.model)))
+    from workbench.match import image_features
+
+    torch.testing.assert_close(image_features(bundle, readable), ref)
+    decodes.clear()
+    match_dataset(toy, make_descriptions(), bundle, k=2, skip_bad_images=True)
+    assert decodes == []
+
+
 def test_missing_and_unknown_classes_are_listed(bundle, toy, monkeypatch):
     calls = count_encodes(monkeypatch, bundle.model)
     descs = [d for d in make_descriptions() if d["class"] not in ("blue jay", "green warbler")]

@@ -24,7 +24,7 @@ from .cache import cached_tensors, file_fingerprint, hash_key
 from .match_captions import (  # noqa: F401  (re-exported: one import for the notebook)
     check_summarize, count_tokens, export_captions_top5, import_captions_top5, summarize_texts, truncate_caption,
 )
-from .data.images import BadImagesError, check_images, image_cache
+from .data.images import BadImagesError, check_images, decode_checked, image_cache, image_cache_exists
 from .io import cache_root, read_json, read_jsonl, stage_file, write_json, write_jsonl
 from .models import encode_images, encode_texts, image_size
 
@@ -95,7 +95,7 @@ def _feature_key(bundle, *parts) -> list:
     return [bundle.model_id, weights_digest(model), dev.type, *parts]
 
 
-def encode_uint8(model, images: torch.Tensor, batch_size: int = 256, progress: bool = False, chunk: int = 8192) -> torch.Tensor:
+def encode_uint8(model, images: torch.Tensor, batch_size: int | None = None, progress: bool = False, chunk: int = 8192) -> torch.Tensor:
     """Encode a host uint8 image cache (N x 3 x S x S). On CUDA, chunks are pinned in a background
     thread while the previous chunk encodes, so host-to-device copies hide behind compute."""
     from tqdm.auto import tqdm
@@ -117,7 +117,7 @@ def encode_uint8(model, images: torch.Tensor, batch_size: int = 256, progress: b
     return torch.cat(out) if out else encode_images(model, images, batch_size=batch_size)
 
 
-def image_features(bundle, paths: Sequence[str | Path], batch_size: int = 256, progress: bool = False,
+def image_features(bundle, paths: Sequence[str | Path], batch_size: int | None = None, progress: bool = False,
                    use_cache: bool = True) -> torch.Tensor:
     """L2-normalised features (float32, CPU) of image files, via the uint8 image cache; cached on disk."""
     paths = [str(p) for p in paths]
@@ -210,7 +210,7 @@ class MatchResult:
     timing: dict = field(default_factory=dict)
 
 
-def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int = 256, summarize=None,
+def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int | None = None, summarize=None,
                   summarize_options: dict | None = None, split: str | None = "train", center: bool = False,
                   skip_bad_images: bool = False, run_dir: str | Path | None = None, progress: bool = False,
                   use_cache: bool = True) -> MatchResult:
@@ -234,7 +234,7 @@ def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int = 256, s
     group_descriptions(descs, ds.classnames, needed)  # raises, listing every problem
 
     paths = [str(part.root / f) for f in table["filename"]]
-    bad = _check_images_cached(paths)
+    bad = _check_images_cached(paths, image_size(bundle.model))
     bad_records = []
     if bad:
         if not skip_bad_images:
@@ -288,15 +288,22 @@ def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int = 256, s
     return MatchResult(records, descs, indices, scores, probs, table, Path(part.root), bad_records, timing)
 
 
-def _check_images_cached(paths: list[str]) -> list[tuple[str, str]]:
-    """:func:`check_images`, remembered per file fingerprint so a warm re-run decodes nothing."""
+def _check_images_cached(paths: list[str], size: int) -> list[tuple[str, str]]:
+    """Unreadable images as ``(path, reason)``; remembered per file fingerprint so a warm re-run decodes
+    nothing. The check decodes each file once and keeps the result as the image cache of the readable
+    files, so the encoding step that follows decodes nothing either."""
     if not all(Path(p).is_file() for p in paths):  # fingerprints need stat(); missing files are rare
         return check_images(paths)
     key = hash_key("image-check-v1", file_fingerprint(paths))
     path = cache_root() / "image_checks" / f"{key}.json"
     if path.exists():
         return [tuple(x) for x in read_json(path)]
-    bad = check_images(paths)
+    if image_cache_exists(paths, size):  # decoded before without an error: all readable
+        bad = []
+    else:
+        images, bad = decode_checked(paths, size)
+        reason = dict(bad)
+        image_cache([p for p in paths if p not in reason], size, images=images)
     write_json(path, [list(b) for b in bad])
     return bad
 

@@ -242,15 +242,23 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def default_batch_size(device: torch.device | str) -> int:
+    """Inference batch that keeps each device busy: large on a GPU; on a CPU a small batch keeps the
+    activations in cache (measured on the tiny ViT, 2 threads: ~950 images/s at 32-96, ~560 at 256)."""
+    return 512 if torch.device(device).type == "cuda" else 64
+
+
 @torch.no_grad()
 def encode_images(
     model,
     images: torch.Tensor | Sequence[str | Path],
-    batch_size: int = 256,
+    batch_size: int | None = None,
     normalize: bool = True,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Image embeddings (float32, on CPU) for a uint8 ``N x 3 x H x W`` tensor or a list of files."""
+    """Image embeddings (float32, on CPU) for a uint8 ``N x 3 x H x W`` tensor or a list of files.
+
+    ``batch_size``: None picks :func:`default_batch_size` for the model's device."""
     from tqdm.auto import tqdm
 
     if not isinstance(images, torch.Tensor):
@@ -258,6 +266,7 @@ def encode_images(
 
         images = decode_images(images, image_size(model))
     device = _model_device(model)
+    batch_size = batch_size or default_batch_size(device)
     model.eval()
     out = []
     for i in tqdm(range(0, len(images), batch_size), disable=not progress, desc="encode images"):

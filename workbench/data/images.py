@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..cache import cached_tensors, file_fingerprint, hash_key
+from ..cache import cache_root, cached_tensors, file_fingerprint, hash_key
 
 
 class BadImagesError(ValueError):
@@ -23,13 +23,19 @@ class BadImagesError(ValueError):
         )
 
 
-def check_image(path: str | Path) -> str | None:
-    """Return None when the image decodes fully, else the reason it does not."""
-    path = Path(path)
+def _file_problem(path: Path) -> str | None:
     if not path.exists():
         return "missing"
     if path.stat().st_size == 0:
         return "empty file"
+    return None
+
+
+def check_image(path: str | Path) -> str | None:
+    """Return None when the image decodes fully, else the reason it does not."""
+    path = Path(path)
+    if problem := _file_problem(path):
+        return problem
     try:
         with Image.open(path) as im:
             im.load()  # full decode: catches truncated files that verify() lets through
@@ -73,8 +79,53 @@ def decode_images(paths, size: int, workers: int = 8, progress: bool = False) ->
     return out
 
 
-def image_cache(paths, size: int, progress: bool = False) -> torch.Tensor:
-    """:func:`decode_images`, cached on disk keyed by the files' identity and ``size``."""
+def _decode_or_reason(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
+    if problem := _file_problem(Path(path)):
+        return None, problem
+    try:
+        return _decode(path, size), None  # convert() loads every pixel: truncated files raise here
+    except Exception as e:  # PIL raises many types for corrupt data
+        return None, f"{type(e).__name__}: {e}"
+
+
+def decode_checked(paths, size: int, workers: int = 8, progress: bool = False) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """One pass that both checks and decodes: ``(images of the readable files, [(path, reason), ...])``.
+
+    Checking, then decoding, reads every file twice; this reads it once.
+    """
+    from tqdm.auto import tqdm
+
     paths = [str(p) for p in paths]
-    key = hash_key("images-v1", size, file_fingerprint(paths))
-    return cached_tensors("images", key, lambda: {"images": decode_images(paths, size, progress=progress)})["images"]
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    keep, bad = [], []
+    with ThreadPoolExecutor(workers) as ex:
+        it = ex.map(lambda p: _decode_or_reason(p, size), paths)
+        for i, (arr, reason) in enumerate(tqdm(it, total=len(paths), disable=not progress, desc="decode")):
+            if reason is None:
+                out[i] = torch.from_numpy(arr)
+                keep.append(i)
+            else:
+                bad.append((paths[i], reason))
+    return (out[keep] if bad else out), bad
+
+
+def _image_cache_key(paths: list[str], size: int) -> str:
+    return hash_key("images-v1", size, file_fingerprint(paths))
+
+
+def image_cache(paths, size: int, progress: bool = False, images: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`decode_images`, cached on disk keyed by the files' identity and ``size``.
+
+    ``images``: already decoded (e.g. by :func:`decode_checked`); stored as the entry when there is none.
+    """
+    paths = [str(p) for p in paths]
+    if images is not None and len(images) != len(paths):
+        raise ValueError(f"images has {len(images)} rows for {len(paths)} paths")
+    compute = (lambda: {"images": images}) if images is not None else (
+        lambda: {"images": decode_images(paths, size, progress=progress)})
+    return cached_tensors("images", _image_cache_key(paths, size), compute)["images"]
+
+
+def image_cache_exists(paths, size: int) -> bool:
+    """True when :func:`image_cache` would decode nothing (every file then decoded without error)."""
+    return (cache_root() / "images" / f"{_image_cache_key([str(p) for p in paths], size)}.safetensors").exists()

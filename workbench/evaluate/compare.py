@@ -161,7 +161,7 @@ def zero_shot_rows(
 def finetuned_rows(
     run_dir: str | Path, ds: Dataset, shots, *, index: list[dict] | None = None, shot_files: dict | None = None,
     weight_decays=DEFAULT_WEIGHT_DECAYS, use_trainval: bool = False, device="auto", bootstrap_n: int = 1000,
-    bootstrap_seed: int = 0, batch_size: int = 256, progress: bool = False,
+    bootstrap_seed: int = 0, batch_size: int | None = None, progress: bool = False,
 ) -> tuple[list[dict], list[str]]:
     """Probe every fine-tuned checkpoint of the index whose shots are requested: ``(rows, notes)``.
 

@@ -13,7 +13,7 @@ from ..cache import cached_tensors, file_fingerprint, hash_key
 from ..data import Dataset, few_shot
 
 
-def image_features(bundle, ds: Dataset, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+def image_features(bundle, ds: Dataset, batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
     """Raw (unnormalised) float32 image embeddings, one row per row of ``ds.table``.
 
     Images are decoded once through the uint8 image cache, centre-cropped at the model's input size,
