@@ -211,7 +211,7 @@ def test_finetune_all_writes_index_log_metrics(toy, tmp_path):
     for r in index:
         assert set(r) == {"method", "shots", "seed", "path", "model", "pretrained", "epoch", "val_top1"}
         assert r["path"].endswith(".safetensors") and (tmp_path / r["path"]).exists()
-        assert r["epoch"] in (0, 1) and 0 <= r["val_top1"] <= 1
+        assert r["epoch"] in (0, 1) and 0 <= r["val_top1"] <= 100
     load_clip("tiny", pretrained=str(tmp_path / index[0]["path"]), device="cpu")  # loads through the contract
     log = read_jsonl(tmp_path / "train_log.jsonl")
     assert {r["run"] for r in log} == {ft.run_name(*k) for k in
@@ -339,3 +339,27 @@ def test_trimmed_text_encoding_equals_open_clip():
     assert torch.allclose(trimmed, full, atol=1e-5)
     assert tokens.shape == (2, L, full.shape[1])
     assert torch.allclose(tokens[torch.arange(2), ids.argmax(-1)], full, atol=1e-5)  # the EOT row is the pooled feature
+
+
+def test_validation_accuracies_are_percent_and_match_a_direct_computation(toy):
+    """validate(): zero-shot top-1 equals class-prompt argmax; the ridge probe equals sklearn's Ridge."""
+    from sklearn.linear_model import RidgeClassifier
+
+    from workbench.data.images import image_cache
+    from workbench.models import encode_images, encode_texts
+
+    clip, _, tok = _tiny(3)
+    tr, va = toy.split("train"), toy.split("val")
+    xtr, xva = image_cache(tr.paths(), 64), image_cache(va.paths(), 64)
+    ytr, yva = torch.tensor(tr.table["label"].values), torch.tensor(va.table["label"].values)
+    r = ft.validate(clip, tok, toy.classnames, xtr, ytr, xva, yva)
+    fva, ftr = encode_images(clip, xva), encode_images(clip, xtr)
+    per_class = [F.normalize(encode_texts(clip, tok, [t.format(c) for t in ft.ZEROSHOT_TEMPLATES]).mean(0), dim=0)
+                 for c in toy.classnames]
+    zs = 100 * ((fva @ torch.stack(per_class).T).argmax(1) == yva).double().mean().item()
+    assert r["val_zeroshot_top1"] == pytest.approx(zs)
+    scale = ((ftr - ftr.mean(0)) ** 2).sum(0).mean().item()  # the probe's ridge is relative to the Gram diagonal
+    best = max(100 * (RidgeClassifier(alpha=lam * scale).fit(ftr.double(), ytr).predict(fva.double()) == yva.numpy()).mean()
+               for lam in (1e-3, 1e-2, 1e-1, 1.0))
+    assert r["val_top1"] == r["val_probe_top1"] == pytest.approx(best)
+    assert 0 <= r["val_top1"] <= 100 and r["val_top1"] in {100 * i / len(yva) for i in range(len(yva) + 1)}

@@ -74,7 +74,8 @@ def build_pairs(train, method: str, captions_per_image: int, matches: list[dict]
 # ----------------------------------------------------------------------------- validation
 def _ridge_probe_top1(xtr, ytr, xva, yva, lams=(1e-3, 1e-2, 1e-1, 1.0)) -> float:
     """Quick closed-form probe for checkpoint selection: ridge regression onto one-hot labels,
-    best ridge on val. (The full L-BFGS probe with proper sweeps is the evaluate stage's job.)"""
+    best ridge on val, top-1 in percent. (The full L-BFGS probe with proper sweeps is the evaluate
+    stage's job.)"""
     xtr, xva = xtr.double(), xva.double()
     mu = xtr.mean(0)
     xtr, xva = xtr - mu, xva - mu
@@ -85,13 +86,14 @@ def _ridge_probe_top1(xtr, ytr, xva, yva, lams=(1e-3, 1e-2, 1e-1, 1.0)) -> float
     best = 0.0
     for lam in lams:
         w = torch.linalg.solve(gram + lam * scale * torch.eye(len(gram), dtype=gram.dtype), xty)
-        best = max(best, float(((xva @ w).argmax(1) == yva).double().mean()))
+        best = max(best, 100 * float(((xva @ w).argmax(1) == yva).double().mean()))
     return best
 
 
 @torch.no_grad()
 def validate(clip, tokenizer, classnames, train_images, train_labels, val_images, val_labels, batch_size=256) -> dict:
-    """Zero-shot (class-name prompts) and quick-probe top-1 on the validation split."""
+    """Zero-shot (class-name prompts) and quick-probe top-1 on the validation split, in percent
+    (as every accuracy in metrics.json)."""
     from .models import encode_images, encode_texts
 
     was_training = clip.training
@@ -99,7 +101,7 @@ def validate(clip, tokenizer, classnames, train_images, train_labels, val_images
     prompts = [t.format(c) for c in classnames for t in ZEROSHOT_TEMPLATES]
     ft = encode_texts(clip, tokenizer, prompts, batch_size).view(len(classnames), len(ZEROSHOT_TEMPLATES), -1)
     cls = F.normalize(ft.mean(1), dim=-1)
-    zs = float(((fva @ cls.T).argmax(1) == val_labels).float().mean())
+    zs = 100 * float(((fva @ cls.T).argmax(1) == val_labels).float().mean())
     ftr = encode_images(clip, train_images, batch_size)
     probe = _ridge_probe_top1(ftr, train_labels, fva, val_labels)
     clip.train(was_training)
@@ -308,7 +310,7 @@ def plot_training(run_dir: str | Path, runs: list[str] | None = None, path: str 
             ax2.plot([r["epoch"] for r in va], [r["val_top1"] for r in va], marker="o", ms=3,
                      label=name if full else None, **style)
     ax1.set(xlabel="step", ylabel="training loss", title="training loss (bold: full-shot)")
-    ax2.set(xlabel="epoch (0 = before fine-tuning)", ylabel="val top-1 (ridge probe)", title="validation")
+    ax2.set(xlabel="epoch (0 = before fine-tuning)", ylabel="val top-1 % (ridge probe)", title="validation")
     for ax in (ax1, ax2):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
