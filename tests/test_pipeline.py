@@ -103,3 +103,21 @@ def test_wrong_data_root_fails_before_any_stage(nb_dir, tmp_path, capsys):
     assert rc == 2
     assert "nope" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_kernels_use_private_unix_sockets(tmp_path, monkeypatch, capfd):
+    """Stages run in kernels reached over Unix sockets in a per-kernel 0700 folder, removed afterwards:
+    no TCP port on localhost (and no ipykernel warning about one)."""
+    import os
+
+    nb = tmp_path / "nb.ipynb"
+    make_notebook(nb, 'run_dir: str = "x"  # run directory',
+                  "import json, os, pathlib\nfrom ipykernel.kernelapp import IPKernelApp\napp = IPKernelApp.instance()\n"
+                  "d = os.path.dirname(app.ip)\n"
+                  "pathlib.Path('kernel.json').write_text(json.dumps({'transport': app.transport, 'ip': app.ip,"
+                  " 'mode': oct(os.stat(d).st_mode & 0o777), 'sockets': sorted(os.listdir(d))}))")
+    pipeline.run_notebook(nb, tmp_path / "out.ipynb", {"run_dir": str(tmp_path)}, cwd=tmp_path, html=False)
+    info = json.loads((tmp_path / "kernel.json").read_text())
+    assert info["transport"] == "ipc" and info["mode"] == "0o700" and len(info["sockets"]) == 5
+    assert not os.path.exists(os.path.dirname(info["ip"]))  # cleaned up with the kernel
+    assert "without encryption" not in capfd.readouterr().err

@@ -75,6 +75,32 @@ class StageFailed(RuntimeError):
         )
 
 
+def _kernel_manager_class():
+    """Kernels talk over Unix sockets in a private (0700) temporary folder of their own rather than TCP
+    on localhost, which other users of a shared machine can reach (ipykernel warns about that on every
+    start). Each kernel gets its own folder, so parallel runs never share a socket path."""
+    import shutil
+    import tempfile
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            self._socket_dir = tempfile.mkdtemp(prefix="wb-kernel-")
+            kw.setdefault("transport", "ipc")
+            kw.setdefault("ip", os.path.join(self._socket_dir, "k"))
+            super().__init__(**kw)
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)
+            if not restart:
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    # Unix socket paths are limited to ~107 bytes; a deep TMPDIR keeps the TCP default.
+    return IPCKernelManager if len(os.path.join(tempfile.gettempdir(), "wb-kernel-xxxxxxxx", "k-65535")) < 100 \
+        else AsyncKernelManager
+
+
 def run_notebook(src: str | Path, out: str | Path, parameters: dict, cwd: str | Path,
                  stage: str | None = None, html: bool = True) -> Path:
     """Execute one notebook with papermill (kernel of this interpreter), save it and an HTML copy."""
@@ -85,7 +111,7 @@ def run_notebook(src: str | Path, out: str | Path, parameters: dict, cwd: str | 
     try:
         pm.execute_notebook(
             str(src), str(out), parameters=parameters, kernel_name=ensure_kernel(), cwd=str(cwd),
-            progress_bar=False, request_save_on_cell_execute=True,
+            progress_bar=False, request_save_on_cell_execute=True, kernel_manager_class=_kernel_manager_class(),
         )
     except PapermillExecutionError as e:
         if html:
