@@ -6,6 +6,8 @@ Prints ONE JSON object on stdout (logs go to stderr):
   workbench_images_per_s   from the feature-ready uint8 image cache in host memory (what a re-run,
                            or any stage after the first decode, pays): host->device + encode + match
   reference_images_per_s   the GIST-style loop, from the JPEG files
+  reference_with_json_rewrite_images_per_s   the same loop plus GIST's rewrite of the whole output
+                           JSON after every image (speedup_vs_reference_with_json_rewrite)
   speedup                  workbench / reference
   jpeg_breakdown           the first run from JPEG files: seconds per stage (decode / transfer /
                            encode / match) and images/s, and the speedup of that cold path
@@ -84,8 +86,9 @@ def make_descriptions(n_classes: int, per_class: int, seed: int = 0) -> tuple[li
 
 
 @torch.no_grad()
-def reference_loop(bundle, paths, labels, class_feats, device, deadline, k=5):
-    """GIST's caption_matching.py loop: per image PIL open + preprocess, batch 1, softmax over its class, top-k."""
+def reference_loop(bundle, paths, labels, class_feats, device, deadline, k=5, json_path=None, class_texts=None):
+    """GIST's caption_matching.py loop: per image PIL open + preprocess, batch 1, softmax over its class, top-k.
+    With ``json_path``, also GIST's rewrite of the whole output JSON after every image."""
     from PIL import Image
 
     model, preprocess, _ = bundle
@@ -101,6 +104,11 @@ def reference_loop(bundle, paths, labels, class_feats, device, deadline, k=5):
             probs = (100.0 * f @ class_feats[int(y)].T).softmax(dim=-1)
             probs = torch.flatten(probs).float().cpu().numpy()
         out.append(np.argsort(-probs)[:k])
+        if json_path is not None:
+            result = {Path(q).name: [class_texts[int(labels[j])][i] for i in top]
+                      for j, (q, top) in enumerate(zip(paths, out))}
+            with open(json_path, "w") as fh:
+                json.dump(result, fh)
         done += 1
         if time.perf_counter() > deadline:
             break
@@ -190,6 +198,13 @@ def main(argv=None):
     res["reference_images_per_s"] = done / secs
     res["reference_n_images"] = done
     log(f"reference: {done} images in {secs:.2f}s -> {done / secs:.1f} img/s")
+    # GIST also rewrites its whole output JSON after every image (cost grows with the count): reported
+    # separately; the headline speedup stays against the loop without it.
+    class_texts = [[t for t, y in zip(texts, txt_labels) if y == c] for c in range(a.classes)]
+    done_j, secs_j, _ = reference_loop(bundle, paths[:done], labels[:done], class_feats, device,
+                                       deadline=time.perf_counter() + 0.15 * budget,
+                                       json_path=Path(tmp.name) / "captions_top5.json", class_texts=class_texts)
+    res["reference_with_json_rewrite_images_per_s"] = round(done_j / secs_j, 2)
 
     # --- workbench, cold, from JPEG files: where the time goes
     try:
@@ -242,6 +257,8 @@ def main(argv=None):
     res["workbench_images_per_s"] = n_cache / best
     res["n_images"] = n_cache
     res["speedup"] = res["workbench_images_per_s"] / res["reference_images_per_s"]
+    res["speedup_vs_reference_with_json_rewrite"] = round(
+        res["workbench_images_per_s"] / res["reference_with_json_rewrite_images_per_s"], 2)
     log(f"workbench from cache: {n_cache} images in {best:.3f}s -> {n_cache / best:.0f} img/s")
 
     # --- CUDA: the same with the cache already resident on the GPU
