@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check in one bounded run, for a lent GPU machine that has PyTorch but not
-# open_clip: carry its wheels in .whl/ (open_clip_torch, ftfy, wcwidth). JSON lines go to
+# open_clip: carry its wheels in .whl/ (open_clip_torch, ftfy, wcwidth; benchmarks/fetch_wheels.sh). JSON lines go to
 # $OUT/results.jsonl (or benchmarks/out/), logs to $OUT/log.txt. At most about 8 minutes on one H200.
 set -u
 cd "$(dirname "$0")/.."
