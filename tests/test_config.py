@@ -83,6 +83,10 @@ def test_parse_set_yaml_values():
     assert C.parse_set("a=null") == ("a", None)
     assert C.parse_set("a=[1, 3, 5]") == ("a", [1, 3, 5])
     assert C.parse_set("a=ViT-B-32") == ("a", "ViT-B-32")
+    # exponents without a dot are floats (PyYAML alone reads "1e-4" as a string)
+    assert C.parse_set("lr=1e-4") == ("lr", 1e-4) and isinstance(C.parse_set("lr=1e-4")[1], float)
+    assert C.parse_set("a=[1e-5, 5E3, .5, 1_000]") == ("a", [1e-5, 5e3, 0.5, 1000])
+    assert C.parse_set("a=1e") == ("a", "1e") and C.parse_set("a=e5") == ("a", "e5")
     with pytest.raises(C.ConfigError, match="key=value"):
         C.parse_set("novalue")
 
@@ -95,6 +99,15 @@ def test_sources_and_base(tmp_path):
     with pytest.raises(C.ConfigError, match="unknown preset 'nope'"):
         C.load_source("nope")
     assert "demo" in C.list_presets()
+
+
+def test_float_exponents_in_files_and_set_pass_validation(tmp_path):
+    f = tmp_path / "my.yaml"
+    f.write_text("base: demo\nfinetune:\n  lr: 1e-5\n  weight_decay: 5e-2\n")
+    src = C.load_source(str(f))
+    assert src["finetune"]["lr"] == 1e-5 and src["finetune"]["weight_decay"] == 0.05
+    cfg = C.resolve(_schema(), [], ["finetune.lr=3e-4"])
+    assert cfg["finetune"]["lr"] == 3e-4
 
 
 def test_dotted_key_into_common_dict():

@@ -40,6 +40,23 @@ META: dict[str, tuple[str, Any]] = {
 RESERVED = {"run_dir"}
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as people write numbers: PyYAML follows YAML 1.1, where ``1e-4`` (no dot) is a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+
+                    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?)$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    """``yaml.safe_load`` that also reads ``1e-4``, ``5E3`` and ``.5`` as floats."""
+    return yaml.load(text, Loader=_Loader)
+
+
 class ConfigError(ValueError):
     """The configuration names unknown keys or has values of the wrong type."""
 
@@ -54,7 +71,7 @@ def list_presets() -> dict[str, str]:
 
 
 def load_yaml(path: str | Path) -> dict:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = yaml_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
     return data
@@ -94,7 +111,7 @@ def parse_set(item: str) -> tuple[str, Any]:
     key, _, raw = item.partition("=")
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
