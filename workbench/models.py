@@ -274,10 +274,10 @@ def encode_images(
         with _autocast(device):
             f = model.encode_image(x)
         f = f.float()
-        out.append((F.normalize(f, dim=-1) if normalize else f).cpu())
+        out.append(F.normalize(f, dim=-1) if normalize else f)  # stays on the device: no sync per batch
     if not out:
         return torch.empty(0, model.text_projection.shape[1] if hasattr(model, "text_projection") else 0)
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 @torch.no_grad()
