@@ -235,7 +235,7 @@ def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int | None =
     group_descriptions(descs, ds.classnames, needed)  # raises, listing every problem
 
     paths = [str(part.root / f) for f in table["filename"]]
-    bad = _check_images_cached(paths, image_size(bundle.model))
+    bad = _check_images_cached(paths, image_size(bundle.model), keep_partial=skip_bad_images)
     bad_records = []
     if bad:
         if not skip_bad_images:
@@ -289,10 +289,11 @@ def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int | None =
     return MatchResult(records, descs, indices, scores, probs, table, Path(part.root), bad_records, timing)
 
 
-def _check_images_cached(paths: list[str], size: int) -> list[tuple[str, str]]:
+def _check_images_cached(paths: list[str], size: int, keep_partial: bool = True) -> list[tuple[str, str]]:
     """Unreadable images as ``(path, reason)``; remembered per file fingerprint so a warm re-run decodes
     nothing. The check decodes each file once and keeps the result as the image cache of the readable
-    files, so the encoding step that follows decodes nothing either."""
+    files, so the encoding step that follows decodes nothing either. ``keep_partial=False``: when some
+    files are bad, do not store the others' images (the run stops; the files will likely be fixed)."""
     if not all(Path(p).is_file() for p in paths):  # fingerprints need stat(); missing files are rare
         return check_images(paths)
     key = hash_key("image-check-v1", file_fingerprint(paths))
@@ -303,8 +304,9 @@ def _check_images_cached(paths: list[str], size: int) -> list[tuple[str, str]]:
         bad = []
     else:
         images, bad = decode_checked(paths, size)
-        reason = dict(bad)
-        image_cache([p for p in paths if p not in reason], size, images=images)
+        if keep_partial or not bad:
+            reason = dict(bad)
+            image_cache([p for p in paths if p not in reason], size, images=images)
     write_json(path, [list(b) for b in bad])
     return bad
 
