@@ -206,7 +206,8 @@ def test_bad_images_stop_before_embedding(bundle, toy, tmp_path, monkeypatch):
     msg = str(e.value)
     assert all(f in msg for f in bad) and "empty file" in msg and "skip_bad_images" in msg
     assert not (tmp_path / "matches.jsonl").exists()
-    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # no image cache of a set about to be fixed
+    assert list((tmp_path / "cache" / "image_checks").glob("*.json"))  # the check's verdict is kept...
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))  # ...but no image cache of a set about to be fixed
 
 
 def test_bad_images_skipped_and_recorded(bundle, toy, tmp_path):
