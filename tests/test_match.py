@@ -501,3 +501,18 @@ def test_variant_precision_responds_to_features_that_see_the_variant():
     assert good["variant_precision"] == 1.0 and good["random_precision"] == 0.5
     shuffled = precision(img[torch.randperm(len(img), generator=g)])
     assert abs(shuffled["variant_precision"] - 0.5) < 0.2
+
+
+def test_decode_images_lists_every_unreadable_file(toy):
+    from workbench.data.images import decode_checked, decode_images
+
+    bad = _break_images(toy)
+    paths = [str(toy.root / f) for f in toy.split("train").table["filename"]]
+    with pytest.raises(BadImagesError) as e:
+        decode_images(paths, 32)
+    assert sorted(Path(p).relative_to(toy.root).as_posix() for p, _ in e.value.bad) == sorted(bad)
+    images, listed = decode_checked(paths, 32)
+    assert images.shape == (len(paths) - len(bad), 3, 32, 32) and images.dtype == torch.uint8
+    assert [p for p, _ in listed] == [p for p in paths if Path(p).relative_to(toy.root).as_posix() in bad]
+    good = [p for p in paths if p not in dict(listed)]
+    torch.testing.assert_close(images, decode_images(good, 32))

@@ -66,19 +66,6 @@ def _decode(path: str, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
-def decode_images(paths, size: int, workers: int = 8, progress: bool = False) -> torch.Tensor:
-    """Decode images into an ``N x 3 x size x size`` uint8 tensor (short side resized, centre crop)."""
-    paths = [str(p) for p in paths]
-    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-    from tqdm.auto import tqdm
-
-    with ThreadPoolExecutor(workers) as ex:
-        it = ex.map(lambda p: _decode(p, size), paths)
-        for i, arr in enumerate(tqdm(it, total=len(paths), disable=not progress, desc="decode")):
-            out[i] = torch.from_numpy(arr)
-    return out
-
-
 def _decode_or_reason(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
     if problem := _file_problem(Path(path)):
         return None, problem
@@ -107,6 +94,15 @@ def decode_checked(paths, size: int, workers: int = 8, progress: bool = False) -
             else:
                 bad.append((paths[i], reason))
     return (out[keep] if bad else out), bad
+
+
+def decode_images(paths, size: int, workers: int = 8, progress: bool = False) -> torch.Tensor:
+    """Decode images into an ``N x 3 x size x size`` uint8 tensor (short side resized, centre crop).
+    Raises :class:`BadImagesError` listing every unreadable file."""
+    images, bad = decode_checked(paths, size, workers=workers, progress=progress)
+    if bad:
+        raise BadImagesError(bad)
+    return images
 
 
 def _image_cache_key(paths: list[str], size: int) -> str:
