@@ -363,3 +363,19 @@ def test_validation_accuracies_are_percent_and_match_a_direct_computation(toy):
                for lam in (1e-3, 1e-2, 1e-1, 1.0))
     assert r["val_top1"] == r["val_probe_top1"] == pytest.approx(best)
     assert 0 <= r["val_top1"] <= 100 and r["val_top1"] in {100 * i / len(yva) for i in range(len(yva) + 1)}
+
+
+def test_compiled_training_steps_equal_eager(toy):
+    """Regional torch.compile (the GPU default of the benchmark) changes no number: same losses and
+    weights as eager over a few steps, with the text bucketed to multiples of 8 tokens."""
+    tr_, images, rows, texts, labels = _run_inputs(toy)  # 24 pairs
+    losses, weights = {}, {}
+    for comp in (False, True):
+        m = _tiny(5)
+        cfg = ft.FinetuneConfig(batch_size=8, epochs=2, lr=1e-4, warmup=1, compile=comp, precision="fp32")
+        t = trainer.Trainer(m.model, m.tokenizer, cfg, images, rows, texts, labels)
+        losses[comp] = [float(t.train_step(s)[0]) for s in range(3)]
+        weights[comp] = m.model.visual.proj.detach().clone()
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+    torch.testing.assert_close(weights[True], weights[False], atol=1e-5, rtol=1e-4)
+    assert losses[False][0] != losses[False][-1]  # it did train
