@@ -121,3 +121,26 @@ def test_kernels_use_private_unix_sockets(tmp_path, monkeypatch, capfd):
     assert info["transport"] == "ipc" and info["mode"] == "0o700" and len(info["sockets"]) == 5
     assert not os.path.exists(os.path.dirname(info["ip"]))  # cleaned up with the kernel
     assert "without encryption" not in capfd.readouterr().err
+
+
+def test_cache_command_lists_and_clears(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "cache"
+    monkeypatch.setenv("WORKBENCH_CACHE", str(root))
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "a.safetensors").write_bytes(b"x" * 3 * 2**20)
+    (root / "features" / "sub").mkdir(parents=True)
+    (root / "features" / "sub" / "b.safetensors").write_bytes(b"y" * 2**20)
+    assert cli.main(["cache"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert str(root) in out[0]
+    assert out[1].split()[:4] == ["images", "3.0", "MiB", "1"] and out[2].split()[:4] == ["features", "1.0", "MiB", "1"]
+    assert out[-1].split()[:2] == ["total", "4.0"]
+    # an unknown kind deletes nothing and names what is there
+    assert cli.main(["cache", "--clear", "images", "imgaes"]) == 2
+    err = capsys.readouterr().err
+    assert "'imgaes'" in err and "features" in err and (root / "images" / "a.safetensors").exists()
+    assert cli.main(["cache", "--clear", "images"]) == 0
+    assert "freed 3.0 MiB" in capsys.readouterr().out
+    assert not (root / "images").exists() and (root / "features" / "sub" / "b.safetensors").exists()
+    assert cli.main(["cache", "--clear", "all"]) == 0
+    assert not any(root.iterdir())

@@ -32,3 +32,44 @@ def cached_tensors(kind: str, key: str, compute: Callable[[], dict[str, torch.Te
     atomic_write_bytes(path, tmp.read_bytes())
     tmp.unlink(missing_ok=True)
     return out
+
+
+# What each folder under the cache root holds; all of it can be recomputed (LLM responses, which
+# cost money, live in run directories, never here).
+KINDS = {
+    "images": "decoded uint8 image caches (one per file set and size)",
+    "features": "image and text embeddings (keyed by weights, files, preprocessing)",
+    "image_checks": "verdicts of the bad-image check",
+    "pretrained": "the tiny CLIP pretrained on the synthetic benchmark (~2 CPU-minutes to redo)",
+    "synthetic": "generated synthetic datasets",
+    "synthetic-pretrain": "rendered pretraining birds",
+    "datasets": "parsed dataset tables (e.g. CUB attributes)",
+}
+
+
+def cache_usage() -> list[dict]:
+    """One row per folder under the cache root: ``{kind, files, bytes, what}``, largest first."""
+    rows = []
+    for d in sorted(p for p in cache_root().iterdir() if p.is_dir()):
+        files = [f for f in d.rglob("*") if f.is_file()]
+        rows.append({"kind": d.name, "files": len(files), "bytes": sum(f.stat().st_size for f in files),
+                     "what": KINDS.get(d.name, "")})
+    return sorted(rows, key=lambda r: -r["bytes"])
+
+
+def clear_cache(kinds: list[str]) -> int:
+    """Delete the named cache folders (``["all"]``: every one); returns the bytes freed.
+    Unknown names raise before anything is deleted."""
+    import shutil
+
+    present = {r["kind"]: r for r in cache_usage()}
+    names = list(present) if kinds == ["all"] else list(dict.fromkeys(kinds))
+    unknown = [k for k in names if k not in present and k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown cache kind(s) {unknown}; present under {cache_root()}: {sorted(present) or 'none'}")
+    freed = 0
+    for k in names:
+        if k in present:
+            freed += present[k]["bytes"]
+            shutil.rmtree(cache_root() / k)
+    return freed

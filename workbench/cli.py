@@ -1,4 +1,4 @@
-"""Console entry point: ``workbench run``, ``workbench params``."""
+"""Console entry point: ``workbench run``, ``workbench params``, ``workbench cache``."""
 from __future__ import annotations
 
 import argparse
@@ -48,6 +48,25 @@ def _params(args) -> int:
     return 0
 
 
+def _cache(args) -> int:
+    from .cache import cache_root, cache_usage, clear_cache
+
+    if args.clear:
+        try:
+            freed = clear_cache(args.clear)
+        except ValueError as e:
+            print(f"workbench cache: {e}", file=sys.stderr)
+            return 2
+        print(f"freed {freed / 2**20:.1f} MiB under {cache_root()}")
+        return 0
+    rows = cache_usage()
+    print(f"cache root: {cache_root()} (WORKBENCH_CACHE)")
+    for r in rows:
+        print(f"  {r['kind']:20s} {r['bytes'] / 2**20:10.1f} MiB {r['files']:7d} files  {r['what']}")
+    print(f"  {'total':20s} {sum(r['bytes'] for r in rows) / 2**20:10.1f} MiB")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="workbench", description="GIST workbench: run the notebook pipeline.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -63,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("params", help="print a stage's parameters")
     p.add_argument("stage")
     p.set_defaults(fn=_params)
+    c = sub.add_parser("cache", help="show what the cache holds, or clear parts of it (all recomputable)")
+    c.add_argument("--clear", nargs="+", metavar="KIND", help="kinds to delete (see the listing), or 'all'")
+    c.set_defaults(fn=_cache)
     args = ap.parse_args(argv)
     return args.fn(args)
 
