@@ -210,6 +210,15 @@ def test_bad_images_stop_before_embedding(bundle, toy, tmp_path, monkeypatch):
     assert not list((tmp_path / "cache").rglob("*.safetensors"))  # ...but no image cache of a set about to be fixed
 
 
+def test_missing_image_is_listed_before_embedding(bundle, toy, monkeypatch):
+    gone = toy.split("train").table["filename"].iloc[2]
+    (toy.root / gone).unlink()
+    calls = count_encodes(monkeypatch, bundle.model)
+    with pytest.raises(BadImagesError) as e:
+        match_dataset(toy, make_descriptions(), bundle, k=2)
+    assert e.value.bad == [(str(toy.root / gone), "missing")] and calls == []
+
+
 def test_bad_images_skipped_and_recorded(bundle, toy, tmp_path):
     bad = _break_images(toy)
     res = match_dataset(toy, make_descriptions(), bundle, k=2, run_dir=tmp_path, skip_bad_images=True)

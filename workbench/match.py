@@ -24,7 +24,7 @@ from .cache import cached_tensors, file_fingerprint, hash_key
 from .match_captions import (  # noqa: F401  (re-exported: one import for the notebook)
     check_summarize, count_tokens, export_captions_top5, import_captions_top5, summarize_texts, truncate_caption,
 )
-from .data.images import BadImagesError, check_images, decode_checked, image_cache, image_cache_exists
+from .data.images import BadImagesError, decode_checked, image_cache, image_cache_exists
 from .io import cache_root, read_json, read_jsonl, stage_file, write_json, write_jsonl
 from .models import encode_images, encode_texts, image_size
 
@@ -295,7 +295,7 @@ def _check_images_cached(paths: list[str], size: int, keep_partial: bool = True)
     files, so the encoding step that follows decodes nothing either. ``keep_partial=False``: when some
     files are bad, do not store the others' images (the run stops; the files will likely be fixed)."""
     if not all(Path(p).is_file() for p in paths):  # fingerprints need stat(); missing files are rare
-        return check_images(paths)
+        return decode_checked(paths, size)[1]  # names the missing ones; nothing to key a cache on
     key = hash_key("image-check-v1", file_fingerprint(paths))
     path = cache_root() / "image_checks" / f"{key}.json"
     if path.exists():

@@ -23,35 +23,6 @@ class BadImagesError(ValueError):
         )
 
 
-def _file_problem(path: Path) -> str | None:
-    if not path.exists():
-        return "missing"
-    if path.stat().st_size == 0:
-        return "empty file"
-    return None
-
-
-def check_image(path: str | Path) -> str | None:
-    """Return None when the image decodes fully, else the reason it does not."""
-    path = Path(path)
-    if problem := _file_problem(path):
-        return problem
-    try:
-        with Image.open(path) as im:
-            im.load()  # full decode: catches truncated files that verify() lets through
-    except Exception as e:  # PIL raises many types for corrupt data
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def check_images(paths, workers: int = 8) -> list[tuple[str, str]]:
-    """All unreadable images as ``(path, reason)``, in input order."""
-    paths = [str(p) for p in paths]
-    with ThreadPoolExecutor(workers) as ex:
-        reasons = list(ex.map(check_image, paths))
-    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
-
-
 def _decode(path: str, size: int) -> np.ndarray:
     with Image.open(path) as im:
         im = im.convert("RGB")
@@ -67,8 +38,10 @@ def _decode(path: str, size: int) -> np.ndarray:
 
 
 def _decode_or_reason(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
-    if problem := _file_problem(Path(path)):
-        return None, problem
+    if not Path(path).exists():
+        return None, "missing"
+    if Path(path).stat().st_size == 0:
+        return None, "empty file"
     try:
         return _decode(path, size), None  # convert() loads every pixel: truncated files raise here
     except Exception as e:  # PIL raises many types for corrupt data
