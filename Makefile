@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KERNEL := gist-workbench
 
-.PHONY: install demo test lab bench clean-reports
+.PHONY: install demo test lint lab bench clean-reports
 
 install: $(STAMP)
 
@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/workbench run demo
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check workbench tests benchmarks
+
 # nbval runs the notebooks exactly as stored, with their demo defaults (outputs in reports/lab).
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -q tests
 	rm -rf reports/lab
 	if ls notebooks/[0-9][0-9]_*.ipynb >/dev/null 2>&1; then $(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks; fi

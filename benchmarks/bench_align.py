@@ -26,7 +26,7 @@ def main():
     from workbench.align import attention as A
     from workbench.align.features import _prepare
     from workbench.align.pointing import METHODS, PartItem, pointing_game
-    from workbench.models import image_size, load_clip
+    from workbench.clip import image_size, load_clip
 
     torch.manual_seed(0)
     b = load_clip(args.model, None, device=args.device)

@@ -56,7 +56,7 @@ def forward_flops(name: str, text_len: int | None = None) -> tuple[float, float]
     """
     import open_clip
 
-    from workbench.models import resolve_name
+    from workbench.clip import resolve_name
 
     cfg = open_clip.get_model_config(resolve_name(name))
     v, t, e = cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"]
@@ -119,9 +119,9 @@ def _sync(device):
 
 def bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warmup, compile_, budget_s,
                     attention="auto"):
+    from workbench.clip import image_size, load_clip
     from workbench.data.images import image_cache
-    from workbench.models import image_size, load_clip
-    from workbench.trainer import FinetuneConfig, Trainer
+    from workbench.finetune.trainer import FinetuneConfig, Trainer
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -218,7 +218,7 @@ def bench_reference(name, paths, texts, rows, device, steps, warmup, workers, bu
     import open_clip
     from open_clip.model import convert_weights_to_lp
 
-    from workbench.models import resolve_name
+    from workbench.clip import resolve_name
 
     t0 = time.perf_counter()
     fp16 = device.type == "cuda"

@@ -36,9 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workbench.clip import default_batch_size, encode_images, encode_texts, encode_uint8, image_size, load_clip  # noqa: E402
 from workbench.data.images import decode_checked, decode_images  # noqa: E402
-from workbench.match import encode_uint8, topk_within_class  # noqa: E402
-from workbench.models import default_batch_size, encode_images, encode_texts, image_size, load_clip  # noqa: E402
+from workbench.match import topk_within_class  # noqa: E402
 
 WORDS = ("red blue green yellow striped spotted crown beak wing breast tail long short curved pale dark "
          "barred white black orange grey brown plumage feathers small large hooked thin eye ring patch").split()
@@ -142,7 +142,7 @@ def main(argv=None):
     ap.add_argument("--json-out", default=None, help="also write the JSON object to this file")
     a = ap.parse_args(argv)
 
-    from workbench.models import auto_device
+    from workbench.clip import auto_device
 
     device = auto_device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -249,7 +249,7 @@ def main(argv=None):
     workbench_from_cache(model, cache[: min(n_cache, 2 * batch_size)], cache_labels[: 2 * batch_size], txt_dev,
                          txt_labels, batch_size, a.k, device)  # warm-up
     best = None
-    for rep in range(3):
+    for _ in range(3):
         secs, _ = workbench_from_cache(model, cache, cache_labels, txt_dev, txt_labels, batch_size, a.k, device)
         best = secs if best is None else min(best, secs)
         if left() < 2 * secs:

@@ -14,8 +14,8 @@ from PIL import Image
 from workbench.align import attention as att
 from workbench.align import features as feat
 from workbench.align import pointing, regions, report
+from workbench.clip import load_clip, normalize_images
 from workbench.data import Dataset
-from workbench.models import load_clip, normalize_images
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +213,9 @@ def test_pointing_game_end_to_end_structure(clip, images, monkeypatch):
 
 
 def test_region_transforms_follow_the_image_cache(tmp_path):
-    """A part drawn in a 100 x 80 image lands where the decoded 64 px image shows it."""
+    """A part drawn in a 100 x 80 image lands where the decoded 64 px image shows it: masks, boxes,
+    keypoints and tensors all go through the one geometry of workbench.data.geometry."""
+    from workbench.data.geometry import map_mask, map_points, resize_crop_tensor
     from workbench.data.images import decode_images
 
     arr = np.zeros((80, 100, 3), dtype=np.uint8)
@@ -223,15 +225,19 @@ def test_region_transforms_follow_the_image_cache(tmp_path):
     white = img.float().mean(0) > 127
     mask = np.zeros((80, 100), bool)
     mask[30:50, 70:90] = True
-    m = regions.transform_mask(mask, 64)
+    m = map_mask(mask, 64)
     assert (m ^ white).float().mean() < 0.01
     b = regions.box((70, 30, 90, 50), (100, 80), 64)
     assert (b ^ white).float().mean() < 0.01
     lab = np.zeros((80, 100), np.uint8)
     lab[30:50, 70:90] = 3
-    torch.testing.assert_close(regions.transform_mask(lab, 64, labels=True) == 3, m)
-    (cx, cy), = regions.transform_points([[80, 40]], (100, 80), 64).tolist()
+    torch.testing.assert_close(map_mask(lab, 64, labels=True) == 3, m)
+    (cx, cy), = map_points([[80, 40]], (100, 80), 64).tolist()
     assert white[int(cy), int(cx)]
+    # a tensor of the original size is resized and cropped like the PIL decode (bicubic, antialiased)
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None]
+    t = resize_crop_tensor(x.float() / 255, 64)[0].mean(0) > 0.5
+    assert t.shape == (64, 64) and (t ^ white).float().mean() < 0.01
 
 
 def _tiny_dataset(tmp_path, extras, name="toy"):
@@ -298,16 +304,24 @@ def test_cub_keypoints_from_the_cub_loader(tmp_path):
 
 
 def test_finetuned_checkpoint_row(tmp_path):
+    """The best full-shot row of the method (by val_top1), read through the one index reader."""
     assert report.finetuned_checkpoint(tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
     rows = [{"method": "finetune-classname", "shots": "full", "seed": 0, "path": "checkpoints/c.safetensors", "val_top1": 0.9},
             {"method": "gist", "shots": 5, "seed": 0, "path": "checkpoints/g5.safetensors", "val_top1": 0.9},
             {"method": "gist", "shots": "full", "seed": 1, "path": "checkpoints/g1.safetensors", "val_top1": 0.5},
             {"method": "gist", "shots": "full", "seed": 0, "path": "checkpoints/g0.safetensors", "val_top1": 0.7}]
+    for r in rows:
+        r["model"] = "tiny"
+        (tmp_path / r["path"]).touch()
     (tmp_path / "checkpoints" / "index.json").write_text(json.dumps(rows))
     row = report.finetuned_checkpoint(tmp_path)
     assert row["path"] == str(tmp_path.resolve() / "checkpoints" / "g0.safetensors")
     assert report.finetuned_checkpoint(tmp_path, seed=1)["val_top1"] == 0.5
+    assert report.finetuned_checkpoint(tmp_path, shots=1) is None
+    (tmp_path / "checkpoints" / "g1.safetensors").unlink()  # a broken index is an error, not "pretrained only"
+    with pytest.raises(ValueError, match="entry 2: checkpoint file not found"):
+        report.finetuned_checkpoint(tmp_path)
 
 
 def test_word_figure_shares_one_scale_and_saves(clip, images, tmp_path):

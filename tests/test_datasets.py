@@ -10,14 +10,23 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from fixtures_datasets import (
-    AIRCRAFT, CUB_ATTRIBUTES, CUB_CLASSES, CUB_PARTS, make_mini_aircraft, make_mini_cub, make_mini_fitzpatrick,
-    make_mini_flowers, make_mini_gist, make_mini_imagefolder,
+    AIRCRAFT,
+    CUB_ATTRIBUTES,
+    CUB_CLASSES,
+    CUB_PARTS,
+    make_mini_aircraft,
+    make_mini_cub,
+    make_mini_fitzpatrick,
+    make_mini_flowers,
+    make_mini_gist,
+    make_mini_imagefolder,
 )
+
 from workbench.data import LOADERS, few_shot, load_dataset
-from workbench.data.gist import few_shot_from_file, match_filenames
-from workbench.data.layout import DatasetLayoutError, humanize
+from workbench.data.gist import apply_shot_file, match_filenames
+from workbench.data.layout import DatasetLayoutError
+from workbench.data.names import humanize
 from workbench.data.splits import carve_val, fraction_split
 
 CUB_TREE = """\
@@ -82,7 +91,8 @@ def test_cub_gist_metadata_and_kshot_files(cub_root):
     one = load_dataset("cub", cub_root, metadata="metadata.csv", shots=1)
     assert split_counts(one)["train"] == Counter({c: 1 for c in range(4)})
     assert split_counts(one)["test"] == split_counts(ds)["test"]
-    three = few_shot_from_file(ds, 3)
+    three = apply_shot_file(ds, 3)
+    assert few_shot(ds, 3, seed=7, shot_file=3).table.equals(three.table)  # the one few-shot function takes it too
     assert split_counts(three)["train"] == Counter({c: 3 for c in range(4)})
     kshot = pd.read_csv(cub_root / "metadata_3shot.csv")
     assert set(three.split("train").table["filename"]) == set(kshot.loc[kshot["split"] == "train", "filename"])

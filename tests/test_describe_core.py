@@ -2,21 +2,19 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 from collections import Counter
 
 import pandas as pd
 import pytest
 
 from workbench.data import Dataset
+from workbench.data.names import match_names as match_classnames
 from workbench.describe import (
     ChatBackend,
     DescriptionsIncomplete,
     generate_descriptions,
     get_prompt_set,
     import_long_captions,
-    match_classnames,
 )
 from workbench.describe.cache import ResponseCache, repair_jsonl
 from workbench.describe.prompts import FINGERPRINTS, PROMPT_SETS, domain_for_dataset
@@ -136,8 +134,7 @@ def test_template_backend_wraps_synthetic_descriptions(tmp_path, monkeypatch):
                                 "text": f"The {v} {sp} has a {['red', 'blue', 'green'][i]} crown."})
         return out
 
-    monkeypatch.setitem(sys.modules, "workbench.describe.template",
-                        types.SimpleNamespace(synthetic_descriptions=synthetic_descriptions))
+    monkeypatch.setattr("workbench.describe.tables.synthetic_descriptions", synthetic_descriptions)
     ds = _toy_dataset(tmp_path)
     res = generate_descriptions(ds, "template", n_per_class=3, run_dir=tmp_path / "run", seed=5, progress=False,
                                 per_variant=2)

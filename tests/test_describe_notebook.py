@@ -4,9 +4,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
 from test_describe_http import KEY, KEY_ENV, server_factory  # noqa: F401  (fixture)
+
 from workbench.data import load_dataset
 from workbench.io import read_json, read_jsonl
 
@@ -44,7 +43,6 @@ def test_notebook_openai_backend(server_factory, tmp_path, monkeypatch):  # noqa
 
 
 def test_template_backend_on_the_synthetic_benchmark(tmp_path):
-    pytest.importorskip("workbench.describe.template")
     from workbench.describe import generate_descriptions
 
     ds = load_dataset("synthetic", tmp_path / "syn", **SMALL)

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench.describe import ChatBackend, extractive_summary, read_long_captions, summarize, token_counter
-from workbench.describe.summarize import get_tokenizer, split_clauses
+from workbench.clip.text import get_tokenizer, token_counter
+from workbench.describe import ChatBackend, extractive_summary, read_long_captions, summarize
+from workbench.describe.summarize import split_clauses
 
 # read-only; the checkout sits next to shared/ (GIST_SAMPLE_DIR points elsewhere, e.g. from a worktree)
 SAMPLE = Path(os.environ.get("GIST_SAMPLE_DIR") or Path(__file__).parents[1].parent / "shared/reference/gist-format-sample")

@@ -5,10 +5,9 @@ run-directory contract and the shape of every metrics section, not model quality
 """
 import json
 
-import pytest
 import yaml
-
 from fixtures_datasets import make_mini_cub
+
 from workbench import cli
 from workbench.io import read_jsonl
 
@@ -62,3 +61,4 @@ def test_cub_end_to_end(tmp_path):
                    *sum((["--set", s] for s in SMALL), [])])
     assert rc == 0
     _check_run(tmp_path / "reports" / "cub", ["describe", "match", "finetune", "evaluate", "align"])
+

@@ -11,13 +11,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workbench.data import Dataset
+from workbench.data import Dataset, few_shot
 from workbench.evaluate import (
-    accuracy_table, bootstrap_ci, check_draws, classname_classifier, classname_scores, description_scores, finetuned_rows,
-    linear_probe, load_descriptions, load_shot_file, make_draw, probe_rows, read_checkpoint_index, runs_table,
-    seed_summary, topk_correct, zero_shot_rows,
+    accuracy_table,
+    bootstrap_ci,
+    check_draws,
+    classname_classifier,
+    classname_scores,
+    description_scores,
+    finetuned_rows,
+    linear_probe,
+    load_descriptions,
+    make_draw,
+    probe_rows,
+    runs_table,
+    seed_summary,
+    topk_correct,
+    zero_shot_rows,
 )
 from workbench.evaluate.zeroshot import classname_prompts
+from workbench.runs import read_index as read_checkpoint_index
 
 
 # ---------------------------------------------------------------- linear probe
@@ -33,7 +46,6 @@ def _gaussian_problem(n_per_class=(40, 20, 100), classes=5, dim=12, seed=0):
 
 
 def test_probe_matches_sklearn_logistic_regression():
-    sklearn = pytest.importorskip("sklearn")
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -152,7 +164,7 @@ def test_few_shot_draws_deterministic_and_split_files(tiny_ds, tmp_path):
     assert sorted(table["filename"][d0.train]) == sorted(keep["filename"])
     assert d0.train.tolist() == d5.train.tolist() and d0.source == str(csv)
     with pytest.raises(ValueError, match="exactly 3 training images per class; species 0 has 1"):
-        load_shot_file(tiny_ds, csv, k=3)
+        few_shot(tiny_ds, 3, shot_file=csv)
     with pytest.raises(ValueError, match="these classes have fewer"):
         make_draw(tiny_ds, 6, seed=0)
     # Everything the evaluation will draw is checked up front.
@@ -199,7 +211,7 @@ def test_classname_ensemble_by_hand():
 
 def test_zero_shot_rows_on_hand_built_case(tiny_ds):
     """Image features placed at known class embeddings: zero-shot accuracy is known exactly."""
-    from workbench.models import CLIPBundle
+    from workbench.clip import CLIPBundle
 
     model, tok = _StubModel(), _StubTokenizer()
     W = classname_classifier(model, tok, tiny_ds.classnames, ["{}"])
@@ -237,10 +249,10 @@ def test_description_scores_against_manual(tmp_path):
     path = tmp_path / "descriptions.jsonl"
     recs = [{"id": "1", "class": "a", "text": "red"}, {"id": "2", "class": "zz", "text": "blue"}]
     path.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    with pytest.raises(ValueError, match=r"not classes of the dataset: \['zz'\]"):
+    with pytest.raises(ValueError, match=r"1 class\(es\) not in the dataset: 'zz'"):
         load_descriptions(path, ["a", "b"])
     path.write_text(json.dumps(recs[0]) + "\n")
-    with pytest.raises(ValueError, match=r"1 class\(es\) have no descriptions: \['b'\]"):
+    with pytest.raises(ValueError, match=r"1 class\(es\) have no descriptions: 'b'"):
         load_descriptions(path, ["a", "b"])
     texts, labels = load_descriptions(path, ["a"])
     assert texts == ["red"] and labels.tolist() == [0]
@@ -250,10 +262,11 @@ def test_description_scores_against_manual(tmp_path):
 def test_comparison_end_to_end(tiny_ds, tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from workbench.evaluate import image_features
+    from workbench.clip import load_clip
+    from workbench.evaluate import dataset_features as image_features
     from workbench.evaluate.plots import plot_accuracy
-    from workbench.io import read_json, update_metrics
-    from workbench.models import load_clip
+    from workbench.io import read_json
+    from workbench.runs import update_metrics
 
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
@@ -331,11 +344,10 @@ def test_notebook_runs_all_four_methods(tmp_path, monkeypatch):
     """04_evaluate through papermill on a tiny synthetic set with a fabricated checkpoint index:
     all four methods x shots land in metrics.json, figures are saved. (Without an index the
     fine-tuned methods are skipped with a note: covered in-process by test_comparison_end_to_end.)"""
-    pytest.importorskip("workbench.data.synthetic")
     from safetensors.torch import save_file
 
+    from workbench.clip import load_clip
     from workbench.io import read_json
-    from workbench.models import load_clip
     from workbench.pipeline import run_notebook
 
     monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
@@ -363,8 +375,8 @@ def test_notebook_runs_all_four_methods(tmp_path, monkeypatch):
 def test_cuda_probe_and_features_match_cpu(tiny_ds, tmp_path, monkeypatch):
     """The GPU paths: the probe on CUDA agrees with the CPU fit; features encoded on CUDA (bf16
     autocast) are cached under their own key and are close to the fp32 CPU ones."""
-    from workbench.evaluate import image_features
-    from workbench.models import load_clip
+    from workbench.clip import load_clip
+    from workbench.evaluate import dataset_features as image_features
 
     (Xtr, ytr), (Xva, yva), (Xte, yte) = _gaussian_problem()
     cpu = linear_probe(Xtr, ytr, Xva, yva, 5, weight_decays=[1e-1, 1e-2], device="cpu")

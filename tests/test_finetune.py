@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from toydata import make_matches, make_toy_dataset  # noqa: E402
 
 from workbench import finetune as ft  # noqa: E402
-from workbench import trainer  # noqa: E402
-from workbench.augment import apply_crops, center_normalize, crop_params, random_resized_crop  # noqa: E402
+from workbench.finetune import trainer  # noqa: E402
+from workbench.finetune.augment import apply_crops, center_normalize, crop_params, random_resized_crop  # noqa: E402
 from workbench.io import read_json, read_jsonl, write_jsonl  # noqa: E402
 
 MEAN, STD = (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)  # normalisation that leaves pixel values as they are
@@ -34,7 +34,7 @@ def toy(tmp_path_factory):
 
 
 def _tiny(seed=0):
-    from workbench.models import load_clip
+    from workbench.clip import load_clip
 
     torch.manual_seed(seed)
     return load_clip("tiny", None, "cpu")
@@ -197,7 +197,7 @@ def test_other_losses_train(toy, tmp_path, loss, freeze):
 
 # ------------------------------------------------------------------ the stage
 def test_finetune_all_writes_index_log_metrics(toy, tmp_path):
-    from workbench.models import load_clip
+    from workbench.clip import load_clip
 
     write_jsonl(tmp_path / "matches.jsonl", make_matches(toy, 3))
     rows = ft.finetune_all(tmp_path, toy, model="tiny", pretrained=None, methods=["gist", "finetune-classname"],
@@ -329,24 +329,12 @@ def test_batches_are_even_and_cover_the_epoch(toy):
     assert sorted(seen.tolist()) == list(range(24))
 
 
-def test_trimmed_text_encoding_equals_open_clip():
-    m = _tiny()
-    ids = m.tokenizer(["toy species 1: a red square", "toy species 2: a much longer caption about a green square"])
-    L = int(ids.argmax(-1).max()) + 1
-    with torch.no_grad():
-        full = m.model.encode_text(ids)
-        trimmed, tokens = ft.encode_text(m.model, ids[:, :L], tokens=True)
-    assert torch.allclose(trimmed, full, atol=1e-5)
-    assert tokens.shape == (2, L, full.shape[1])
-    assert torch.allclose(tokens[torch.arange(2), ids.argmax(-1)], full, atol=1e-5)  # the EOT row is the pooled feature
-
-
 def test_validation_accuracies_are_percent_and_match_a_direct_computation(toy):
     """validate(): zero-shot top-1 equals class-prompt argmax; the ridge probe equals sklearn's Ridge."""
     from sklearn.linear_model import RidgeClassifier
 
+    from workbench.clip import encode_images, encode_texts
     from workbench.data.images import image_cache
-    from workbench.models import encode_images, encode_texts
 
     clip, _, tok = _tiny(3)
     tr, va = toy.split("train"), toy.split("val")
@@ -400,3 +388,4 @@ def test_bf16_autocast_keeps_fp32_master_weights(toy):
     # lr 1e-6: each update is ~1e-6, far below the bf16 spacing of these weights (~5e-4) - yet it lands
     assert d16.abs().max() < 1e-4 and (d16 != 0).float().mean() > 0.9
     assert torch.nn.functional.cosine_similarity(d16.flatten(), d32.flatten(), dim=0) > 0.9
+

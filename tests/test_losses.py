@@ -5,13 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workbench.losses import (
+from workbench.clip import token_mask as text_token_mask
+from workbench.finetune.losses import (
     class_aware_loss,
     clip_loss,
     filip_loss,
     filip_scores,
     soft_targets,
-    text_token_mask,
 )
 
 D = torch.float64  # references are compared tightly

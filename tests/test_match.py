@@ -10,14 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from workbench.clip import count_tokens, encode_images, encode_texts, image_size, load_clip
 from workbench.data import Dataset
 from workbench.data.images import BadImagesError
 from workbench.io import read_json, read_jsonl
-from workbench.match import (
-    count_tokens, export_captions_top5, import_captions_top5, match_dataset, topk_within_class, truncate_caption,
-)
-from workbench.match_diagnostics import class_table, matching_metrics, usage_table, variant_precision, weakest
-from workbench.models import encode_images, encode_texts, image_size, load_clip
+from workbench.match import export_captions_top5, import_captions_top5, match_dataset, topk_within_class, truncate_caption
+from workbench.match.diagnostics import class_table, matching_metrics, usage_table, variant_precision, weakest
 
 CLASSES = ["red finch", "blue jay", "green warbler"]
 COLORS = {"red finch": (200, 40, 40), "blue jay": (40, 60, 200), "green warbler": (40, 170, 60)}
@@ -262,9 +260,9 @@ def test_cold_run_decodes_each_file_once(bundle, toy, tmp_path, monkeypatch):
     from workbench.data.images import decode_images
 
     ref = encode_images(bundle.model, decode_images(readable, image_size(bundle.model)))
-    from workbench.match import image_features
+    from workbench.clip import image_features
 
-    torch.testing.assert_close(image_features(bundle, readable), ref)
+    torch.testing.assert_close(image_features(bundle, readable, normalize=True), ref)
     decodes.clear()
     match_dataset(toy, make_descriptions(), bundle, k=2, skip_bad_images=True)
     assert decodes == []
@@ -355,7 +353,6 @@ def test_summarize_callable_is_used_and_kept_within_context(bundle, toy, monkeyp
 
 
 def test_extractive_summaries_from_the_describe_stage(bundle, toy):
-    pytest.importorskip("workbench.describe.summarize")
     res = match_dataset(toy, make_descriptions(), bundle, k=2, summarize="extractive")
     for r in res.records:
         assert all(c.startswith(r["class"] + ": ") and count_tokens(bundle.tokenizer, c) <= 77 for c in r["captions"])
@@ -398,13 +395,13 @@ def test_diagnostics_plots_and_browser(bundle, toy, tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from workbench.plots_match import plot_match_diagnostics, plot_match_examples
+    from workbench.match.plots import plot_match_diagnostics, plot_match_examples
 
     plot_match_diagnostics(res.records, descs, m, path=tmp_path / "figures" / "match_diagnostics.png")
     plot_match_examples(res.records, toy.root, n=5, path=tmp_path / "figures" / "match_examples.png")
     assert (tmp_path / "figures" / "match_diagnostics.png").stat().st_size > 0
     assert (tmp_path / "figures" / "match_examples.png").stat().st_size > 0
-    from workbench.widgets_match import match_browser
+    from workbench.match.widgets import match_browser
 
     box = match_browser(res.records, toy.root)
     box.class_dropdown.value = "green warbler"
@@ -444,7 +441,7 @@ def test_notebook_runs_on_small_synthetic_data(tmp_path):
 
 def test_encode_uint8_chunks_equal_one_pass(bundle):
     x = torch.randint(0, 256, (11, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    from workbench.match import encode_uint8
+    from workbench.clip import encode_uint8
 
     torch.testing.assert_close(encode_uint8(bundle.model, x, batch_size=3, chunk=4),
                                encode_images(bundle.model, x, batch_size=11), atol=1e-5, rtol=1e-4)
@@ -472,7 +469,7 @@ def test_diagnostics_plot_without_variant_specific_picks(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from workbench.plots_match import plot_match_diagnostics
+    from workbench.match.plots import plot_match_diagnostics
 
     recs = [{"image": "a", "class": "X", "description_ids": ["g"], "descriptions": ["t"], "captions": ["X: t"],
              "scores": [0.3], "probs": [1.0]}]

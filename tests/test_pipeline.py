@@ -3,9 +3,10 @@ import json
 
 import pytest
 import yaml
-
 from nbutil import make_notebook
+
 from workbench import cli, pipeline
+from workbench import config as C
 
 PARAMS = '''from typing import Optional
 
@@ -88,7 +89,7 @@ def test_params_and_list(nb_dir, capsys):
 def test_notebook_without_run_dir_is_rejected(tmp_path):
     nb = make_notebook(tmp_path / "01_x.ipynb", "k: int = 1  # k")
     with pytest.raises(ValueError, match="must declare `run_dir"):
-        pipeline.notebook_parameters(nb)
+        C.notebook_parameters(nb)
 
 
 def test_relative_data_root_made_absolute(nb_dir, tmp_path, monkeypatch):

@@ -1,10 +1,11 @@
 """Project-level checks: environment.yml in sync, notebooks well-formed and stripped."""
+import dataclasses
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,3 +64,44 @@ def test_every_preset_resolves_against_the_notebooks(preset):
 
     plan = pipeline.plan(preset)
     assert list(plan.stages) == [p.name[3:-6] for p in NOTEBOOKS]
+
+
+def _stage_code(stage: str) -> str:
+    pkg = ROOT / "workbench" / stage
+    nb = next(p for p in NOTEBOOKS if p.stem.endswith(stage))
+    cells = [c for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"][1:]
+    return "\n".join(p.read_text() for p in pkg.rglob("*.py")) + "\n".join("".join(c["source"]) for c in cells)
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_parameter_reaches_the_code(nb):
+    """A setting is declared once, in the parameters cell, and read by name: by the stage package
+    (``p.<name>``, or a FinetuneConfig field) or by the notebook itself. A parameter nothing reads is dead."""
+    import papermill as pm
+
+    from workbench.config import COMMON
+    from workbench.finetune import FinetuneConfig
+
+    stage = nb.stem[3:]
+    code = _stage_code(stage)
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)} if stage == "finetune" else set()
+    unread = [name for name in pm.inspect_notebook(str(nb))
+              if name not in fields and name not in COMMON and name != "run_dir"
+              and not re.search(rf"\bp\.{name}\b|\bp\[\"{name}\"\]|^(?!\s*#).*\b{name}\b(?!\s*[:=][^=])", code, flags=re.M)]
+    assert not unread, f"{nb.name}: parameters nothing reads: {unread}"
+
+
+def test_finetune_config_defaults_are_the_notebooks():
+    """FinetuneConfig (the library's API) and 03_finetune (the stage's schema) must not drift apart."""
+    import ast
+
+    import papermill as pm
+
+    from workbench.finetune import FinetuneConfig
+
+    params = pm.inspect_notebook(str(next(p for p in NOTEBOOKS if p.stem.endswith("finetune"))))
+    shared = [f for f in dataclasses.fields(FinetuneConfig) if f.name in params]
+    assert len(shared) >= 15
+    for f in shared:
+        default = ast.literal_eval(params[f.name]["default"])
+        assert tuple(default) == f.default if isinstance(default, list) else default == f.default, f.name

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from workbench.data import load_dataset, synthetic as syn
+from workbench.data import load_dataset
+from workbench.data import synthetic as syn
 
 SMALL = dict(n_species=6, seed=3, n_train=4, n_val=2, n_test=2)
 

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import atomic_write_bytes, cache_root, hash_key  # noqa: F401 (hash_key re-exported)
+from .io import atomic_write_bytes, cache_root
 
 
 def file_fingerprint(paths) -> str:
@@ -60,8 +61,6 @@ def cache_usage() -> list[dict]:
 def clear_cache(kinds: list[str]) -> int:
     """Delete the named cache folders (``["all"]``: every one); returns the bytes freed.
     Unknown names raise before anything is deleted."""
-    import shutil
-
     present = {r["kind"]: r for r in cache_usage()}
     names = list(present) if kinds == ["all"] else list(dict.fromkeys(kinds))
     unknown = [k for k in names if k not in present and k not in KINDS]

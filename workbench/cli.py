@@ -6,6 +6,7 @@ import sys
 
 from . import config as C
 from . import pipeline
+from .cache import cache_root, cache_usage, clear_cache
 
 
 def _run(args) -> int:
@@ -35,11 +36,11 @@ def _run(args) -> int:
 
 
 def _params(args) -> int:
-    stages = pipeline.discover_stages()
+    stages = C.discover_stages()
     if args.stage not in stages:
         print(f"workbench params: unknown stage {args.stage!r}; stages: {list(stages)}", file=sys.stderr)
         return 2
-    params = pipeline.notebook_parameters(stages[args.stage])
+    params = C.notebook_parameters(stages[args.stage])
     print(f"Parameters of stage {args.stage!r} ({stages[args.stage].name}); set with "
           f"--set {args.stage}.<name>=<value> (common keys without a prefix):")
     for name, p in params.items():
@@ -49,8 +50,6 @@ def _params(args) -> int:
 
 
 def _cache(args) -> int:
-    from .cache import cache_root, cache_usage, clear_cache
-
     if args.clear:
         try:
             freed = clear_cache(args.clear)

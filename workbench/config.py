@@ -1,4 +1,5 @@
-"""Run configuration: presets, YAML files and ``--set`` overrides, validated against the notebooks.
+"""Run configuration and the stage schema: presets, YAML files and ``--set`` overrides, validated
+against the notebooks' parameters cells; and :class:`Params`, a stage's parameter section as one value.
 
 A config is a plain dict:
 
@@ -14,13 +15,18 @@ from __future__ import annotations
 
 import ast
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any
 
+import papermill as pm
 import yaml
 
+from .params import Params
+
 PRESET_DIR = Path(__file__).parent / "presets"
+_STAGE_RE = re.compile(r"^(\d\d)_([a-z0-9_]+)\.ipynb$")
 
 # Keys shared by all stages: name -> (type, default). A stage gets those its notebook declares.
 COMMON: dict[str, tuple[str, Any]] = {
@@ -38,6 +44,8 @@ META: dict[str, tuple[str, Any]] = {
 }
 # Keys the pipeline sets itself; not configurable.
 RESERVED = {"run_dir"}
+# ``model=<arch>`` also switches a stage's ``pretrained`` to the tag the workbench provides for it.
+DEFAULT_TAGS = {"tiny": "synthetic", "wb-tiny": "synthetic"}
 
 
 class _Loader(yaml.SafeLoader):
@@ -118,6 +126,34 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 
 # ---------------------------------------------------------------- schema from notebooks
+def notebooks_dir() -> Path:
+    """The stage notebooks: ``$WORKBENCH_NOTEBOOKS`` or the repository's ``notebooks/``."""
+    env = os.environ.get("WORKBENCH_NOTEBOOKS")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def discover_stages(nb_dir: str | Path | None = None) -> dict[str, Path]:
+    """Stage name -> notebook, in pipeline order (``NN_<stage>.ipynb``)."""
+    nb_dir = Path(nb_dir) if nb_dir else notebooks_dir()
+    found = sorted(p for p in nb_dir.glob("*.ipynb") if _STAGE_RE.match(p.name))
+    if not found:
+        raise FileNotFoundError(f"no stage notebooks (NN_<stage>.ipynb) in {nb_dir}")
+    return {_STAGE_RE.match(p.name).group(2): p for p in found}
+
+
+def notebook_parameters(path: str | Path) -> dict[str, dict]:
+    """papermill's inspection of the ``parameters`` cell: name -> {inferred_type_name, default, help}."""
+    params = pm.inspect_notebook(str(path))
+    if "run_dir" not in params:
+        raise ValueError(f"{path}: the parameters cell must declare `run_dir: str = ...`")
+    return params
+
+
+def load_schema(nb_dir: str | Path | None = None) -> dict[str, dict[str, dict]]:
+    """Every stage's parameters cell: stage -> name -> {inferred_type_name, default, help}."""
+    return {stage: notebook_parameters(p) for stage, p in discover_stages(nb_dir).items()}
+
+
 def defaults_from_schema(schema: dict[str, dict[str, dict]]) -> dict:
     """Notebook defaults -> a full config (common defaults + one section per stage)."""
     cfg: dict[str, Any] = {k: copy.deepcopy(d) for k, (_, d) in {**COMMON, **META}.items()}
@@ -200,9 +236,7 @@ def _assign(cfg, schema, key: str, value, unknown: list, explicit: set) -> None:
     for stage in hit:
         cfg[stage][key] = value
         if key == "model" and "pretrained" in schema[stage] and "pretrained" not in explicit:
-            from .models import DEFAULT_TAGS, resolve_name
-
-            tag = DEFAULT_TAGS.get(resolve_name(str(value)))
+            tag = DEFAULT_TAGS.get(str(value))
             if tag is not None:
                 cfg[stage]["pretrained"] = tag
 
@@ -276,3 +310,22 @@ def stage_parameters(cfg: dict, stage: str, schema: dict[str, dict[str, dict]]) 
 
 def dump(cfg: dict) -> str:
     return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+
+
+# ---------------------------------------------------------------- a stage's parameters outside a notebook
+def stage_params(stage: str, nb_dir: str | Path | None = None, **overrides) -> Params:
+    """A stage's parameters outside a notebook (tests, ``torchrun``): its notebook's defaults, then
+    ``overrides``, validated like a run configuration."""
+    schema = load_schema(nb_dir)
+    if stage not in schema:
+        raise ConfigError(f"unknown stage {stage!r}; stages: {list(schema)}")
+    params = {name: _literal(p["default"], f"{stage}.{name}") for name, p in schema[stage].items()}
+    unknown = sorted(set(overrides) - set(params))
+    if unknown:
+        raise ConfigError(f"unknown parameter(s) of stage {stage!r}: {unknown}; see `workbench params {stage}`")
+    params.update(overrides)
+    bad = [f"{k}={v!r} (expected {schema[stage][k]['inferred_type_name']})" for k, v in overrides.items()
+           if not type_ok(v, schema[stage][k]["inferred_type_name"])]
+    if bad:
+        raise ConfigError(f"invalid parameter value(s) of stage {stage!r}: " + "; ".join(bad))
+    return Params(params)

@@ -1,4 +1,4 @@
-"""Small file helpers shared by every stage: atomic writes, JSONL, metrics.json, cache root."""
+"""Small file helpers: atomic writes, JSON and JSONL, content hashes, the cache root."""
 from __future__ import annotations
 
 import hashlib
@@ -80,16 +80,6 @@ def append_jsonl(path: str | Path, records: dict | Iterable[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def stage_file(run_dir_or_path: str | Path, name: str, stage: str) -> Path:
-    """``run_dir/name`` (or the file itself); a missing file names the ``stage`` that writes it."""
-    path = Path(run_dir_or_path)
-    if path.is_dir():
-        path = path / name
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the {stage} first")
-    return path
-
-
 def read_jsonl(path: str | Path) -> list[dict]:
     return list(iter_jsonl(path))
 
@@ -114,21 +104,3 @@ def iter_jsonl(path: str | Path) -> Iterator[dict]:
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     text = "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records)
     atomic_write_text(path, text)
-
-
-def update_metrics(run_dir: str | Path, section: str, value: Any) -> dict:
-    """Set ``metrics.json[section] = value`` in ``run_dir`` (read-modify-write, atomic).
-
-    The special section ``accuracy`` is a list of rows ``{method, shots, seed, top1, top3, ci95}``;
-    rows with the same (method, shots, seed) are replaced, others kept.
-    """
-    path = Path(run_dir) / "metrics.json"
-    metrics = read_json(path) if path.exists() else {}
-    if section == "accuracy":
-        key = lambda r: (r["method"], str(r["shots"]), r.get("seed"))  # noqa: E731
-        new = {key(r): r for r in value}
-        metrics["accuracy"] = [r for r in metrics.get("accuracy", []) if key(r) not in new] + list(value)
-    else:
-        metrics[section] = value
-    write_json(path, metrics)
-    return metrics

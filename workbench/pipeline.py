@@ -1,65 +1,43 @@
-"""Run directories and papermill orchestration: one executed notebook (+ HTML) per stage."""
+"""The runner: resolve a configuration, then execute the stage notebooks with papermill into a run
+directory, one executed notebook (+ HTML) per stage. It runs notebooks and nothing else."""
 from __future__ import annotations
 
 import datetime as _dt
 import os
-import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import nbformat
+import papermill as pm
+from ipykernel.kernelspec import install as install_kernel
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from jupyter_client.manager import AsyncKernelManager
+from nbconvert import HTMLExporter
+from papermill.exceptions import PapermillExecutionError
+
 from . import __version__
 from . import config as C
-from .io import atomic_write_text, read_json, update_metrics
+from .data import load_dataset
+from .io import atomic_write_text
+from .runs import PARAMS, update_metrics
 
 KERNEL_NAME = "gist-workbench"
-_STAGE_RE = re.compile(r"^(\d\d)_([a-z0-9_]+)\.ipynb$")
-
-
-def notebooks_dir() -> Path:
-    """The stage notebooks: ``$WORKBENCH_NOTEBOOKS`` or the repository's ``notebooks/``."""
-    env = os.environ.get("WORKBENCH_NOTEBOOKS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "notebooks"
-
-
-def discover_stages(nb_dir: str | Path | None = None) -> dict[str, Path]:
-    """Stage name -> notebook, in pipeline order (``NN_<stage>.ipynb``)."""
-    nb_dir = Path(nb_dir) if nb_dir else notebooks_dir()
-    found = sorted(p for p in nb_dir.glob("*.ipynb") if _STAGE_RE.match(p.name))
-    if not found:
-        raise FileNotFoundError(f"no stage notebooks (NN_<stage>.ipynb) in {nb_dir}")
-    return {_STAGE_RE.match(p.name).group(2): p for p in found}
-
-
-def notebook_parameters(path: str | Path) -> dict[str, dict]:
-    """papermill's inspection of the ``parameters`` cell: name -> {inferred_type_name, default, help}."""
-    import papermill as pm
-
-    params = pm.inspect_notebook(str(path))
-    if "run_dir" not in params:
-        raise ValueError(f"{path}: the parameters cell must declare `run_dir: str = ...`")
-    return params
-
-
-def load_schema(nb_dir: str | Path | None = None) -> dict[str, dict[str, dict]]:
-    return {stage: notebook_parameters(p) for stage, p in discover_stages(nb_dir).items()}
 
 
 def ensure_kernel() -> str:
     """A Jupyter kernel that runs *this* interpreter (so notebooks see the installed workbench)."""
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
     try:
         spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
         if Path(spec.argv[0]).resolve() == Path(sys.executable).resolve():
             return KERNEL_NAME
     except NoSuchKernel:
         pass
-    from ipykernel.kernelspec import install
-
-    install(kernel_name=KERNEL_NAME, display_name="GIST workbench", prefix=sys.prefix)
+    install_kernel(kernel_name=KERNEL_NAME, display_name="GIST workbench", prefix=sys.prefix)
     return KERNEL_NAME
 
 
@@ -79,10 +57,6 @@ def _kernel_manager_class():
     """Kernels talk over Unix sockets in a private (0700) temporary folder of their own rather than TCP
     on localhost, which other users of a shared machine can reach (ipykernel warns about that on every
     start). Each kernel gets its own folder, so parallel runs never share a socket path."""
-    import shutil
-    import tempfile
-
-    from jupyter_client.manager import AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kw):
@@ -104,9 +78,6 @@ def _kernel_manager_class():
 def run_notebook(src: str | Path, out: str | Path, parameters: dict, cwd: str | Path,
                  stage: str | None = None, html: bool = True) -> Path:
     """Execute one notebook with papermill (kernel of this interpreter), save it and an HTML copy."""
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
     out = Path(out)
     try:
         pm.execute_notebook(
@@ -123,9 +94,6 @@ def run_notebook(src: str | Path, out: str | Path, parameters: dict, cwd: str | 
 
 
 def export_html(nb_path: str | Path) -> Path:
-    import nbformat
-    from nbconvert import HTMLExporter
-
     nb_path = Path(nb_path)
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(nb_path, as_version=4))
     out = nb_path.with_suffix(".html")
@@ -153,8 +121,8 @@ class RunPlan:
 def plan(target: str, sets: list[str] = (), name: str | None = None, stages: list[str] | None = None,
          reports: str | Path = "reports", nb_dir: str | Path | None = None) -> RunPlan:
     """Resolve and validate everything before any notebook runs."""
-    all_stages = discover_stages(nb_dir)
-    schema = {s: notebook_parameters(p) for s, p in all_stages.items()}
+    all_stages = C.discover_stages(nb_dir)
+    schema = {s: C.notebook_parameters(p) for s, p in all_stages.items()}
     cfg = C.resolve(schema, [C.load_source(target)], sets)
     if stages:
         cfg["stages"] = list(stages)
@@ -170,8 +138,6 @@ def plan(target: str, sets: list[str] = (), name: str | None = None, stages: lis
 
 def check_dataset(cfg: dict):
     """Load the configured dataset once, so a wrong root or missing file fails before any notebook."""
-    from .data import load_dataset
-
     return load_dataset(cfg["dataset"], cfg.get("data_root"), **(cfg.get("dataset_options") or {}))
 
 
@@ -180,20 +146,13 @@ def execute(p: RunPlan, log=print) -> Path:
     p.run_dir.mkdir(parents=True, exist_ok=True)
     header = (f"# Resolved configuration of run {p.name!r}: workbench {__version__}, "
               f"commit {_git_commit()}, {_dt.datetime.now().isoformat(timespec='seconds')}\n")
-    atomic_write_text(p.run_dir / "params.yaml", header + C.dump(p.config))
+    atomic_write_text(p.run_dir / PARAMS, header + C.dump(p.config))
     for stage, nb in p.stages.items():
         params = {"run_dir": str(p.run_dir), **C.stage_parameters(p.config, stage, p.schema)}
         log(f"[{stage}] {nb.name} -> {p.run_dir / nb.name}")
         t0 = time.perf_counter()
         run_notebook(nb, p.run_dir / nb.name, params, cwd=p.run_dir, stage=stage)
         dt = time.perf_counter() - t0
-        timing = _metrics(p.run_dir).get("timing", {})
-        timing[f"{stage}_s"] = round(dt, 2)
-        update_metrics(p.run_dir, "timing", timing)
+        update_metrics(p.run_dir, "timing", {f"{stage}_s": round(dt, 2)})
         log(f"[{stage}] done in {dt:.1f} s")
     return p.run_dir
-
-
-def _metrics(run_dir: Path) -> dict:
-    path = run_dir / "metrics.json"
-    return read_json(path) if path.exists() else {}

@@ -18,7 +18,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .features import _prepare, check_model, text_mask, trim
+from ..clip import text_forward as clip_text_forward
+from ..clip import token_mask
+from .features import _prepare, check_model
 
 
 def _check_block(blk) -> None:
@@ -92,18 +94,20 @@ def image_forward(model, images: torch.Tensor, grad: bool = False) -> tuple[torc
 
 def text_forward(model, ids: torch.Tensor, grad: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Text embeddings ``B x D`` (equal to ``encode_text``) and per-layer causal attention ``B x H x n x n``
-    over the positions up to the batch's last EOT (see ``trim``)."""
+    over the positions up to the batch's last EOT (:func:`workbench.clip.text_forward`, whose blocks
+    are re-run here to read their attention)."""
     check_model(model)
-    ids = trim(ids.to(model.positional_embedding.device))
-    x = model.token_embedding(ids)
-    x = x + model.positional_embedding[: ids.shape[1]].to(x.dtype)
-    if grad:
-        x = x.detach().requires_grad_(True)
-    x, attns = _run(model.transformer.resblocks, x, model.attn_mask)
-    x = model.ln_final(x)
-    x = x[torch.arange(len(ids)), ids.argmax(-1)]  # EOT pooling (CLIP's 'argmax' text pool)
-    proj = model.text_projection
-    return (proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj), attns
+    attns: list[torch.Tensor] = []
+
+    def run_blocks(x, attn_mask):
+        if grad:  # the relevance is explained from the embeddings on: they need not carry gradients
+            x = x.detach().requires_grad_(True)
+        x, found = _run(model.transformer.resblocks, x, attn_mask)
+        attns.extend(found)
+        return x
+
+    pooled, _ = clip_text_forward(model, ids.to(model.positional_embedding.device), run_blocks=run_blocks)
+    return pooled, attns
 
 
 def rollout(attns: list[torch.Tensor], add_identity: bool = True) -> torch.Tensor:
@@ -158,7 +162,7 @@ def text_rollout(model, ids: torch.Tensor) -> torch.Tensor:
     r = rollout([a.float() for a in attns])
     ids = ids.to(r.device)
     row = F.pad(r[torch.arange(len(ids)), ids.argmax(-1)], (0, ids.shape[1] - r.shape[-1]))
-    return (row * text_mask(ids)).cpu()
+    return (row * token_mask(ids)).cpu()
 
 
 def pair_relevance(model, images: torch.Tensor, ids: torch.Tensor, text: bool = True
@@ -184,6 +188,6 @@ def pair_relevance(model, images: torch.Tensor, ids: torch.Tensor, text: bool = 
     if text:
         r_txt = relevance([a.detach().float() for a in a_txt], [g.float() for g in grads[n:]])
         ids = ids.to(r_txt.device)
-        t = F.pad(r_txt[torch.arange(len(ids)), ids.argmax(-1)], (0, ids.shape[1] - r_txt.shape[-1])) * text_mask(ids)
+        t = F.pad(r_txt[torch.arange(len(ids)), ids.argmax(-1)], (0, ids.shape[1] - r_txt.shape[-1])) * token_mask(ids)
         t = t.cpu()
     return _patch_row(model, r_img).cpu(), t, s.detach().cpu()

@@ -6,13 +6,12 @@ Works for open_clip ViT CLIP models (``open_clip.model.CLIP`` with a ``VisionTra
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ..models import normalize_images
+from ..clip import normalize_images, output_tokens, text_forward, token_mask
 
 SPECIAL = {"sot": "<sot>", "eot": "<eot>"}
 
@@ -53,16 +52,6 @@ def check_model(model) -> None:
         raise TypeError("the vision tower has no projection (visual.proj is None); patch tokens would not be in the joint space")
     if not hasattr(model, "token_embedding") or not hasattr(model, "text_projection"):
         raise TypeError("alignment maps need the built-in open_clip text tower (token_embedding, text_projection); HF text towers are not supported")
-
-
-def text_mask(ids: torch.Tensor) -> torch.Tensor:
-    """Valid positions ``arange(L) <= argmax(ids)`` (SOT .. EOT).
-
-    By position, not ``ids != 0``: in the CLIP vocabulary id 0 is a real token ("!"), and EOT has
-    the largest id, so argmax finds it.
-    """
-    L = ids.shape[-1]
-    return torch.arange(L, device=ids.device) <= ids.argmax(-1, keepdim=True)
 
 
 def _simple_tokenizer(tokenizer):
@@ -108,7 +97,7 @@ def tokenize(tokenizer, texts: str | list[str]) -> TextTokens:
         raise ValueError(f"captions must be non-empty strings; got {texts!r}")
     tok = _simple_tokenizer(tokenizer)
     ids = tokenizer(list(texts))
-    mask = text_mask(ids)
+    mask = token_mask(ids)
     eot = ids.argmax(-1)
     special = torch.zeros_like(mask)
     special[:, 0] = ids[:, 0] == tok.sot_token_id
@@ -141,16 +130,6 @@ def _prepare(model, images: torch.Tensor) -> torch.Tensor:
     return images.to(w.device, w.dtype)
 
 
-@contextmanager
-def _output_tokens(visual):
-    old = getattr(visual, "output_tokens", False)
-    visual.output_tokens = True
-    try:
-        yield
-    finally:
-        visual.output_tokens = old
-
-
 def image_tokens(model, images: torch.Tensor, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled ``B x D``, projected patch tokens ``B x P x D``) in the joint space.
 
@@ -160,7 +139,7 @@ def image_tokens(model, images: torch.Tensor, normalize: bool = False) -> tuple[
     check_model(model)
     visual = model.visual
     x = _prepare(model, images)
-    with _output_tokens(visual):
+    with output_tokens(visual):
         pooled, tokens = visual(x)
     if getattr(visual, "final_ln_after_pool", False):
         tokens = visual.ln_post(tokens)  # the tower normalised only the pooled token
@@ -170,37 +149,16 @@ def image_tokens(model, images: torch.Tensor, normalize: bool = False) -> tuple[
     return pooled, patches
 
 
-def trim(ids: torch.Tensor) -> torch.Tensor:
-    """Cut a token batch after its last EOT: the causal text tower never lets later positions
-    change earlier ones, so padding columns cost time and change nothing."""
-    return ids[:, : int(ids.argmax(-1).max()) + 1]
-
-
 def text_tokens(model, ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-    """Projected token states ``B x L x D``: ``ln_final(transformer(emb + pos)) @ text_projection``.
-
-    The row at the EOT position equals ``model.encode_text``. The text transformer is causal, so a
-    token's state has seen only the words before it. Columns after the batch's last EOT are not
-    computed (NaN): they are padding.
-    """
+    """Projected token states ``B x L x D`` (:func:`workbench.clip.text_forward`); the row at the EOT
+    position equals ``model.encode_text``. The text transformer is causal, so a token's state has seen
+    only the words before it. Columns after the batch's last EOT are padding: NaN, never computed."""
     check_model(model)
     ids = ids.to(model.positional_embedding.device)
-    L = ids.shape[1]
-    short = trim(ids)
-    n = short.shape[1]
-    cast = model.transformer.get_cast_dtype() if hasattr(model.transformer, "get_cast_dtype") else None
-    x = model.token_embedding(short)
-    if cast is not None:
-        x = x.to(cast)
-    x = x + model.positional_embedding[:n].to(x.dtype)
-    mask = model.attn_mask[:n, :n] if model.attn_mask is not None else None
-    x = model.transformer(x, attn_mask=mask)
-    x = model.ln_final(x)
-    proj = model.text_projection
-    x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    _, x = text_forward(model, ids, tokens=True)
     if normalize:
         x = F.normalize(x, dim=-1)
-    return F.pad(x, (0, 0, 0, L - n), value=float("nan"))
+    return F.pad(x, (0, 0, 0, ids.shape[1] - x.shape[1]), value=float("nan"))
 
 
 def token_patch_similarity(text_feats: torch.Tensor, patch_feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

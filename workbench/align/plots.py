@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from matplotlib.colors import Normalize
 
+from ..plots import save_figure
+
 SIM_LABEL = "cosine similarity (word token · patch)"
 
 
@@ -191,8 +193,7 @@ def plot_pointing(results: dict[str, dict[str, dict]], title: str = "pointing ga
 
 
 def save(fig, run_dir: str | Path, what: str) -> Path:
-    """Save as ``run_dir/figures/align_<what>.png``."""
+    """Save as ``run_dir/figures/align_<what>.png``; returns the path."""
     path = Path(run_dir) / "figures" / f"align_{what}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    save_figure(fig, path, dpi=100, tight=True)
     return path

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .attention import image_rollout, pair_relevance
 from .features import image_tokens, similarity_maps, text_tokens, token_patch_similarity, tokenize, word_map
@@ -96,8 +97,6 @@ def item_maps(model, tokenizer, images: torch.Tensor, items: list[PartItem], met
               progress: bool = False) -> torch.Tensor:
     """``method_maps`` for every item, ``N x gh x gw``, computing each image and each caption once where
     the method allows (similarity: patches per image, token states per caption; rollout: per image)."""
-    from tqdm.auto import tqdm
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
     bar = lambda n: tqdm(range(0, n, batch_size), disable=not progress, desc=f"pointing ({method})")  # noqa: E731

@@ -1,7 +1,7 @@
 """Part regions in model-input pixels, from a dataset's part annotations, and pointing-game queries.
 
 Images reach the model through ``image_cache`` (short side resized to ``S``, centre crop), so
-annotations in original-image coordinates go through the same transform here.
+annotations in original-image coordinates go through the same geometry (:mod:`workbench.data.geometry`).
 
 Accepted annotations, looked up in ``Dataset.extras`` (rows matched by ``filename``), first found wins:
 - ``part_mask`` + ``parts``: a callable ``filename -> H x W label map`` whose ids index ``parts`` (the
@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
+from ..data.geometry import map_mask, map_points
 from .pointing import PartItem
 
 # CUB's 15 parts -> the word used in captions; left/right pairs merge into one region.
@@ -28,35 +29,6 @@ CUB_PART_WORDS = {
     "right eye": "eye", "right leg": "leg", "right wing": "wing", "tail": "tail", "throat": "throat",
 }
 NOT_PARTS = ("background", "body", "occluder")
-
-
-def crop_geometry(w: int, h: int, size: int) -> tuple[float, int, int, int, int]:
-    """(scale, new_w, new_h, left, top) of the short-side resize + centre crop used by the image cache."""
-    s = size / min(w, h)
-    nw, nh = max(size, round(w * s)), max(size, round(h * s))
-    return s, nw, nh, (nw - size) // 2, (nh - size) // 2
-
-
-def transform_mask(mask, size: int, labels: bool = False) -> torch.Tensor:
-    """An ``H x W`` mask (or integer label map) of the original image -> ``size x size`` in model-input pixels."""
-    m = torch.as_tensor(np.array(mask))
-    m = m.long() if labels else m.bool()
-    if m.ndim != 2:
-        raise ValueError(f"part mask must be 2-D (H x W); got shape {tuple(m.shape)}")
-    h, w = m.shape
-    if (h, w) != (size, size):
-        _, nw, nh, left, top = crop_geometry(w, h, size)
-        m = F.interpolate(m[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].round().long()
-        m = m[top : top + size, left : left + size]
-    return m if labels else m.bool()
-
-
-def transform_points(xy, wh: tuple[int, int], size: int) -> torch.Tensor:
-    """Points ``k x 2`` (x, y) in original pixels -> model-input pixels."""
-    _, nw, nh, left, top = crop_geometry(wh[0], wh[1], size)
-    xy = torch.as_tensor(np.asarray(xy, dtype=np.float64)).reshape(-1, 2)
-    # the resize rounds each side, so the exact scale differs slightly between x and y
-    return xy * torch.tensor([nw / wh[0], nh / wh[1]], dtype=xy.dtype) - torch.tensor([left, top], dtype=xy.dtype)
 
 
 def disk(centers, radius: float, size: int) -> torch.Tensor:
@@ -73,12 +45,10 @@ def box(xyxy, wh: tuple[int, int], size: int) -> torch.Tensor:
     m = torch.zeros(wh[1], wh[0], dtype=torch.bool)
     x0, y0, x1, y1 = (int(round(v)) for v in xyxy)
     m[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = True
-    return transform_mask(m, size)
+    return map_mask(m, size)
 
 
 def _image_size(ds, filename: str) -> tuple[int, int]:
-    from PIL import Image
-
     with Image.open(Path(ds.root) / filename) as im:
         return im.size
 
@@ -115,7 +85,7 @@ def part_regions(ds, size: int, radius: float | None = None, part_words: dict[st
         if not ids:
             raise ValueError("Dataset.extras['part_mask'] needs extras['parts'] (label id -> part name)")
         for fn in names:
-            lab = transform_mask(ex["part_mask"](fn), size, labels=True)
+            lab = map_mask(ex["part_mask"](fn), size, labels=True)
             for i, part in ids:
                 add(fn, part, lab == i)
     elif "part_boxes" in ex:
@@ -141,7 +111,7 @@ def part_regions(ds, size: int, radius: float | None = None, part_words: dict[st
         if "visible" in df.columns:
             df = df[df["visible"].astype(bool)]
         for fn, g in df.groupby("filename", sort=False):
-            pts = transform_points(g[["x", "y"]].to_numpy(), _image_size(ds, fn), size)
+            pts = map_points(g[["x", "y"]].to_numpy(), _image_size(ds, fn), size)
             for part, p in zip(g["part"], pts):
                 add(fn, part, disk(p, radius, size))
     return out

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from ..io import read_json, read_jsonl, update_metrics
+from ..clip import load_clip
+from ..runs import INDEX, MATCHES, read_index, read_matches, update_metrics
+from . import plots
 from .attention import image_rollout, pair_relevance
 from .features import argmax_token_map, find_phrase, similarity_maps, word_maps
 from .pointing import METHODS, pointing_game
@@ -16,30 +19,22 @@ from .regions import part_attributes
 
 def finetuned_checkpoint(run_dir: str | Path, method: str = "gist", shots="full", seed: int | None = None) -> dict | None:
     """The ``checkpoints/index.json`` row of the ``method``/``shots`` run (best ``val_top1``; ``seed`` if given),
-    with ``path`` made absolute; None when there is no such file or row."""
-    index = Path(run_dir) / "checkpoints" / "index.json"
-    if not index.exists():
-        return None
-    rows = [r for r in read_json(index) if r.get("method") == method and str(r.get("shots")) == str(shots)]
-    if seed is not None:
-        rows = [r for r in rows if r.get("seed") == seed]
+    with ``path`` absolute; None when fine-tuning has not run or has no such row."""
+    rows = [r for r in read_index(run_dir, required=False) or []
+            if r["method"] == method and str(r["shots"]) == str(shots) and (seed is None or r["seed"] == seed)]
     if not rows:
         return None
     row = dict(max(rows, key=lambda r: (r.get("val_top1") or 0.0, -int(r.get("seed") or 0))))
-    row["path"] = str((Path(run_dir) / row["path"]).resolve())
+    row["path"] = row["abspath"]
     return row
 
 
 def load_models(run_dir, model: str, pretrained: str | None, device="auto", method: str = "gist") -> tuple[dict, str]:
     """``{"pretrained": bundle[, "finetuned": bundle]}`` and a note saying what was (not) found."""
-    from ..models import load_clip
-
     bundles = {"pretrained": load_clip(model, pretrained, device=device)}
     row = finetuned_checkpoint(run_dir, method)
     if row is None:
-        return bundles, f"no {method!r} full-shot checkpoint in {Path(run_dir) / 'checkpoints' / 'index.json'}: pretrained only"
-    if not Path(row["path"]).exists():
-        return bundles, f"checkpoint listed in index.json is missing: {row['path']}: pretrained only"
+        return bundles, f"no {method!r} full-shot checkpoint in {Path(run_dir) / INDEX}: pretrained only"
     bundles["finetuned"] = load_clip(row.get("model") or model, row["path"], device=device)
     return bundles, f"fine-tuned: {row['method']} shots={row['shots']} seed={row.get('seed')} epoch={row.get('epoch')} ({row['path']})"
 
@@ -51,15 +46,20 @@ def attribute_caption(row, classname: str | None = None, parts: list[str] = (), 
     return f"{classname}: {desc}" if classname else desc
 
 
-def captions_for(run_dir, filename: str, classname: str, row=None, parts: list[str] = (), attribute_part: dict | None = None) -> list[str]:
-    """Captions for an image: its matched captions from ``matches.jsonl`` when present, else one built from
-    the table's attribute columns."""
-    path = Path(run_dir) / "matches.jsonl"
-    if path.exists():
-        for r in read_jsonl(path):
-            if r.get("image") == filename and r.get("captions"):
-                return list(r["captions"])
+def captions_for(matches: dict[str, list[str]], filename: str, classname: str, row=None, parts: list[str] = (),
+                 attribute_part: dict | None = None) -> list[str]:
+    """Captions for an image: its matched captions (``matches``: filename -> captions, from
+    ``matches.jsonl``) when it has some, else one built from the table's attribute columns."""
+    if matches.get(filename):
+        return list(matches[filename])
     return [attribute_caption(row if row is not None else {}, classname, parts, attribute_part)]
+
+
+def matched_captions(run_dir) -> dict[str, list[str]]:
+    """Filename -> matched captions of the run (empty when the match stage has not run)."""
+    if not (Path(run_dir) / MATCHES).exists():
+        return {}
+    return {r["image"]: r["captions"] for r in read_matches(run_dir) if r.get("captions")}
 
 
 def pair_maps(bundle, image: torch.Tensor, caption: str, classname: str | None = None) -> dict:
@@ -137,10 +137,6 @@ def example_figures(run_dir, bundles: dict, image: torch.Tensor, caption: str, c
     per-word maps (pretrained), the argmax-token map (last model), the three methods side by side
     (last model), and pretrained vs fine-tuned when both are given. Returns ``{kind: path}``; the
     figures are closed (show the PNGs: rendering each figure once is what costs time)."""
-    import matplotlib.pyplot as plt
-
-    from . import plots
-
     maps = {name: pair_maps(b, image, caption, classname) for name, b in bundles.items()}
     for m in maps.values():  # punctuation pieces have maps too, but nobody asks where ":" is
         m["words"] = {w: v for w, v in m["words"].items() if any(c.isalnum() for c in w.split("#")[0])}

@@ -1,6 +1,7 @@
 """ipywidgets explorer: pick an image, a caption (or type one), a word, a method and a model -> overlay."""
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import torch
 
 from .plots import SIM_LABEL, overlay, shared_norm
@@ -15,8 +16,7 @@ def explorer(bundles: dict, images: torch.Tensor, captions: list[list[str]], nam
     ``captions[i]``: suggested captions of image i (any text can be typed in the caption box).
     The similarity scale is shared across the caption's words, so words compare with each other.
     """
-    import ipywidgets as W
-    import matplotlib.pyplot as plt
+    import ipywidgets as W  # optional UI dependency: loaded only when a widget is built
     from IPython.display import display
 
     if len(captions) != len(images):

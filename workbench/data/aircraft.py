@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from . import Dataset
+from .dataset import Dataset
 from .gist import finalize
 from .layout import DatasetLayoutError, check_layout, read_table
 

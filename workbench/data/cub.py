@@ -21,11 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from PIL import Image
 
-from ..cache import cached_tensors, file_fingerprint, hash_key
-from . import Dataset
+from ..cache import cached_tensors, file_fingerprint
+from ..io import hash_key
+from .dataset import Dataset
+from .geometry import map_points
 from .gist import finalize
-from .layout import DatasetLayoutError, check_layout, humanize, read_table
+from .layout import DatasetLayoutError, check_layout, read_table
+from .names import humanize
 from .splits import carve_val
 
 NAME = "cub"
@@ -154,8 +159,6 @@ def _read_attributes(root: Path, classnames: list[str]) -> dict:
 
 def _parse_attribute_labels(path: Path) -> dict:
     """``image_attribute_labels.txt`` -> image ids and dense (image x attribute) int8 matrices."""
-    import torch
-
     # A few rows of the released file carry an extra field: read 6 columns, use the first four.
     df = None
     for sep in (" ", r"\s+"):  # single spaces in the release; the one-char separator is faster
@@ -181,27 +184,15 @@ def _parse_attribute_labels(path: Path) -> dict:
 
 
 def parts_in_crop(ds: Dataset, filenames, size: int) -> pd.DataFrame:
-    """Part locations of ``filenames`` in the ``size`` x ``size`` frame of ``images.image_cache``.
-
-    The cache resizes the short side to ``size`` and centre-crops (see ``images._decode``);
-    this maps the original pixel coordinates the same way. Adds ``in_crop`` (the part lies
-    inside the crop). Used by the pointing game.
-    """
-    from PIL import Image
-
+    """Part locations of ``filenames`` in the ``size`` x ``size`` frame of ``images.image_cache``
+    (:mod:`workbench.data.geometry`), with ``in_crop`` (the part lies inside the crop)."""
     if "parts" not in ds.extras:
         raise DatasetLayoutError(f"{ds.name}: no part locations loaded (parts/parts.txt and parts/part_locs.txt)")
     parts = ds.extras["parts"]
     out = parts[parts["filename"].isin(set(filenames))].copy()
-    sizes = {}
-    for f in out["filename"].unique():
+    for f, rows in out.groupby("filename", sort=False).groups.items():
         with Image.open(ds.root / f) as im:
-            sizes[f] = im.size
-    w = out["filename"].map(lambda f: sizes[f][0]).to_numpy(dtype=float)
-    h = out["filename"].map(lambda f: sizes[f][1]).to_numpy(dtype=float)
-    s = size / np.minimum(w, h)
-    nw, nh = np.maximum(size, np.round(w * s)), np.maximum(size, np.round(h * s))
-    out["x"] = out["x"].to_numpy() * nw / w - (nw - size) // 2
-    out["y"] = out["y"].to_numpy() * nh / h - (nh - size) // 2
+            xy = map_points(out.loc[rows, ["x", "y"]].to_numpy(), im.size, size)
+        out.loc[rows, "x"], out.loc[rows, "y"] = xy[:, 0], xy[:, 1]
     out["in_crop"] = (out["x"] >= 0) & (out["x"] < size) & (out["y"] >= 0) & (out["y"] < size)
     return out.reset_index(drop=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import Dataset
+from .dataset import Dataset
 from .gist import finalize
 from .layout import DatasetLayoutError, check_layout
 

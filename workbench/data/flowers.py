@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.io import loadmat
 
-from . import Dataset
+from .dataset import Dataset
 from .gist import finalize, resolve_file
 from .layout import DatasetLayoutError, check_layout
 
@@ -35,7 +36,6 @@ def read_classnames(path) -> list[str]:
 
 def load(root, metadata=None, shots=None, classnames=None, skip_missing: bool = False) -> Dataset:
     """Load Flowers-102 from ``root``. See the module docstring."""
-    from scipy.io import loadmat
 
     root = check_layout(NAME, root, REQUIRED, EXPECTED)
     labels = loadmat(root / "imagelabels.mat", squeeze_me=True).get("labels")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import Dataset
+from .dataset import Dataset
 from .layout import DatasetLayoutError, check_images_exist, check_layout, missing_images_message
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -173,11 +173,10 @@ def finalize(
     extras["dataset_root"] = str(dataset_root)
     if metadata is not None:
         base = resolve_file(name, dataset_root, metadata)
-        path = base
         if shots not in (None, "full"):
-            path = resolve_file(name, dataset_root, shot_file(base, shots), f"{shots}-shot file")
-        table, classnames = apply_metadata(name, table, classnames, read_metadata(path, name), path, image_root)
-        extras["metadata"] = str(path)
+            resolve_file(name, dataset_root, shot_file(base, shots), f"{shots}-shot file")  # fail early, naming it
+        table, classnames = apply_metadata(name, table, classnames, read_metadata(base, name), base, image_root)
+        extras["metadata"] = str(base)
         extras["shot_files"] = {k: str(shot_file(base, k)) for k in (1, 3, 5) if shot_file(base, k).is_file()}
     elif shots not in (None, "full"):
         raise DatasetLayoutError(
@@ -194,32 +193,50 @@ def finalize(
     cols = ["filename", "split", "label", "species"]
     table = table[cols + [c for c in table.columns if c not in cols]].reset_index(drop=True)
     table["label"] = table["label"].astype(np.int64)
-    return Dataset(name=name, root=Path(image_root), table=table, classnames=list(classnames), extras=extras)
+    ds = Dataset(name=name, root=Path(image_root), table=table, classnames=list(classnames), extras=extras)
+    return apply_shot_file(ds, int(shots)) if shots not in (None, "full") else ds
 
 
-def few_shot_from_file(ds: Dataset, shots) -> Dataset:
-    """Keep the training images listed in a GIST k-shot file (a fixed draw); val/test unchanged.
+def apply_shot_file(ds: Dataset, shot_file, k: int | None = None) -> Dataset:
+    """Keep the training images a GIST k-shot CSV lists (a fixed draw); val/test unchanged.
 
-    ``shots`` is k (looked up in ``ds.extras['shot_files']``) or a path to the file.
+    ``shot_file``: the CSV's path, or k to use ``ds.extras['shot_files'][k]`` (the files next to the
+    metadata the dataset was loaded with). With ``k``, every class must keep exactly k images.
     """
-    files = ds.extras.get("shot_files", {})
-    if isinstance(shots, (int, np.integer)) or str(shots).isdigit():
-        if int(shots) not in files:
+    if isinstance(shot_file, (int, np.integer)) or str(shot_file).isdigit():
+        files = ds.extras.get("shot_files", {})
+        k = int(shot_file) if k is None else k
+        if int(shot_file) not in files:
             raise DatasetLayoutError(
-                f"{ds.name}: no {shots}-shot file known; load the dataset with a GIST metadata file that has "
-                f"metadata_{shots}shot.csv next to it, or pass the file's path."
+                f"{ds.name}: no {shot_file}-shot file known; load the dataset with a GIST metadata file that has "
+                f"metadata_{shot_file}shot.csv next to it, or pass the file's path."
             )
-        path = Path(files[int(shots)])
-    else:
-        path = Path(shots)
+        shot_file = files[int(shot_file)]
+    path = Path(shot_file)
+    if not path.is_file():
+        raise DatasetLayoutError(f"{ds.name}: few-shot split file not found: {path}")
     meta = read_metadata(path, ds.name)
     train_names = meta.loc[meta["split"] == "train", "filename"].tolist()
-    pos = match_filenames(ds.table["filename"].tolist(), train_names)
-    if (pos < 0).any():
-        raise _unmatched_error(ds.name, path, ds.table["filename"].tolist(), train_names, pos, ds.root)
-    keep = ds.table["split"] != "train"
+    train = ds.table["split"] == "train"
+    names = ds.table["filename"].tolist()
+    pos = match_filenames(names, train_names)
+    outside = [f for f, p in zip(train_names, pos) if p < 0 or not train.iloc[p]]
+    if outside:
+        raise ValueError(f"{path}: {len(outside)} training file(s) are not training images of {ds.name!r}, "
+                         f"e.g. {outside[:5]}")
+    keep = ~train
     keep.iloc[pos] = True
-    return ds.subset(keep.to_numpy())
+    out = ds.subset(keep.to_numpy())
+    if k is not None:
+        counts = out.table[out.table["split"] == "train"].groupby("label").size()
+        counts = counts.reindex(range(ds.num_classes), fill_value=0)
+        bad = counts[counts != k]
+        if len(bad):
+            raise ValueError(
+                f"{path}: a {k}-shot file must keep exactly {k} training images per class; "
+                + ", ".join(f"{ds.classnames[i]} has {n}" for i, n in bad.head(10).items())
+            )
+    return out
 
 
 def _find_image_root(root: Path, first: str) -> Path:
@@ -237,11 +254,12 @@ def load(root, metadata="metadata.csv", images: str | None = None, shots=None, s
 
     ``root``: the dataset folder; ``images``: its subfolder the CSV's filenames are relative to
     (``None``: root itself, or the subfolder where the first file is found); ``metadata``: the
-    CSV (relative to root, or absolute); ``shots``: use ``metadata_{k}shot.csv`` instead.
+    CSV (relative to root, or absolute); ``shots``: keep the training images of ``metadata_{k}shot.csv``.
     """
     root = check_layout("gist", root, [], EXPECTED)
-    base = resolve_file("gist", root, metadata)
-    path = resolve_file("gist", root, shot_file(base, shots), f"{shots}-shot file") if shots not in (None, "full") else base
+    path = resolve_file("gist", root, metadata)
+    if shots not in (None, "full"):
+        resolve_file("gist", root, shot_file(path, shots), f"{shots}-shot file")  # fail early, naming it
     meta = read_metadata(path, "gist")
     if "label" not in meta.columns:
         raise DatasetLayoutError(f"gist: {path.name} needs 'label' and 'species' columns to define the classes.")
@@ -253,5 +271,5 @@ def load(root, metadata="metadata.csv", images: str | None = None, shots=None, s
     image_root = root / images if images is not None else _find_image_root(root, table["filename"].iloc[0])
     ds = finalize("gist", image_root, table, [str(first[l]) for l in labels], dataset_root=root, skip_missing=skip_missing)
     ds.extras["metadata"] = str(path)
-    ds.extras["shot_files"] = {k: str(shot_file(base, k)) for k in (1, 3, 5) if shot_file(base, k).is_file()}
-    return ds
+    ds.extras["shot_files"] = {k: str(shot_file(path, k)) for k in (1, 3, 5) if shot_file(path, k).is_file()}
+    return apply_shot_file(ds, int(shots)) if shots not in (None, "full") else ds

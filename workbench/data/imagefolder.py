@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import Dataset
+from .dataset import Dataset
 from .gist import finalize
-from .layout import DatasetLayoutError, check_layout, humanize as _humanize
+from .layout import DatasetLayoutError, check_layout
+from .names import humanize as _humanize
 from .splits import carve_val, fraction_split
 
 NAME = "imagefolder"

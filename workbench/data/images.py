@@ -7,8 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
-from ..cache import cache_root, cached_tensors, file_fingerprint, hash_key
+from ..cache import cached_tensors, file_fingerprint
+from ..io import cache_root, hash_key, read_json, write_json
+from .geometry import resize_crop_pil
 
 
 class BadImagesError(ValueError):
@@ -24,16 +27,10 @@ class BadImagesError(ValueError):
 
 
 def _decode(path: str, size: int) -> np.ndarray:
+    # A square cache (short side resized, centre crop) keeps batches stackable; random crops
+    # happen later on the device.
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        w, h = im.size
-        s = size / min(w, h)
-        # Resize so the short side is `size`, then center-crop the long side to `size`:
-        # a square cache keeps batches stackable; random crops happen later on the device.
-        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = im.size
-        l, t = (w - size) // 2, (h - size) // 2
-        im = im.crop((l, t, l + size, t + size))
+        im = resize_crop_pil(im.convert("RGB"), size)
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
@@ -53,8 +50,6 @@ def decode_checked(paths, size: int, workers: int = 8, progress: bool = False) -
 
     Checking, then decoding, reads every file twice; this reads it once.
     """
-    from tqdm.auto import tqdm
-
     paths = [str(p) for p in paths]
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     keep, bad = [], []
@@ -98,3 +93,26 @@ def image_cache(paths, size: int, progress: bool = False, images: torch.Tensor |
 def image_cache_exists(paths, size: int) -> bool:
     """True when :func:`image_cache` would decode nothing (every file then decoded without error)."""
     return (cache_root() / "images" / f"{_image_cache_key([str(p) for p in paths], size)}.safetensors").exists()
+
+
+def check_images(paths: list[str], size: int, keep_partial: bool = True) -> list[tuple[str, str]]:
+    """Unreadable images as ``(path, reason)``; remembered per file fingerprint so a warm re-run decodes
+    nothing. The check decodes each file once and keeps the result as the image cache of the readable
+    files, so the encoding step that follows decodes nothing either. ``keep_partial=False``: when some
+    files are bad, do not store the others' images (the run stops; the files will likely be fixed)."""
+    paths = [str(p) for p in paths]
+    if not all(Path(p).is_file() for p in paths):  # fingerprints need stat(); missing files are rare
+        return decode_checked(paths, size)[1]  # names the missing ones; nothing to key a cache on
+    key = hash_key("image-check-v1", file_fingerprint(paths))
+    path = cache_root() / "image_checks" / f"{key}.json"
+    if path.exists():
+        return [tuple(x) for x in read_json(path)]
+    if image_cache_exists(paths, size):  # decoded before without an error: all readable
+        bad = []
+    else:
+        images, bad = decode_checked(paths, size)
+        if keep_partial or not bad:
+            reason = dict(bad)
+            image_cache([p for p in paths if p not in reason], size, images=images)
+    write_json(path, [list(b) for b in bad])
+    return bad

@@ -7,7 +7,6 @@ user fixes all of it at once instead of one file per run.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -105,16 +104,3 @@ def read_table(
                     f"{name}: {shown} line {i}: expected '{fmt}', got {line[:80]!r}"
                 ) from None
     return rows
-
-
-_NUMBER_PREFIX = re.compile(r"^\d+\.")  # CUB-style "001." class-folder prefix
-
-
-def humanize(folder: str) -> str:
-    """Folder-style class name to a readable one: ``001.Black_footed_Albatross`` -> ``Black footed Albatross``.
-
-    This is how GIST's ``species`` column spells CUB classes; the loaders keep the folder name
-    in a ``class_folder`` column.
-    """
-    s = _NUMBER_PREFIX.sub("", folder.strip())
-    return re.sub(r"\s+", " ", s.replace("_", " ")).strip() or folder

@@ -21,11 +21,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.colors import ListedColormap
 from PIL import Image, ImageDraw
 
-from . import Dataset
+from ..io import cache_root, hash_key
+from .dataset import Dataset
 
 GENERATOR_VERSION = 2
 
@@ -322,8 +325,6 @@ def _options(options: dict) -> dict:
 
 def config_key(**options) -> str:
     """Cache key of a generation: generator version + resolved options."""
-    from ..cache import hash_key
-
     return hash_key("synthetic", GENERATOR_VERSION, _options(options))
 
 
@@ -431,8 +432,6 @@ def _read(root: Path, opts: dict) -> Dataset:
 
 
 def default_root(**options) -> Path:
-    from ..io import cache_root
-
     return cache_root() / "synthetic" / config_key(**options)
 
 
@@ -462,9 +461,6 @@ def load(root: str | Path | None = None, **options) -> Dataset:
 # ---------------------------------------------------------------- figure
 def plot_samples(ds: Dataset, n_species: int = 6, per_species: int = 4, split: str = "train"):
     """Grid of images (rows: species; columns: images, alternating variants) with part outlines."""
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
     t = ds.table[ds.table["split"] == split]
     labels = sorted(t["label"].unique())[:n_species]
     cmap = ListedColormap(["none", "#999999", "#e41a1c", "#ff7f00", "#000000", "#377eb8", "#4daf4a", "#984ea3", "#a65628"])

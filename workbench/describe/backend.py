@@ -82,37 +82,3 @@ def make_backend(backend: str | ChatBackend | RecordBackend, **options: Any) -> 
         raise ValueError(f"unknown description backend {backend!r}; known: {sorted(BACKENDS)}")
     module, cls = BACKENDS[backend].split(":")
     return getattr(importlib.import_module(module), cls)(**options)
-
-
-def backend_from_params(
-    backend: str,
-    *,
-    llm: str | None = None,
-    api_base: str = "https://api.openai.com/v1",
-    api_key_env: str | None = "OPENAI_API_KEY",
-    max_concurrency: int = 8,
-    temperature: float = 0.7,
-    top_p: float = 0.95,
-    max_tokens: int = 200,
-    timeout_s: float = 60.0,
-    max_retries: int = 6,
-    batch_size: int = 8,
-    deterministic: bool = False,
-    device: str = "auto",
-    long_captions: str | None = None,
-    attributes_root: str | None = None,
-) -> ChatBackend | RecordBackend:
-    """A backend from the flat parameters of ``notebooks/01_describe.ipynb`` (each backend takes its own)."""
-    if backend == "openai":
-        return make_backend("openai", model=llm, api_base=api_base, api_key_env=api_key_env,
-                            max_concurrency=max_concurrency, temperature=temperature, top_p=top_p,
-                            max_tokens=max_tokens, timeout=timeout_s, max_retries=max_retries)
-    if backend == "transformers":
-        return make_backend("transformers", model=llm, device=device, batch_size=batch_size,
-                            max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                            deterministic=deterministic)
-    if backend == "import":
-        return make_backend("import", path=long_captions)
-    if backend == "attributes":
-        return make_backend("attributes", root=attributes_root)
-    return make_backend(backend)

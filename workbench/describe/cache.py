@@ -6,14 +6,12 @@ again. Files are JSONL written with :func:`workbench.io.append_jsonl` (flush + f
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..io import append_jsonl, hash_key, iter_jsonl  # noqa: F401 (hash_key used by callers too)
+from ..io import append_jsonl, hash_key, iter_jsonl
 
 
 def now() -> str:

@@ -21,9 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..io import append_jsonl, iter_jsonl, update_metrics, write_jsonl
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..io import append_jsonl, hash_key, iter_jsonl, write_jsonl
+from ..runs import DESCRIPTIONS, update_metrics
 from .backend import BackendError, ChatBackend, ChatRequest, RecordBackend, make_backend
-from .cache import ResponseCache, hash_key, now, repair_jsonl, request_key
+from .cache import ResponseCache, now, repair_jsonl, request_key
 from .prompts import PromptSet, Variant, get_prompt_set
 from .validate import REASONS, Validator, clean_text
 
@@ -40,14 +44,10 @@ class DescribeResult:
     failures: dict[str, str] = field(default_factory=dict)  # slot id -> last error
 
     def frame(self):
-        import pandas as pd
-
         return pd.DataFrame(self.records)
 
     def counts(self, classnames: Iterable[str] | None = None):
         """Descriptions per class (classes with none included when ``classnames`` is given)."""
-        import pandas as pd
-
         c = Counter(r["class"] for r in self.records)
         names = list(classnames) if classnames is not None else sorted(c)
         return pd.Series({n: c.get(n, 0) for n in names}, name="descriptions")
@@ -134,7 +134,7 @@ def generate_descriptions(
         raise ValueError("max_attempts must be >= 1")
     be = make_backend(backend, **backend_options)
     if out_path is None and run_dir is not None:
-        out_path = Path(run_dir) / "descriptions.jsonl"
+        out_path = Path(run_dir) / DESCRIPTIONS
     out_path = Path(out_path) if out_path is not None else None
     if run_dir is None and out_path is not None:
         run_dir = out_path.parent
@@ -152,13 +152,17 @@ def generate_descriptions(
         if n_per_class is None:
             raise ValueError("n_per_class is required for LLM backends")
         ps = domain if isinstance(domain, PromptSet) else get_prompt_set(domain or "generic", noun=noun)
-        result = _run_chat(be, ps, classnames, n_per_class, seed, out_path, cache_path, existing, validator,
-                           max_attempts, progress)
+        run = _ChatRun(be, ps, validator, out_path, cache_path, max_attempts, progress)
+        result = run.run(_plan(be, ps, classnames, n_per_class, seed), existing)
         metrics = {"backend": be.name, "model": be.model, "prompt_set": ps.name, "domain": ps.domain,
                    "noun": ps.noun or None, "max_attempts": max_attempts, **result.pop("metrics")}
     else:
         raise TypeError(f"not a description backend: {type(be).__name__}")
+    return _finish(result, metrics, classnames, n_per_class, seed, t0, run_dir, out_path)
 
+
+def _finish(result: dict, metrics: dict, classnames: list[str], n_per_class, seed, t0, run_dir, out_path):
+    """Order the records, complete and store the metrics, raise when a class got nothing."""
     records = result["records"]
     order = {c: i for i, c in enumerate(classnames)}
     records.sort(key=lambda r: (order.get(r["class"], len(order)), r.get("_index", 0)))
@@ -166,7 +170,6 @@ def generate_descriptions(
         r.pop("_index", None)
     counts = Counter(r["class"] for r in records)
     missing = [c for c in classnames if counts[c] == 0]
-    want = n_per_class
     metrics.update(
         classes=len(classnames),
         n_per_class=n_per_class,
@@ -174,7 +177,7 @@ def generate_descriptions(
         descriptions=len(records),
         per_class={"min": min(counts[c] for c in classnames), "max": max(counts[c] for c in classnames),
                    "mean": round(len(records) / len(classnames), 3)},
-        short_classes={c: counts[c] for c in classnames if want and 0 < counts[c] < want},
+        short_classes={c: counts[c] for c in classnames if n_per_class and 0 < counts[c] < n_per_class},
         missing_classes=missing,
         seconds=round(time.time() - t0, 3),
     )
@@ -212,128 +215,146 @@ def _check_stale(existing: list[dict], plan_ids: set[str], out_path: Path | None
     return unique
 
 
-def _run_chat(be, ps, classnames, n, seed, out_path, cache_path, existing, validator, max_attempts, progress):
-    from tqdm.auto import tqdm
+class _ChatRun:
+    """One generation with a chat backend: schedules each slot's attempts, replays cached responses,
+    sends the rest concurrently, validates every answer and appends accepted descriptions at once."""
 
-    slots = _plan(be, ps, classnames, n, seed)
-    by_id = {s.id: s for s in slots}
-    done = {r["id"]: r for r in _check_stale(existing, set(by_id), out_path)}
-    for r in done.values():
-        validator.add(r["class"], r["text"])
-        r["_index"] = by_id[r["id"]].index
-    if cache_path is None and out_path is not None:
-        cache_path = out_path.with_name("describe_responses.jsonl")
-    cache = ResponseCache(cache_path)
-    rejects_path = out_path.with_name("describe_rejected.jsonl") if out_path is not None else None
-    if rejects_path is not None:
-        repair_jsonl(rejects_path)
-    rejected = {r["key"]: r for r in iter_jsonl(rejects_path)} if rejects_path is not None else {}
-    session = Counter()
-    failures: dict[str, str] = {}
-    pending = [s for s in slots if s.id not in done]
-    bar = tqdm(total=len(pending), disable=not progress, desc=f"describe ({be.name})", unit="desc")
-    queue: deque[ChatRequest] = deque()
+    def __init__(self, be, ps, validator, out_path, cache_path, max_attempts, progress):
+        self.be, self.ps, self.validator, self.out_path = be, ps, validator, out_path
+        self.max_attempts, self.progress = max_attempts, progress
+        if cache_path is None and out_path is not None:
+            cache_path = out_path.with_name("describe_responses.jsonl")
+        self.cache = ResponseCache(cache_path)
+        self.rejects_path = out_path.with_name("describe_rejected.jsonl") if out_path is not None else None
+        if self.rejects_path is not None:
+            repair_jsonl(self.rejects_path)
+        self.rejected = {r["key"]: r for r in iter_jsonl(self.rejects_path)} if self.rejects_path is not None else {}
+        self.session: Counter = Counter()
+        self.failures: dict[str, str] = {}
+        self.queue: deque[ChatRequest] = deque()
+        self.done: dict[str, dict] = {}
+        self.by_id: dict[str, _Slot] = {}
+        self.bar = None
 
-    def schedule(slot: _Slot, attempt: int) -> None:
-        while attempt < max_attempts:
-            req = _request(be, ps, slot, attempt)
-            if req.key in rejected:  # answered and rejected in an earlier run: next attempt
+    def run(self, slots: list[_Slot], existing: list[dict]) -> dict:
+        self.by_id = {s.id: s for s in slots}
+        self.done = {r["id"]: r for r in _check_stale(existing, set(self.by_id), self.out_path)}
+        for r in self.done.values():
+            self.validator.add(r["class"], r["text"])
+            r["_index"] = self.by_id[r["id"]].index
+        pending = [s for s in slots if s.id not in self.done]
+        self.bar = tqdm(total=len(pending), disable=not self.progress, desc=f"describe ({self.be.name})", unit="desc")
+        try:
+            for s in pending:
+                self.schedule(s, 0)
+            self.send_all()
+        finally:
+            self.bar.close()
+        return {"records": list(self.done.values()), "metrics": self.metrics(slots), "failures": self.failures}
+
+    def schedule(self, slot: _Slot, attempt: int) -> None:
+        """Queue the slot's next attempt not rejected before (a cached answer is handled at once)."""
+        while attempt < self.max_attempts:
+            req = _request(self.be, self.ps, slot, attempt)
+            if req.key in self.rejected:  # answered and rejected in an earlier run: next attempt
                 attempt += 1
                 continue
-            text = cache.get(req.key)
+            text = self.cache.get(req.key)
             if text is not None:
-                session["from_cache"] += 1
-                handle(req, text)
+                self.session["from_cache"] += 1
+                self.handle(req, text)
             else:
-                queue.append(req)
+                self.queue.append(req)
             return
-        session["dropped_slots"] += 1
-        bar.update(1)
+        self.session["dropped_slots"] += 1
+        self.bar.update(1)
 
-    def handle(req: ChatRequest, raw: str) -> None:
-        slot = by_id[req.meta["slot"]]
+    def handle(self, req: ChatRequest, raw: str) -> None:
+        """Accept a response as a description (appended to disk at once), or reject it and retry."""
+        slot = self.by_id[req.meta["slot"]]
         text = clean_text(raw)
-        reason = validator.check(slot.classname, text)
+        reason = self.validator.check(slot.classname, text)
         if reason is None:
-            rec = {"id": slot.id, "class": slot.classname, "text": text, "backend": be.name, "model": be.model,
-                   "prompt_id": ps.prompt_id(slot.variant), "params": req.params, "time": now(), "variant": None,
-                   "request": req.key, "attempt": req.meta["attempt"]}
-            if out_path is not None:
-                append_jsonl(out_path, rec)
-            validator.add(slot.classname, text)
-            done[slot.id] = {**rec, "_index": slot.index}
-            bar.update(1)
+            rec = {"id": slot.id, "class": slot.classname, "text": text, "backend": self.be.name,
+                   "model": self.be.model, "prompt_id": self.ps.prompt_id(slot.variant), "params": req.params,
+                   "time": now(), "variant": None, "request": req.key, "attempt": req.meta["attempt"]}
+            if self.out_path is not None:
+                append_jsonl(self.out_path, rec)
+            self.validator.add(slot.classname, text)
+            self.done[slot.id] = {**rec, "_index": slot.index}
+            self.bar.update(1)
             return
         rej = {"id": slot.id, "key": req.key, "attempt": req.meta["attempt"], "class": slot.classname,
                "reason": reason, "text": text, "time": now()}
         if reason == "other_class":
-            rej["named"] = validator.other_classes(slot.classname, text)
-        if rejects_path is not None:
-            append_jsonl(rejects_path, rej)
-        rejected[req.key] = rej
-        schedule(slot, req.meta["attempt"] + 1)
+            rej["named"] = self.validator.other_classes(slot.classname, text)
+        if self.rejects_path is not None:
+            append_jsonl(self.rejects_path, rej)
+        self.rejected[req.key] = rej
+        self.schedule(slot, req.meta["attempt"] + 1)
 
-    def work(batch: list[ChatRequest]) -> list:
-        results = be.complete(batch)
+    def work(self, batch: list[ChatRequest]) -> list:
+        """A worker thread's call: every response is cached the moment it arrives (never paid twice)."""
+        results = self.be.complete(batch)
         if len(results) != len(batch):
-            raise RuntimeError(f"backend {be.name} returned {len(results)} results for {len(batch)} requests")
+            raise RuntimeError(f"backend {self.be.name} returned {len(results)} results for {len(batch)} requests")
         for req, res in zip(batch, results):
-            if isinstance(res, str):  # saved the moment it arrives: never paid for twice
-                cache.put(req.key, res, backend=be.name, model=be.model, messages=req.messages,
-                          params=req.params, meta=req.meta)
+            if isinstance(res, str):
+                self.cache.put(req.key, res, backend=self.be.name, model=self.be.model, messages=req.messages,
+                               params=req.params, meta=req.meta)
         return results
 
-    for s in pending:
-        schedule(s, 0)
-    fatal = None
-    order = 0
-    with ThreadPoolExecutor(max_workers=be.max_concurrency, thread_name_prefix="describe") as ex:
-        in_flight: dict = {}
-        try:
-            while (queue or in_flight) and fatal is None:
-                while queue and len(in_flight) < be.max_concurrency:
-                    batch = [queue.popleft() for _ in range(min(be.batch_size, len(queue)))]
-                    in_flight[ex.submit(work, batch)] = (order, batch)
-                    order += 1
-                finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
-                for fut in sorted(finished, key=lambda f: in_flight[f][0]):  # deterministic handling order
-                    _, batch = in_flight.pop(fut)
-                    for req, res in zip(batch, fut.result()):
-                        if isinstance(res, BackendError):
-                            failures[req.meta["slot"]] = str(res)
-                            session["failed_slots"] += 1
-                            bar.update(1)
-                            if res.fatal:
-                                fatal = res
-                        else:
-                            session["new_responses"] += 1
-                            handle(req, res)
-        finally:
-            # let in-flight requests finish (their responses get cached), drop the queue
-            for fut in list(in_flight):
-                fut.cancel()
-            bar.close()
-    if fatal is not None:
-        raise fatal
+    def send_all(self) -> None:
+        """Keep ``max_concurrency`` batches in flight until the queue is empty; handle results in
+        submission order (deterministic); a fatal backend error stops sending and is raised."""
+        be, fatal, order = self.be, None, 0
+        with ThreadPoolExecutor(max_workers=be.max_concurrency, thread_name_prefix="describe") as ex:
+            in_flight: dict = {}
+            try:
+                while (self.queue or in_flight) and fatal is None:
+                    while self.queue and len(in_flight) < be.max_concurrency:
+                        batch = [self.queue.popleft() for _ in range(min(be.batch_size, len(self.queue)))]
+                        in_flight[ex.submit(self.work, batch)] = (order, batch)
+                        order += 1
+                    finished, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+                    for fut in sorted(finished, key=lambda f: in_flight[f][0]):
+                        _, batch = in_flight.pop(fut)
+                        fatal = self._results(batch, fut.result()) or fatal
+            finally:
+                for fut in list(in_flight):  # in-flight requests finish (and are cached); the queue is dropped
+                    fut.cancel()
+        if fatal is not None:
+            raise fatal
 
-    reasons = {"rejected": Counter(), "retried": Counter(), "dropped": Counter()}
-    plan_keys = set()
-    for s in slots:
-        for a in range(max_attempts):
-            plan_keys.add(_request(be, ps, s, a).key)
-    for key, rej in rejected.items():
-        if key not in plan_keys:
-            continue
-        reasons["rejected"][rej["reason"]] += 1
-        last = rej["attempt"] + 1 >= max_attempts
-        reasons["dropped" if last else "retried"][rej["reason"]] += 1
-    metrics = {
-        "planned": len(slots),
-        **{k: {r: v.get(r, 0) for r in REASONS} for k, v in reasons.items()},
-        "session": {"responses_from_cache": session["from_cache"], "new_responses": session["new_responses"],
-                    "failed_slots": session["failed_slots"], **be.stats()},
-    }
-    return {"records": list(done.values()), "metrics": metrics, "failures": failures}
+    def _results(self, batch, results) -> BackendError | None:
+        fatal = None
+        for req, res in zip(batch, results):
+            if isinstance(res, BackendError):
+                self.failures[req.meta["slot"]] = str(res)
+                self.session["failed_slots"] += 1
+                self.bar.update(1)
+                fatal = res if res.fatal else fatal
+            else:
+                self.session["new_responses"] += 1
+                self.handle(req, res)
+        return fatal
+
+    def metrics(self, slots: list[_Slot]) -> dict:
+        reasons = {"rejected": Counter(), "retried": Counter(), "dropped": Counter()}
+        plan_keys = {_request(self.be, self.ps, s, a).key for s in slots for a in range(self.max_attempts)}
+        for key, rej in self.rejected.items():
+            if key not in plan_keys:
+                continue
+            reasons["rejected"][rej["reason"]] += 1
+            last = rej["attempt"] + 1 >= self.max_attempts
+            reasons["dropped" if last else "retried"][rej["reason"]] += 1
+        return {
+            "planned": len(slots),
+            **{k: {r: v.get(r, 0) for r in REASONS} for k, v in reasons.items()},
+            "session": {"responses_from_cache": self.session["from_cache"],
+                        "new_responses": self.session["new_responses"],
+                        "failed_slots": self.session["failed_slots"], **self.be.stats()},
+        }
 
 
 def _fill(rec: dict, be: RecordBackend, index: int) -> dict:

@@ -2,41 +2,21 @@
 
 GIST's keys are not the dataset's class names: CUB's are lower-case, hyphenated and end in a
 newline (``"black-footed-albatross\\n"`` for ``"Black footed Albatross"``). Keys are matched to
-class names case-, hyphen-, underscore- and apostrophe-insensitively (``norm_name``), then, for
-what is left, also ignoring spaces and a plural/possessive ``s`` at the end of words; keys that
-match no class (or several) are reported, never guessed.
+class names by :func:`workbench.data.names.match_names` (case-, hyphen-, underscore- and
+apostrophe-insensitively, then also ignoring spaces and a plural/possessive ``s``); keys that match
+no class (or several) are reported, never guessed.
 """
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data.names import match_names
+from ..io import hash_key
 from .backend import RecordBackend
-from .cache import hash_key
-from .validate import norm_name
-
-
-def _loose(name: str) -> str:
-    return "".join(re.sub(r"s\b", "", w) for w in norm_name(name).split())
-
-
-def match_classnames(keys, classnames) -> tuple[dict[str, str], list[str]]:
-    """Map each key to a class name; returns (mapping, unmatched keys)."""
-    exact, loose = {}, {}
-    for c in classnames:
-        exact.setdefault(norm_name(c), []).append(c)
-        loose.setdefault(_loose(c), []).append(c)
-    mapping, unmatched = {}, []
-    for k in keys:
-        hit = exact.get(norm_name(k)) or loose.get(_loose(k)) or []
-        if len(hit) == 1:
-            mapping[k] = hit[0]
-        else:
-            unmatched.append(k)
-    return mapping, unmatched
+from .generate import generate_descriptions
 
 
 @dataclass
@@ -58,7 +38,7 @@ def read_long_captions(path: str | Path, classnames, source: str | None = None) 
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise ValueError(f"{path}: expected a JSON object mapping class names to lists of descriptions")
     classnames = list(classnames)
-    mapping, unmatched = match_classnames(list(data), classnames)
+    mapping, unmatched = match_names(list(data), classnames)
     records, got = [], set()
     src = source or path.name
     for key, cname in mapping.items():
@@ -80,8 +60,6 @@ def import_long_captions(path, dataset, out_path=None, run_dir=None, n_per_class
     Shorthand for ``generate_descriptions(dataset, backend="import", path=path, ...)``; the
     unmatched keys are in ``result.metrics["unmatched_keys"]``.
     """
-    from .generate import generate_descriptions
-
     return generate_descriptions(dataset, backend="import", path=path, out_path=out_path, run_dir=run_dir,
                                  n_per_class=n_per_class, **kwargs)
 

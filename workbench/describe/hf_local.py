@@ -13,7 +13,7 @@ _FALLBACK_WARNED = False
 
 def _dtype_kwarg(dtype) -> dict:
     # transformers renamed from_pretrained's torch_dtype to dtype in 4.56
-    import transformers
+    import transformers  # optional heavy backend: loaded only when this backend is used
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
@@ -44,7 +44,7 @@ class TransformersBackend(ChatBackend):
         deterministic: bool = False,
         trust_remote_code: bool = False,
     ):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # optional heavy backend, loaded on use
 
         if model is None or model == "":
             raise ValueError("the transformers backend needs a model: a Hugging Face id, a local folder, or a loaded model")

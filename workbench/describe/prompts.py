@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -188,8 +188,6 @@ def get_prompt_set(domain: str, noun: str | None = None) -> PromptSet:
     ``noun`` parameterizes the generic set ("bird", "car model"); an unknown domain name with a noun
     falls back to the generic set with that noun.
     """
-    from dataclasses import replace
-
     if domain in PROMPT_SETS:
         ps = PROMPT_SETS[domain]
     else:

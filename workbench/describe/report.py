@@ -4,10 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
-from .summarize import context_length, extractive_summary, get_tokenizer, token_lengths
+from ..clip.text import get_tokenizer, token_lengths
 from ..plots import save_figure
+from .summarize import extractive_summary
 
 
 def counts_table(records: Sequence[dict], classnames: Sequence[str]) -> pd.DataFrame:
@@ -56,9 +59,6 @@ def length_stats(records: Sequence[dict], tokenizer="tiny") -> pd.DataFrame:
 
 def plot_token_lengths(lengths: pd.DataFrame, limit: int = 77, path: str | Path | None = None):
     """Histogram of description and summary lengths in CLIP tokens, with the context limit marked."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     fig, ax = plt.subplots(figsize=(6.5, 3.5))
     hi = max(limit + 5, int(lengths[["description_tokens", "summary_tokens"]].to_numpy().max(initial=0)) + 5)
     bins = np.arange(0, hi + 4, 4)
@@ -92,7 +92,7 @@ def token_summary(lengths: pd.DataFrame, limit: int = 77) -> dict:
 
 def explorer(records: Sequence[dict], classnames: Sequence[str]):
     """ipywidgets dropdown: a class's descriptions with their prompt ids."""
-    import ipywidgets as w
+    import ipywidgets as w  # optional UI dependency: loaded only when a widget is built
     from IPython.display import display
 
     df = pd.DataFrame(list(records))
@@ -109,5 +109,4 @@ def explorer(records: Sequence[dict], classnames: Sequence[str]):
     return w.VBox([dd, out])
 
 
-__all__ = ["counts_table", "examples", "outcomes", "length_stats", "plot_token_lengths", "token_summary", "explorer",
-           "context_length"]
+__all__ = ["counts_table", "examples", "outcomes", "length_stats", "plot_token_lengths", "token_summary", "explorer"]

@@ -7,51 +7,17 @@ Text is only ever shortened at clause or word boundaries, never inside a word.
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
 
+from tqdm.auto import tqdm
+
+from ..clip.text import context_length, get_tokenizer, token_counter
+from ..data.names import name_regex
+from .backend import ChatBackend, ChatRequest, make_backend
+from .cache import ResponseCache, request_key
+from .prompts import SUMMARY_PROMPT_ID, summary_messages
 from .validate import Validator, clean_text
-
-# --- token counting -----------------------------------------------------------------------------------
-
-
-def get_tokenizer(tokenizer_or_model="tiny"):
-    """A CLIP tokenizer from a tokenizer, a :func:`workbench.models.load_clip` bundle, or a model name."""
-    if isinstance(tokenizer_or_model, str):
-        import open_clip
-
-        from ..models import resolve_name
-
-        return open_clip.get_tokenizer(resolve_name(tokenizer_or_model))
-    if hasattr(tokenizer_or_model, "tokenizer") and hasattr(tokenizer_or_model, "model_id"):
-        return tokenizer_or_model.tokenizer
-    return tokenizer_or_model
-
-
-def context_length(tokenizer) -> int:
-    return int(getattr(tokenizer, "context_length", None) or 77)
-
-
-def token_counter(tokenizer) -> Callable[[str], int]:
-    """``count(text)``: tokens the CLIP text tower sees for ``text``, start/end tokens included, untruncated."""
-    tokenizer = get_tokenizer(tokenizer)
-    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id"):  # open_clip SimpleTokenizer
-        return lambda text: len(tokenizer.encode(text)) + 2
-    hf = getattr(tokenizer, "tokenizer", None)
-    if hf is not None and callable(hf):  # open_clip HFTokenizer: the wrapped HF tokenizer adds its specials
-        return lambda text: len(hf(text)["input_ids"])
-
-    def count(text: str) -> int:  # generic: tokenize with a long context, count up to the last non-pad
-        ids = tokenizer([text], context_length=4096)[0]
-        nz = (ids != 0).nonzero()
-        return int(nz[-1]) + 1 if len(nz) else 0
-
-    return count
-
-
-def token_lengths(texts: Sequence[str], tokenizer) -> list[int]:
-    count = token_counter(tokenizer)
-    return [count(t) for t in texts]
-
 
 # --- extractive summary ----------------------------------------------------------------------------
 
@@ -89,14 +55,9 @@ _SUBJECTS = [
 ]
 
 
-def _name_pattern(classname: str) -> str:
-    words = re.findall(r"[0-9A-Za-z]+", classname)
-    return r"[\s\-_']*".join(re.escape(w) for w in words)
-
-
 def split_clauses(classname: str, text: str) -> list[str]:
     """Clauses of ``text`` without their subject lead ("The male <class> has", "It has", "Its")."""
-    name = _name_pattern(classname)
+    name = name_regex(classname)
     lead_class = re.compile(
         r"^(?:the|this|a|an)?\s*(?:(?:adult|male|female|juvenile|immature|young|breeding|non-breeding)\s+)*"
         + name + r"(?:'s)?\s*(?:" + _LEAD_VERBS + r")?\s*",
@@ -194,7 +155,7 @@ def extractive_summary(classname: str, text: str, tokenizer="tiny", max_tokens: 
 def _tidy_llm(classname: str, text: str) -> str:
     text = clean_text(text)
     text = re.sub(r"^\s*(?:summary|caption)\s*:\s*", "", text, flags=re.IGNORECASE)
-    name = _name_pattern(classname)
+    name = name_regex(classname)
     if name:
         text = re.sub(r"^\s*" + name + r"\s*:\s*", "", text, flags=re.IGNORECASE)
     return text.strip().rstrip(".").strip()
@@ -219,12 +180,6 @@ def summarize(
     fall back to the extractive summary when empty, a refusal, or too long. ``stats`` (a dict)
     receives counts: ``llm``, ``fallback`` and per-reason ``rejected``.
     """
-    from tqdm.auto import tqdm
-
-    from .backend import ChatBackend, ChatRequest, make_backend
-    from .cache import ResponseCache, request_key
-    from .prompts import SUMMARY_PROMPT_ID, summary_messages
-
     if len(texts) != len(classes):
         raise ValueError(f"{len(texts)} texts but {len(classes)} class names")
     tok = get_tokenizer(tokenizer)
@@ -252,7 +207,6 @@ def summarize(
                                 {"class": c, "prompt_id": SUMMARY_PROMPT_ID}))
     todo = [r for r in reqs if r.key not in cache]
     step = max(1, be.batch_size)
-    from concurrent.futures import ThreadPoolExecutor
 
     def work(batch):
         for r, res in zip(batch, be.complete(batch)):

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.names import norm_name
+from ..io import hash_key
 from .backend import RecordBackend
-from .cache import hash_key
-from .validate import norm_name
+from .template import synthetic_descriptions
 
 
 def _balanced(records: list[dict], n: int | None) -> list[dict]:
@@ -50,10 +51,6 @@ class SyntheticTemplateBackend(RecordBackend):
     def records(self, dataset, classnames, n_per_class, seed):
         if dataset is None or not hasattr(dataset, "table"):
             raise ValueError("the template backend needs the synthetic Dataset (workbench.data.load_dataset('synthetic'))")
-        try:
-            from .template import synthetic_descriptions
-        except ImportError as e:
-            raise ImportError("the template backend needs workbench.describe.template (the synthetic benchmark)") from e
         kw = {k: v for k, v in (("per_variant", self.per_variant), ("shared", self.shared)) if v is not None}
         recs = [dict(r) for r in synthetic_descriptions(dataset, seed=seed, **kw)]
         return _balanced(recs, n_per_class)

@@ -5,6 +5,8 @@ import re
 from collections import defaultdict
 from typing import Iterable
 
+from ..data.names import norm_name
+
 REASONS = ("empty", "refusal", "other_class", "duplicate")
 
 _REFUSAL = re.compile(
@@ -14,13 +16,6 @@ _REFUSAL = re.compile(
     re.IGNORECASE,
 )
 _LEADS = re.compile(r"^\s*(?:(?:description|answer|response)\s*:\s*|[-*•]\s+|\d+[.)]\s+)", re.IGNORECASE)
-
-
-def norm_name(name: str) -> str:
-    """Case-, hyphen- and underscore-insensitive form of a class name ("Black_footed-Albatross" -> "black footed albatross")."""
-    name = re.sub(r"^\s*\d+\.", "", name.strip())  # CUB's "001." prefixes
-    name = name.replace("'", "").replace("’", "")
-    return " ".join(re.sub(r"[^0-9a-z]+", " ", name.lower()).split())
 
 
 def norm_text(text: str) -> str:

@@ -17,53 +17,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from ..data import Dataset
-from ..io import read_json
+from ..clip import encode_texts, load_clip
+from ..data import Dataset, parse_shots
+from ..runs import FINETUNE_METHODS, INDEX, read_index
 from .bootstrap import bootstrap_ci
-from .features import Draw, image_features, make_draw, parse_shots
+from .draws import Draw, dataset_features, make_draw
 from .probe import DEFAULT_WEIGHT_DECAYS, ProbeResult, linear_probe, topk_correct
 from .zeroshot import (
-    TEMPLATES, classname_classifier, classname_scores, description_scores, description_texts, load_descriptions,
+    TEMPLATES,
+    classname_classifier,
+    classname_scores,
+    description_scores,
+    description_texts,
+    load_descriptions,
 )
 
-METHODS = ("zero-shot", "linear-probe", "finetune-classname", "gist")
-FINETUNED = ("finetune-classname", "gist")
+METHODS = ("zero-shot", "linear-probe", "finetune-classname", "gist")  # the order of tables and figures
+FINETUNED = tuple(m for m in METHODS if m in FINETUNE_METHODS)
 ZERO_SHOT_NOTE = "0-shot: uses no training images; the same number is listed under every shots value"
 
 
 def _shots_value(s):
     return "full" if s == "full" else int(s)
-
-
-def read_checkpoint_index(run_dir: str | Path) -> list[dict] | None:
-    """Entries of ``run_dir/checkpoints/index.json`` (validated, paths resolved), or None if absent."""
-    path = Path(run_dir) / "checkpoints" / "index.json"
-    if not path.exists():
-        return None
-    entries = read_json(path)
-    if not isinstance(entries, list):
-        raise ValueError(f"{path}: expected a JSON list of checkpoint entries, got {type(entries).__name__}")
-    problems, out = [], []
-    for i, e in enumerate(entries):
-        miss = [k for k in ("method", "shots", "seed", "path", "model") if k not in e]
-        if miss:
-            problems.append(f"entry {i}: missing {miss}")
-            continue
-        if e["method"] not in FINETUNED:
-            problems.append(f"entry {i}: method {e['method']!r} is not one of {list(FINETUNED)}")
-        try:
-            shots = parse_shots([e["shots"]])[0]
-        except ValueError as err:
-            problems.append(f"entry {i}: {err}")
-            continue
-        ckpt = Path(e["path"]) if Path(e["path"]).is_absolute() else Path(run_dir) / e["path"]
-        if not ckpt.exists():
-            problems.append(f"entry {i}: checkpoint file not found: {ckpt}")
-        out.append({**e, "shots": shots, "seed": int(e["seed"]), "abspath": str(ckpt)})
-    if problems:
-        raise ValueError(f"{path}: " + "; ".join(problems))
-    return out
 
 
 def _score_rows(correct1: torch.Tensor, correct3: torch.Tensor, bootstrap_n: int, bootstrap_seed: int) -> dict:
@@ -104,8 +81,6 @@ def probe_rows(
 
     Full shot and split-file draws are deterministic: one row each (first seed).
     """
-    from tqdm.auto import tqdm
-
     shots, seeds = parse_shots(shots), [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds is empty")
@@ -147,8 +122,6 @@ def zero_shot_rows(
     m = _score_rows(topk_correct(logits, y, 1), topk_correct(logits, y, 3), bootstrap_n, bootstrap_seed)
     m.update(templates=len(templates))
     if texts is not None:
-        from ..models import encode_texts
-
         D = encode_texts(model, tokenizer, description_texts(texts, labels, ds.classnames, description_template),
                          batch_size=batch_size, normalize=True)
         dl = description_scores(feats, D, labels, ds.num_classes)
@@ -168,12 +141,10 @@ def finetuned_rows(
     Each checkpoint (method, shots, seed) is probed on the draw of its own seed. ``notes`` name the
     requested (method, shots) pairs that have no checkpoint.
     """
-    from ..models import load_clip
-
     shots = parse_shots(shots)
-    index = read_checkpoint_index(run_dir) if index is None else index
+    index = read_index(run_dir, required=False) if index is None else index
     if index is None:
-        return [], [f"no {Path(run_dir) / 'checkpoints' / 'index.json'}: fine-tuned methods not evaluated"]
+        return [], [f"no {Path(run_dir) / INDEX}: fine-tuned methods not evaluated"]
     chosen: dict[tuple, dict] = {}
     for e in index:  # a later entry for the same run replaces an earlier one
         if str(e["shots"]) in map(str, shots):
@@ -184,7 +155,7 @@ def finetuned_rows(
     rows = []
     for (method, s, seed), e in sorted(chosen.items(), key=lambda kv: (FINETUNED.index(kv[0][0]), kv[0][1], kv[0][2])):
         bundle = load_clip(e["model"], pretrained=e["abspath"], device=device)
-        feats = image_features(bundle, ds, batch_size=batch_size, progress=progress)
+        feats = dataset_features(bundle, ds, batch_size=batch_size, progress=progress)
         del bundle
         shots_v = _shots_value(s)
         draw = make_draw(ds, shots_v, seed, shot_files.get(str(shots_v)))

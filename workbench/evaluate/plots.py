@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
+from ..plots import save_figure
 from .bootstrap import seed_summary
 from .report import _method_order, _shots_order
-from ..plots import save_figure
 
 COLORS = {"zero-shot": "#9e9e9e", "linear-probe": "#4c72b0", "finetune-classname": "#dd8452", "gist": "#55a868"}
 
@@ -16,8 +17,6 @@ def plot_accuracy(rows: list[dict], path: str | Path | None = None, metric: str 
     """Grouped bars (x: shots, one bar per method) at the mean over seeds; each seed drawn as a dot
     with its own 95% bootstrap interval. Zero-shot bars are hatched (they use no training images);
     a white diamond on them marks zero-shot scored by descriptions, when the rows carry it."""
-    import matplotlib.pyplot as plt
-
     shots, methods = _shots_order(rows), _method_order(rows)
     summary = {(s["method"], str(s["shots"])): s for s in seed_summary(rows)}
     width = 0.8 / max(1, len(methods))
@@ -58,8 +57,6 @@ def plot_accuracy(rows: list[dict], path: str | Path | None = None, metric: str 
 def plot_sweep(rows: list[dict], path: str | Path | None = None):
     """Validation top-1 against weight decay, one panel per shots value, one line per method (its
     first seed's fit); the chosen value is marked. Uses the ``sweep`` that probe rows carry."""
-    import matplotlib.pyplot as plt
-
     rows = [r for r in rows if r.get("sweep")]
     if not rows:
         raise ValueError("no probe rows with a weight-decay sweep to plot")

@@ -13,6 +13,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..clip import encode_texts
+from ..runs import check_descriptions, read_descriptions
+
 # A small ensemble that suits fine-grained photos; pass your own (e.g. "a photo of a {}, a type of bird.").
 TEMPLATES = (
     "a photo of a {}.",
@@ -40,8 +43,6 @@ def classname_classifier(
     model, tokenizer, classnames: Sequence[str], templates: Sequence[str] = TEMPLATES, batch_size: int = 1024
 ) -> torch.Tensor:
     """``C x D`` unit class embeddings: the mean of each class's normalised prompt embeddings."""
-    from ..models import encode_texts
-
     T = len(templates)
     emb = encode_texts(model, tokenizer, classname_prompts(classnames, templates), batch_size=batch_size, normalize=True)
     return F.normalize(emb.view(len(classnames), T, -1).mean(1), dim=-1)
@@ -53,28 +54,11 @@ def classname_scores(image_features: torch.Tensor, class_embeddings: torch.Tenso
 
 
 def load_descriptions(path: str | Path, classnames: Sequence[str]) -> tuple[list[str], torch.Tensor]:
-    """Read ``descriptions.jsonl`` into ``(texts, class indices)``.
-
-    Raises, naming them, on classes unknown to the dataset and on dataset classes with no description
-    (a class without descriptions cannot be scored).
-    """
-    from ..io import read_jsonl
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"descriptions file not found: {path}")
-    records = read_jsonl(path)
+    """``descriptions.jsonl`` as ``(texts, class indices)``, checked against the dataset: every class
+    needs a description (a class without one cannot be scored)."""
+    records = read_descriptions(path)
+    check_descriptions(records, classnames, needed=classnames)
     index = {c: i for i, c in enumerate(classnames)}
-    unknown = sorted({r["class"] for r in records if r["class"] not in index})
-    if unknown:
-        raise ValueError(
-            f"{path}: {len(unknown)} description class name(s) are not classes of the dataset: {unknown[:10]}"
-            + ("…" if len(unknown) > 10 else "") + f" (dataset classes look like {list(classnames[:3])})"
-        )
-    have = {r["class"] for r in records}
-    empty = [c for c in classnames if c not in have]
-    if empty:
-        raise ValueError(f"{path}: {len(empty)} class(es) have no descriptions: {empty[:10]}" + ("…" if len(empty) > 10 else ""))
     return [r["text"] for r in records], torch.tensor([index[r["class"]] for r in records])
 
 

@@ -12,6 +12,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .score import MatchResult
+
 
 def _is_none(v) -> bool:
     return v is None or (isinstance(v, float) and np.isnan(v)) or v == ""
@@ -140,8 +142,6 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> list[float] | None:
 def matching_metrics(result_or_records, descriptions: Sequence[dict] | None = None, table: pd.DataFrame | None = None,
                      k: int | None = None) -> dict:
     """The ``metrics.json["matching"]`` section: sizes, usage, margins, variant precision, timing."""
-    from .match import MatchResult
-
     timing, bad = {}, []
     if isinstance(result_or_records, MatchResult):
         res = result_or_records

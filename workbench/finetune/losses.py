@@ -74,18 +74,35 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 
 
 # ----------------------------------------------------------------------------- class-aware
-def soft_targets(
+def class_weights(
     labels: torch.Tensor, image_ids: torch.Tensor | None = None, class_weight: float = 1.0, dtype=torch.float32
 ) -> torch.Tensor:
-    """Row-normalised target matrix: pair (i, j) is a positive when i and j show the same image
-    (weight 1) or the same class (weight ``class_weight``); every row has at least its diagonal."""
+    """Symmetric positive weights: pair (i, j) is a positive when i and j show the same image (weight 1)
+    or the same class (weight ``class_weight``); every pair is its own positive."""
     same_class = (labels[:, None] == labels[None, :]).to(dtype)
     if image_ids is None:
         same_image = torch.eye(len(labels), device=labels.device, dtype=dtype)
     else:
         same_image = (image_ids[:, None] == image_ids[None, :]).to(dtype)
-    w = same_image + class_weight * (same_class - same_image).clamp_min(0)
+    return same_image + class_weight * (same_class - same_image).clamp_min(0)
+
+
+def soft_targets(
+    labels: torch.Tensor, image_ids: torch.Tensor | None = None, class_weight: float = 1.0, dtype=torch.float32
+) -> torch.Tensor:
+    """:func:`class_weights`, each row normalised: the targets the class-aware loss uses in both directions."""
+    w = class_weights(labels, image_ids, class_weight, dtype)
     return w / w.sum(1, keepdim=True)
+
+
+def soft_infonce(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE against soft targets: ``weights[i, j] >= 0`` says how much caption ``j`` is a
+    positive of image ``i``. Image i's target is row i normalised, caption j's is column j normalised;
+    every row and column needs a positive. With ``weights = eye`` this is the CLIP loss."""
+    w = weights.to(logits.dtype)
+    i2t = -(w / w.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    t2i = -(w.T / w.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+    return (i2t + t2i) / 2
 
 
 def class_aware_loss(
@@ -96,29 +113,23 @@ def class_aware_loss(
     image_ids: torch.Tensor | None = None,
     class_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Multi-positive symmetric InfoNCE: captions of the same image or class are targets, not negatives.
-
-    Cross-entropy against soft targets (:func:`soft_targets`) in both directions. With all labels
-    distinct it equals :func:`clip_loss`.
-    """
+    """Multi-positive symmetric InfoNCE: captions of the same image or class are targets, not negatives
+    (:func:`soft_infonce` over :func:`class_weights`). With all labels distinct it equals :func:`clip_loss`."""
     img, txt = _up(image_features), _up(text_features)
     logits = logit_scale * img @ txt.T
-    t = soft_targets(labels, image_ids, class_weight, logits.dtype)  # symmetric, so the same for both directions
-    i2t = -(t * logits.log_softmax(1)).sum(1).mean()
-    t2i = -(t * logits.T.log_softmax(1)).sum(1).mean()
-    return (i2t + t2i) / 2
+    return soft_infonce(logits, class_weights(labels, image_ids, class_weight, logits.dtype))
+
+
+def multi_positive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+                        positives: torch.Tensor) -> torch.Tensor:
+    """InfoNCE over ``N`` images and ``M`` captions with ``positives[i, j]`` marking caption ``j`` true of
+    image ``i`` (pretraining: a caption naming attributes is true of every image that shows them), so
+    short captions shared by many images are not pushed apart from them as false negatives."""
+    img, txt = _up(image_features), _up(text_features)
+    return soft_infonce(logit_scale * img @ txt.T, positives)
 
 
 # ----------------------------------------------------------------------------- FILIP
-def text_token_mask(token_ids: torch.Tensor) -> torch.Tensor:
-    """Valid text positions: BOS through EOT inclusive.
-
-    By position (EOT has the largest id, as open_clip pools), not ``id != 0``: id 0 is "!" in CLIP's vocabulary.
-    """
-    pos = torch.arange(token_ids.shape[1], device=token_ids.device)
-    return pos[None, :] <= token_ids.argmax(-1, keepdim=True)
-
-
 def _filip_block(x: torch.Tensor, y: torch.Tensor, ymask: torch.Tensor, xmask: torch.Tensor):
     """Token-wise scores for an image block x (bi, n1, D) vs a text block y (bj, n2, D).
 

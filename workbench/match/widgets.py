@@ -6,6 +6,8 @@ import io
 from pathlib import Path
 from typing import Sequence
 
+from PIL import Image
+
 
 def caption_table_html(record: dict) -> str:
     """An HTML table of one image's matched captions: rank, cosine, probability, caption, raw text."""
@@ -24,8 +26,6 @@ def caption_table_html(record: dict) -> str:
 
 
 def _png(path: Path, size: int = 256) -> bytes:
-    from PIL import Image
-
     with Image.open(path) as im:
         im = im.convert("RGB")
         scale = size / max(im.size)
@@ -38,7 +38,7 @@ def _png(path: Path, size: int = 256) -> bytes:
 
 def match_browser(records: Sequence[dict], root: str | Path, image_px: int = 256):
     """Class dropdown -> image dropdown -> image + caption table. Returns the widget (display it)."""
-    import ipywidgets as W
+    import ipywidgets as W  # optional UI dependency: loaded only when a widget is built
 
     root = Path(root)
     by_class: dict[str, list[dict]] = {}

@@ -8,26 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .io import write_json, write_jsonl
-
-
-def count_tokens(tokenizer, text: str) -> int:
-    """Tokens the text takes in the CLIP context, start/end tokens included."""
-    if hasattr(tokenizer, "encode"):  # open_clip SimpleTokenizer
-        return len(tokenizer.encode(text)) + 2
-    if hasattr(tokenizer, "tokenizer"):  # open_clip HFTokenizer
-        return len(tokenizer.tokenizer(text)["input_ids"])
-    ids = tokenizer([text], context_length=4096)[0]  # generic: a long context, up to the last non-pad
-    nz = (ids != 0).nonzero()
-    return int(nz[-1]) + 1 if len(nz) else 0
-
-
-def context_length(tokenizer) -> int:
-    return int(getattr(tokenizer, "context_length", None) or 77)
+from ..clip.text import context_length, count_tokens
+from ..data.names import same_name
+from ..describe.summarize import summarize as describe_summarize
+from ..io import write_json
+from ..runs import write_matches
 
 
 def truncate_caption(classname: str, text: str, tokenizer, max_tokens: int | None = None) -> str:
@@ -75,7 +63,7 @@ def summarize_texts(classes: Sequence[str], texts: Sequence[str], summarize: str
     else:
         if summarize == "extractive":
             options["backend"] = None
-        caps = list(_describe_summarize()(texts, classes, tokenizer=tokenizer, progress=progress, **options))
+        caps = list(describe_summarize(texts, classes, tokenizer=tokenizer, progress=progress, **options))
     limit = context_length(tokenizer)
     out = []
     if len(caps) != len(classes):
@@ -87,18 +75,6 @@ def summarize_texts(classes: Sequence[str], texts: Sequence[str], summarize: str
     return out
 
 
-def _describe_summarize():
-    try:
-        from . import describe  # the describe stage's summarizer
-    except ImportError as e:
-        raise ValueError(f"summarize='extractive'/'llm' needs workbench.describe ({e}); use 'truncate'") from None
-    fn = getattr(describe, "summarize", None)
-    fn = getattr(fn, "summarize", fn)  # the package may expose the module rather than the function
-    if not callable(fn):
-        raise ValueError("workbench.describe has no summarize(); use summarize='truncate'")
-    return fn
-
-
 def check_summarize(summarize, options: dict | None = None) -> None:
     """Fail fast (before any embedding) on a summarize setting that cannot work."""
     if summarize in (None, "", "none", "truncate") or callable(summarize):
@@ -107,21 +83,15 @@ def check_summarize(summarize, options: dict | None = None) -> None:
         raise ValueError(f"unknown summarize={summarize!r}; expected one of {SUMMARIZE_METHODS} or a callable")
     if summarize == "llm" and not (options or {}).get("backend"):
         raise ValueError("summarize='llm' needs summarize_options={'backend': <chat backend>, ...}")
-    _describe_summarize()
 
 
 # GIST interop: captions_top5.json = {image filename: [caption, ...]}
 
 
-def _loose(name: str) -> str:
-    """Class names compared loosely: GIST writes "black-footed albatross" for "Black footed Albatross"."""
-    return re.sub(r"[\s_\-']+", " ", name.strip().lower()).strip()
-
-
 def split_class_prefix(caption: str, classname: str) -> str:
     """The caption without a leading ``"<class>: "`` that names ``classname`` (loosely), else unchanged."""
     head, sep, body = caption.partition(": ")
-    return body if sep and _loose(head) == _loose(classname) else caption
+    return body if sep and same_name(head, classname) else caption
 
 
 def export_captions_top5(records: Sequence[dict], path: str | Path, k: int = 5, strip_class: bool = False) -> Path:
@@ -173,5 +143,5 @@ def import_captions_top5(path: str | Path, ds, run_dir: str | Path | None = None
             "model": None, "pretrained": None, "source": str(path),
         })
     if run_dir is not None:
-        write_jsonl(Path(run_dir) / "matches.jsonl", records)
+        write_matches(run_dir, records)
     return records

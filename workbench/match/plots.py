@@ -5,25 +5,18 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
+from PIL import Image
 
-from .match_diagnostics import class_table, margins, usage_table
-
-
-def _save(fig, path):
-    if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-    return fig
+from ..plots import save_figure
+from .diagnostics import class_table, margins, usage_table
 
 
 def plot_match_diagnostics(records: Sequence[dict], descriptions: Sequence[dict] | None = None,
                            metrics: dict | None = None, path: str | Path | None = None):
     """Four panels: distinct descriptions used per class, description usage histogram, score margins,
     top-1 scores; a fifth with matched-variant precision vs random when ``metrics`` has it."""
-    import matplotlib.pyplot as plt
-
     has_vp = bool(metrics) and metrics.get("random_precision") is not None
     fig, axes = plt.subplots(1, 5 if has_vp else 4, figsize=(4.2 * (5 if has_vp else 4), 3.6))
     ct = class_table(records, descriptions)
@@ -83,15 +76,12 @@ def plot_match_diagnostics(records: Sequence[dict], descriptions: Sequence[dict]
         n1 = metrics.get("n_top1_variant_specific")
         ax.set_title("variant precision vs truth" + (f" (n={n1})" if n1 is not None else ""))
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=110, tight=True)
 
 
 def plot_match_examples(records: Sequence[dict], root: str | Path, n: int = 8, k: int = 3, seed: int = 0,
                         path: str | Path | None = None, images: Sequence[str] | None = None):
     """A grid of ``n`` images (random, one class after another) with their top-``k`` captions and scores."""
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
     by_image = {r["image"]: r for r in records}
     if images is None:
         rng = np.random.default_rng(seed)
@@ -121,4 +111,4 @@ def plot_match_examples(records: Sequence[dict], root: str | Path, n: int = 8, k
             lines.append(textwrap.shorten(f"{j + 1}. {sc}{body}", 90, placeholder=" …"))
         ax.set_title("\n".join(textwrap.fill(x, 44) for x in lines), fontsize=7, loc="left")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=110, tight=True)

@@ -11,7 +11,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 

@@ -4,8 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from workbench.models import (WeightsUnavailableError, encode_images, encode_texts, load_clip,
-                              normalize_images)
+from workbench.clip import WeightsUnavailableError, encode_images, encode_texts, load_clip, normalize_images
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +86,53 @@ def test_offline_weights_fail_fast():
     assert time.perf_counter() - t0 < 10
     msg = str(e.value)
     assert "'ViT-B-32'" in msg and "laion2b_s34b_b79k" in msg and "local path" in msg
+
+
+def test_the_one_text_forward_equals_open_clip():
+    """text_forward: pooled = encode_text whether or not the batch is cut after its last EOT; the
+    token states' EOT row is the pooled feature; a run_blocks hook sees exactly the transformer's input."""
+    from workbench.clip import text_forward, token_mask, trim
+
+    torch.manual_seed(0)
+    model, _, tok = load_clip("tiny", device="cpu")
+    ids = tok(["toy species 1: a red square", "toy species 2: a much longer caption about a green square"])
+    L = int(ids.argmax(-1).max()) + 1
+    with torch.no_grad():
+        full = model.encode_text(ids)
+        pooled, tokens = text_forward(model, ids, tokens=True)
+        untrimmed, _ = text_forward(model, ids, trim_eot=False)
+        seen = []
+        hooked, _ = text_forward(model, ids, run_blocks=lambda x, m: seen.append((x.shape, m.shape)) or model.transformer(x, attn_mask=m))
+    assert torch.allclose(pooled, full, atol=1e-5) and torch.allclose(untrimmed, full, atol=1e-5)
+    assert trim(ids).shape == (2, L) and tokens.shape == (2, L, full.shape[1])
+    assert torch.allclose(tokens[torch.arange(2), ids.argmax(-1)], full, atol=1e-5)  # the EOT row is the pooled feature
+    assert seen == [(torch.Size([2, L, model.token_embedding.embedding_dim]), torch.Size([L, L]))]
+    assert torch.equal(hooked, pooled)
+    # the token mask is by position (SOT..EOT), not by id: id 0 ("!") inside a caption is a real token
+    mask = token_mask(tok(["hi ! there", "a"]))
+    assert mask.sum(1).tolist() == [5, 3]
+
+
+def test_feature_cache_tells_random_init_models_apart(tmp_path, monkeypatch):
+    """Two random-init models of one architecture share a name and tag but not their weights: the one
+    feature cache keys by the weights, so each gets its own features (and a re-run reads them back)."""
+    from PIL import Image
+
+    from workbench.clip import image_features
+
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(_images(1, 64, 64, seed=i)[0].permute(1, 2, 0).numpy()).save(paths[-1])
+    torch.manual_seed(1)
+    a = load_clip("tiny", device="cpu")
+    torch.manual_seed(2)
+    b = load_clip("tiny", device="cpu")
+    assert a.model_id == b.model_id
+    fa, fb = image_features(a, paths), image_features(b, paths)
+    assert not torch.allclose(fa, fb)
+    assert torch.allclose(fa, encode_images(a.model, torch.stack([_images(1, 64, 64, seed=i)[0] for i in range(3)]),
+                                            normalize=False), atol=1e-6)
+    assert torch.equal(image_features(b, paths), fb)  # from the cache
+    assert len(list((tmp_path / "cache" / "features").glob("*.safetensors"))) == 2

@@ -1,0 +1,89 @@
+"""The align stage (``05_align``): its parameter section in; example maps, the pointing game in
+``metrics.json["alignment"]`` and ``figures/align_*.png`` out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+from ..clip import image_size
+from ..data import Dataset, load_dataset
+from ..data.images import image_cache
+from ..params import Params
+from . import plots, report
+from .pointing import PartItem, check_methods
+from .regions import part_items
+
+
+@dataclass
+class Setup:
+    ds: Dataset
+    bundles: dict  # {"pretrained": bundle[, "finetuned": bundle]}
+    note: str  # which fine-tuned checkpoint was found, or why none
+    items: list[PartItem]  # pointing-game queries
+    files: list[str]  # the images they are on (item.index indexes this)
+    images: torch.Tensor  # those images, uint8 at the model's input size
+    matches: dict[str, list[str]]  # filename -> matched captions of the run
+
+    @property
+    def parts(self) -> list[str]:
+        return list(dict.fromkeys(it.part for it in self.items))
+
+    def row(self, i: int):
+        return self.ds.table.set_index("filename").loc[self.files[i]]
+
+
+def prepare(p: Params) -> Setup:
+    """Models (pretrained and, when the run has one, the fine-tuned checkpoint), the annotated images
+    and their part queries. Bad methods or parts fail before any model loads."""
+    methods = check_methods(p.methods)
+    ds = load_dataset(p.dataset, p.data_root, **p.dataset_options)
+    bundles, note = report.load_models(p.run_dir, p.model, p.pretrained, p.device, p.finetuned_method)
+    size = image_size(bundles["pretrained"].model)
+    items, files = part_items(ds.split(p.split), size, parts=p.parts, max_images=p.max_images, radius=p.radius,
+                              template=p.caption_template, seed=p.seed, part_nouns=p.part_nouns)
+    images = image_cache([ds.root / f for f in files], size, progress=p.progress)
+    p["methods"] = methods
+    return Setup(ds, bundles, note, items, files, images, report.matched_captions(p.run_dir))
+
+
+def captions(s: Setup, i: int, with_parts: bool = False) -> list[str]:
+    """Captions of image ``i``: its matched captions (or one from its attributes), then, with
+    ``with_parts``, its pointing-game captions."""
+    row = s.row(i)
+    caps = report.captions_for(s.matches, s.files[i], row["species"], row, parts=s.parts,
+                               attribute_part=s.ds.extras.get("attribute_part"))
+    return caps + (sorted({it.text for it in s.items if it.index == i}) if with_parts else [])
+
+
+def examples(p: Params, s: Setup) -> list[Path]:
+    """The example figures of the first ``n_examples`` images (saved; paths returned)."""
+    paths = []
+    for k in range(min(p.n_examples, len(s.files))):
+        row = s.row(k)
+        figs = report.example_figures(p.run_dir, s.bundles, s.images[k], captions(s, k)[0], row["species"], tag=str(k))
+        paths += list(figs.values())
+    return paths
+
+
+def pointing(p: Params, s: Setup) -> tuple[dict, Path]:
+    """The pointing game for every model, stored in ``metrics.json["alignment"]``; returns the results
+    and the saved figure."""
+    results = report.run_pointing(p.run_dir, s.bundles, s.images, s.items, p.methods, note=s.note,
+                                  batch_size=p.batch_size, progress=p.progress,
+                                  extra={"dataset": p.dataset, "split": p.split, "n_images": len(s.files)})
+    fig = plots.plot_pointing(results, title=f"pointing game, {p.dataset} {p.split} ({len(s.items)} part queries)")
+    path = plots.save(fig, p.run_dir, "pointing")
+    plt.close(fig)
+    return results, path
+
+
+def explorer(s: Setup):
+    """The interactive explorer over the pointing-game images (``interactive=True``)."""
+    from .widgets import explorer as build  # ipywidgets: loaded only when a widget is built
+
+    caps = [captions(s, i, with_parts=True) for i in range(len(s.files))]
+    names = [Path(f).name for f in s.files]
+    return build(s.bundles, s.images, caps, names=names, classnames=[s.row(i)["species"] for i in range(len(s.files))])

@@ -1,0 +1,68 @@
+"""The evaluate stage (``04_evaluate``): its parameter section in, ``metrics.json["accuracy"]`` and the
+accuracy figures out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..clip import load_clip
+from ..data import Dataset, load_dataset, parse_shots
+from ..params import Params
+from ..runs import DESCRIPTIONS, read_index, update_metrics
+from .compare import finetuned_rows, probe_rows, zero_shot_rows
+from .draws import check_draws, dataset_features
+from .plots import plot_accuracy, plot_sweep
+from .zeroshot import TEMPLATES
+
+
+@dataclass
+class Setup:
+    """What the stage evaluates, checked before any model loads."""
+
+    ds: Dataset
+    shots: list
+    seeds: list[int]
+    templates: list[str]
+    descriptions: Path | None  # the run's descriptions.jsonl, when zero-shot is also scored by descriptions
+    index: list[dict] | None  # checkpoints/index.json (None: fine-tuning has not run here)
+
+
+def prepare(p: Params) -> Setup:
+    """Parse and check everything first: a k larger than a class has, bad split files or a broken
+    checkpoint index fail before any model loads."""
+    shots, seeds = parse_shots(p.shots), [int(s) for s in p.seeds]
+    ds = load_dataset(p.dataset, p.data_root, **p.dataset_options)
+    check_draws(ds, shots, seeds, p.shot_files)
+    descriptions = Path(p.run_dir) / DESCRIPTIONS
+    descriptions = descriptions if p.use_descriptions and descriptions.exists() else None
+    templates = list(p.templates) if p.templates else list(TEMPLATES)
+    return Setup(ds, shots, seeds, templates, descriptions, read_index(p.run_dir, required=False))
+
+
+def frozen_rows(p: Params, s: Setup) -> list[dict]:
+    """Zero-shot (class names, and descriptions when there are some) and linear probes on the frozen CLIP."""
+    bundle = load_clip(p.model, pretrained=p.pretrained, device=p.device)
+    features = dataset_features(bundle, s.ds, batch_size=p.batch_size, progress=p.progress)
+    rows = zero_shot_rows(bundle, s.ds, features, s.shots, seed=s.seeds[0], templates=s.templates,
+                          descriptions=s.descriptions, description_template=p.description_template,
+                          bootstrap_n=p.bootstrap_n, bootstrap_seed=p.seed)
+    rows += probe_rows("linear-probe", features, s.ds, s.shots, s.seeds, shot_files=p.shot_files,
+                       weight_decays=p.weight_decays, use_trainval=p.use_trainval, device=p.device,
+                       bootstrap_n=p.bootstrap_n, bootstrap_seed=p.seed,
+                       extra={"model": bundle.name, "pretrained": bundle.pretrained}, progress=p.progress)
+    return rows
+
+
+def tuned_rows(p: Params, s: Setup) -> tuple[list[dict], list[str]]:
+    """Linear probes on every fine-tuned encoder of the index: ``(rows, notes on what is missing)``."""
+    return finetuned_rows(p.run_dir, s.ds, s.shots, index=s.index, shot_files=p.shot_files,
+                          weight_decays=p.weight_decays, use_trainval=p.use_trainval, device=p.device,
+                          bootstrap_n=p.bootstrap_n, bootstrap_seed=p.seed, batch_size=p.batch_size,
+                          progress=p.progress)
+
+
+def record(p: Params, rows: list[dict]):
+    """Store the rows in ``metrics.json["accuracy"]``; return the accuracy and sweep figures (saved)."""
+    update_metrics(p.run_dir, "accuracy", rows)
+    figures = Path(p.run_dir) / "figures"
+    return plot_accuracy(rows, figures / "evaluate_accuracy.png"), plot_sweep(rows, figures / "evaluate_probe_sweep.png")

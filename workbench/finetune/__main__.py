@@ -1,0 +1,49 @@
+"""``torchrun --nproc_per_node N -m workbench.finetune --run-dir DIR [--set key=value ...]``: the
+fine-tuning stage under DDP over N processes (NCCL on GPUs, gloo on CPU). Each batch is split across
+ranks and features are gathered for the loss, so the runs equal single-process ones.
+
+Settings are ``03_finetune``'s parameters, with its defaults: ``--set epochs=5 --set shots=[full]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError, parse_set, stage_params
+from .stage import run
+from .trainer import rank_world
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m workbench.finetune", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a 03_finetune parameter")
+    a = ap.parse_args(argv)
+    try:
+        p = stage_params("finetune", run_dir=a.run_dir, **dict(parse_set(s) for s in a.set))
+    except ConfigError as e:
+        print(f"workbench.finetune: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        use_cuda = torch.cuda.is_available() and p.device != "cpu"
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        rows = run(p)
+        if rank_world()[0] == 0:
+            print(json.dumps(rows, indent=1))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

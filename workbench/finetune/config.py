@@ -1,0 +1,72 @@
+"""Settings of one fine-tuning run: plain values, checked once, with the notebook's defaults."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+
+from ..runs import FINETUNE_METHODS as METHODS
+from .losses import LOSSES
+
+ATTENTION = ("auto", "default", "flash", "cudnn", "efficient")
+
+
+@dataclass
+class FinetuneConfig:
+    """One run's settings. The defaults are ``03_finetune``'s (the CPU demo with the tiny model), and
+    :meth:`from_params` takes them from a stage's parameter section by name (a test keeps the two equal)."""
+
+    method: str = "gist"  # "gist" (matched captions) or "finetune-classname" ("a photo of a <class>.")
+    loss: str = "clip"  # "clip", "class-aware" or "filip"
+    captions_per_image: int = 4  # GIST trains on 4 of the top-5 captions, each its own pair
+    epochs: int = 3
+    batch_size: int = 128  # global batch, at most (evened so each epoch uses every pair; split across ranks)
+    lr: float = 3e-4  # the tiny demo model; real CLIPs want ~1e-5 (FLYP), GIST used 1e-6
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup: float = 0.1  # warm-up steps; < 1 means a fraction of all steps
+    grad_clip: float = 1.0  # max gradient norm (0 = off)
+    precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16", "fp32"
+    compile: bool = False  # torch.compile each transformer block (fast to compile, same kernels)
+    attention: str = "auto"  # GPU attention kernel: "auto" (time cuDNN vs flash once), "default", "flash", "cudnn", "efficient"
+    grad_checkpointing: bool = False
+    freeze_text: bool = False
+    class_weight: float = 1.0  # class-aware loss: target weight of same-class (other image) pairs
+    filip_block: int = 64  # FILIP: block size of the token-similarity computation
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range
+    flip: bool = True
+    seed: int = 0
+    validate: bool = True  # zero-shot + probe on val after every epoch; picks the checkpoint
+    checkpoint_every: int = 0  # also write the resume state every N steps (0: at epoch ends only)
+    log_every: int = 10  # steps between loss flushes (one device sync each)
+    max_steps: int | None = None  # stop early (as if interrupted) after this many steps in total
+
+    def __post_init__(self):
+        self.betas, self.crop_scale = tuple(self.betas), tuple(self.crop_scale)
+        checks = [
+            (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
+            (self.loss in LOSSES, f"loss must be one of {LOSSES}, got {self.loss!r}"),
+            (self.captions_per_image >= 1, "captions_per_image must be >= 1"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 2, "batch_size must be >= 2 (a contrastive loss needs negatives)"),
+            (self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay >= 0"),
+            (self.precision in ("auto", "bf16", "fp32"), f"precision must be auto/bf16/fp32, got {self.precision!r}"),
+            (self.warmup >= 0 and self.grad_clip >= 0, "warmup and grad_clip must be >= 0"),
+            (self.attention in ATTENTION, f"attention must be one of {ATTENTION}, got {self.attention!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    @classmethod
+    def from_params(cls, p: dict, **overrides) -> FinetuneConfig:
+        """The settings a parameter section (``03_finetune``'s) holds, by field name; ``overrides`` win."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in p.items() if k in names}, **overrides})
+
+    def fingerprint(self) -> str:
+        """What must match for a checkpoint to resume this run exactly."""
+        skip = {"validate", "checkpoint_every", "log_every", "max_steps", "compile", "grad_checkpointing", "attention"}
+        d = {k: v for k, v in asdict(self).items() if k not in skip}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

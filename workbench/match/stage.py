@@ -1,0 +1,46 @@
+"""The match stage (``02_match``): its parameter section in; ``matches.jsonl``, ``captions_top5.json``
+and ``metrics.json["matching"]`` out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..clip import load_clip
+from ..data import Dataset, load_dataset
+from ..params import Params
+from ..runs import read_descriptions, update_metrics
+from .captions import export_captions_top5, import_captions_top5
+from .diagnostics import matching_metrics
+from .score import MatchResult, match_dataset
+
+
+@dataclass
+class MatchRun:
+    ds: Dataset
+    records: list[dict]  # matches.jsonl rows
+    result: MatchResult | None  # None when captions were imported
+    descriptions: list[dict] | None
+    metrics: dict  # metrics.json["matching"]
+
+
+def run(p: Params, ds: Dataset | None = None, descriptions: list[dict] | None = None) -> MatchRun:
+    """Match the split's images to their own class's descriptions (``descriptions``: the run's, read
+    here when not given) or import GIST captions; then record the diagnostics and export GIST's
+    ``captions_top5.json``."""
+    ds = ds if ds is not None else load_dataset(p.dataset, p.data_root, **p.dataset_options)
+    run_dir = Path(p.run_dir)
+    if p.import_captions is None:
+        descriptions = descriptions if descriptions is not None else read_descriptions(run_dir)
+        bundle = load_clip(p.model, p.pretrained, device=p.device)
+        result = match_dataset(ds, descriptions, bundle, k=p.k, batch_size=p.batch_size, summarize=p.summarize,
+                               summarize_options=p.summarize_options, split=p.split, center=p.center,
+                               skip_bad_images=p.skip_bad_images, run_dir=run_dir, progress=p.progress)
+        records = result.records
+    else:
+        descriptions, result = None, None
+        records = import_captions_top5(p.import_captions, ds, run_dir=run_dir)
+    metrics = matching_metrics(result if result is not None else records, descriptions, ds.split(p.split).table, k=p.k)
+    update_metrics(run_dir, "matching", metrics)
+    if p.export_captions:
+        export_captions_top5(records, run_dir / "captions_top5.json")
+    return MatchRun(ds, records, result, descriptions, metrics)

@@ -1,0 +1,77 @@
+"""Zero-shot figures of a CLIP on the synthetic benchmark: attribute retrieval and species names."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from ..clip import encode_images, encode_texts, image_size, load_clip
+from ..data import load_dataset
+from ..data import synthetic as syn
+from ..data.images import image_cache
+from ..plots import save_figure
+from .captions import attribute_prompts
+
+
+@torch.no_grad()
+def evaluate_pretrained(bundle=None, dataset=None, n_heldout: int = 600, heldout_seed: int = 2_000_003,
+                        split: str = "test", device: str = "cpu") -> dict:
+    """Zero-shot figures of a CLIP on the synthetic benchmark (the ``pretrain`` metrics section).
+
+    - ``attributes``: per attribute, top-1 of "which <value>" among that attribute's values on
+      ``n_heldout`` fresh random birds (its own seed: neither pretraining nor demo images), with
+      chance = 1 / number of values.
+    - ``dataset_attributes``: the same on ``dataset``'s ``split`` images (values per the table).
+    - ``species``: top-1 of species-name prompts on ``dataset``'s ``split``, chance 1 / classes.
+    """
+    if bundle is None:
+        bundle = load_clip("tiny", pretrained="synthetic", device=device)
+    model, _, tok = bundle
+    size = image_size(model)
+    images, attrs = syn.random_birds(n_heldout, heldout_seed, size)
+    feats = encode_images(model, torch.from_numpy(images))
+    out = {"model": bundle.model_id, "attributes": _attribute_scores(model, tok, feats, attrs)}
+    out["attribute_mean_top1"] = float(np.mean([v["top1"] for v in out["attributes"].values()]))
+    out["attribute_mean_chance"] = float(np.mean([v["chance"] for v in out["attributes"].values()]))
+    if dataset is None:
+        dataset = load_dataset("synthetic")
+    ds = dataset.split(split)
+    f = encode_images(model, image_cache(ds.paths(), size))
+    rows = ds.table.to_dict("records")
+    out["dataset_attributes"] = _attribute_scores(model, tok, f, rows)
+    txt = encode_texts(model, tok, [f"a photo of a {c}, a type of bird." for c in ds.classnames])
+    pred = (f @ txt.T).argmax(1).numpy()
+    out["species"] = {"top1": float((pred == ds.labels).mean()), "chance": 1.0 / ds.num_classes, "n": len(ds),
+                      "prompt": "a photo of a {}, a type of bird.", "split": split}
+    return out
+
+
+def _attribute_scores(model, tok, feats: torch.Tensor, attrs: list[dict]) -> dict:
+    res = {}
+    for a in syn.ATTRIBUTES:
+        values = syn.ATTRIBUTE_VALUES[a]
+        txt = encode_texts(model, tok, attribute_prompts(a))
+        pred = (feats @ txt.T).argmax(1).numpy()
+        truth = np.array([values.index(r[a]) for r in attrs])
+        counts = np.bincount(truth, minlength=len(values))
+        res[a] = {"top1": float((pred == truth).mean()), "chance": 1.0 / len(values),
+                  "majority": float(counts.max() / counts.sum()), "n": len(truth)}
+    return res
+
+
+def plot_zero_shot(figures: dict, path=None):
+    """Bar chart of :func:`evaluate_pretrained` figures: top-1 per attribute and species, with chance."""
+    names = list(figures["attributes"]) + ["species name"]
+    top1 = [figures["attributes"][a]["top1"] for a in figures["attributes"]] + [figures["species"]["top1"]]
+    chance = [figures["attributes"][a]["chance"] for a in figures["attributes"]] + [figures["species"]["chance"]]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    x = np.arange(len(names))
+    ax.bar(x, top1, color=["#377eb8"] * (len(names) - 1) + ["#e41a1c"], label="zero-shot top-1")
+    ax.scatter(x, chance, marker="_", s=600, color="black", label="chance", zorder=3)
+    ax.set_xticks(x, [n.replace("_", "\n") for n in names], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("top-1")
+    ax.set_title("pretrained tiny CLIP: attribute retrieval (held-out birds) vs species names", fontsize=9)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=150)

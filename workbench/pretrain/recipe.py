@@ -1,0 +1,217 @@
+"""Training the tiny CLIP on the synthetic benchmark, through fine-tuning's training step.
+
+It learns from generic attribute captions of randomly attributed birds drawn with their own seed,
+so it knows colours and parts but has never seen a species name nor any image of the demo dataset.
+The data source is its own (fresh captions every step, with a truth table); the step, optimizer
+groups, schedule and logit-scale handling are :class:`workbench.finetune.trainer.TrainStep`'s, and
+the loss is :func:`workbench.finetune.losses.multi_positive_loss`. The weights are trained once and
+cached under ``cache_root()/pretrained``, keyed by generator and training config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from filelock import FileLock
+from open_clip.transformer import PatchDropout
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+
+from ..cache import cached_tensors
+from ..clip import load_clip, normalize_images, trim
+from ..data import synthetic as syn
+from ..finetune.config import FinetuneConfig
+from ..finetune.losses import multi_positive_loss
+from ..finetune.trainer import TrainStep, lr_at
+from ..io import atomic_write_bytes, cache_root, hash_key
+from .captions import attribute_caption, truth_table
+
+PRETRAIN_VERSION = 2  # 2: trained by the shared TrainStep (open_clip's decay groups, warm-up + cosine)
+ARCH = "wb-tiny"
+DEFAULTS = dict(
+    n_images=4096,  # random birds; rendered once into a uint8 cache
+    data_seed=1_000_003,  # not any demo dataset seed: the pretraining images are its own draw
+    size=64,
+    steps=300,
+    batch_size=64,
+    captions_per_image=3,  # random captions (1-4 attributes each) per image
+    patch_dropout=0.5,  # FLIP-style: train on a random half of the patches, ~1.6x cheaper
+    lr=1e-3,
+    weight_decay=0.05,
+    warmup=20,
+    seed=0,
+)
+
+
+def pretrain_config(**overrides) -> dict:
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown pretraining option(s) {unknown}; known: {sorted(DEFAULTS)}")
+    return {**DEFAULTS, **overrides}
+
+
+def checkpoint_key(config: dict) -> str:
+    return hash_key("pretrain", PRETRAIN_VERSION, syn.GENERATOR_VERSION, ARCH, config)
+
+
+def pretrain_images(config: dict) -> tuple[torch.Tensor, list[dict]]:
+    """The pretraining birds: uint8 images (cached on disk) and their attributes."""
+    key = hash_key("pretrain-images", syn.GENERATOR_VERSION, config["n_images"], config["data_seed"], config["size"])
+    cache = cached_tensors("synthetic-pretrain", key, lambda: _render(config))
+    # attributes are cheap to redraw exactly (same rng stream) without re-rendering
+    codes = cache["attributes"].numpy()
+    attrs = [{a: syn.ATTRIBUTE_VALUES[a][int(c)] for a, c in zip(syn.ATTRIBUTES, row)} for row in codes]
+    return cache["images"], attrs
+
+
+def _render(config: dict) -> dict[str, torch.Tensor]:
+    images, attrs = syn.random_birds(config["n_images"], config["data_seed"], config["size"])
+    codes = [[syn.ATTRIBUTE_VALUES[a].index(r[a]) for a in syn.ATTRIBUTES] for r in attrs]
+    return {"images": torch.from_numpy(images), "attributes": torch.tensor(codes, dtype=torch.uint8)}
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Light augmentation on a uint8 batch: random shift (reflect pad + crop) and horizontal flip."""
+    n, _, h, w = x.shape
+    xp = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+    x = xp[..., dy : dy + h, dx : dx + w]
+    flip = torch.rand(n, generator=gen) < 0.5
+    x[flip] = x[flip].flip(-1)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def default_threads() -> int:
+    """2 CPU threads, or 1 when the machine is already busy.
+
+    On an oversubscribed machine two OpenMP threads spin-wait on each other and a step runs
+    ~10x slower than with one thread (measured on a 2-core box at load 10).
+    """
+    cpus = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] > cpus - 1
+    except OSError:  # not available on every platform
+        busy = False
+    return 1 if busy or cpus < 2 else 2
+
+
+class CaptionSource:
+    """The pretraining batches: random images of the cache, each with fresh random captions, and the
+    truth table of which caption holds for which image."""
+
+    def __init__(self, images: torch.Tensor, attrs: list[dict], tokenizer, config: dict):
+        self.images, self.attrs, self.tokenizer, self.config = images, attrs, tokenizer, config
+        self.codes = np.array([[syn.ATTRIBUTE_VALUES[a].index(r[a]) for a in syn.ATTRIBUTES] for r in attrs])
+        self.rng = np.random.default_rng([config["seed"], 505])
+        self.gen = torch.Generator().manual_seed(config["seed"])
+
+    def batch(self, model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(model input images, caption ids cut after the last EOT, truth table)``."""
+        bs = self.config["batch_size"]
+        idx = self.rng.choice(len(self.images), size=bs, replace=False)
+        # Several captions per image: text is cheap next to the image tower, and each adds signal.
+        owner = np.repeat(np.arange(bs), self.config["captions_per_image"])
+        caps = [attribute_caption(self.attrs[idx[o]], self.rng) for o in owner]
+        pos = truth_table(self.codes[idx], owner, [keys for _, keys in caps])
+        x = normalize_images(_augment(self.images[idx], self.gen), model)
+        return x, trim(self.tokenizer([c for c, _ in caps])), pos
+
+
+def _loss(pos: torch.Tensor):
+    def loss_fn(out):
+        img, txt = F.normalize(out["image"].float(), dim=-1), F.normalize(out["text"].float(), dim=-1)
+        return multi_positive_loss(img, txt, out["logit_scale"], pos)
+
+    return loss_fn
+
+
+def _fit(config: dict, progress: bool, log) -> tuple[torch.nn.Module, list[float], float]:
+    """The training itself: ``(model, losses, data seconds)``."""
+    t0 = time.time()
+    images, attrs = pretrain_images(config)
+    t_data = time.time() - t0
+    torch.manual_seed(config["seed"])
+    model, _, tokenizer = load_clip("tiny", pretrained=None, device="cpu")
+    model.visual.patch_dropout = PatchDropout(config["patch_dropout"])  # active in train mode only
+    cfg = FinetuneConfig(batch_size=config["batch_size"], lr=config["lr"], weight_decay=config["weight_decay"],
+                         warmup=config["warmup"], grad_clip=1.0, precision="fp32")
+    steps = config["steps"]
+    trainer = TrainStep(model, cfg, "cpu", steps, distributed=False)
+    source = CaptionSource(images, attrs, tokenizer, config)
+    losses = []
+    for step in tqdm(range(steps), disable=not progress, desc="pretrain tiny CLIP"):
+        x, ids, pos = source.batch(model)
+        loss, _ = trainer.step(step, x, ids, _loss(pos))
+        losses.append(loss.item())
+        if not np.isfinite(losses[-1]):
+            raise FloatingPointError(f"pretraining loss is {losses[-1]} at step {step}")
+        if log is not None and (step % 25 == 0 or step == steps - 1):
+            log({"step": step, "loss": losses[-1], "lr": lr_at(step, steps, cfg.lr, cfg.warmup)})
+    return model, losses, t_data
+
+
+def train(config: dict | None = None, progress: bool = False, log=None, threads: int | None = None) -> tuple[dict, dict]:
+    """Train the tiny CLIP from random init; return ``(state_dict, info)`` (CPU tensors).
+
+    ``threads``: torch CPU threads while training (default :func:`default_threads`); not part of
+    the cache key, the result does not depend on it beyond float rounding.
+    """
+    config = pretrain_config(**(config or {}))
+    threads = threads or default_threads()
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t1, c1 = time.time(), time.process_time()
+        model, losses, t_data = _fit(config, progress, log)
+        info = {
+            "config": config,
+            "data_seconds": round(t_data, 2),
+            "train_seconds": round(time.time() - t1 - t_data, 2),
+            # CPU seconds of all threads: train_seconds on an idle machine is about this / threads
+            "train_cpu_seconds": round(time.process_time() - c1, 2),
+            "threads": threads,
+            "loss_first": round(float(np.mean(losses[:20])), 4),
+            "loss_last": round(float(np.mean(losses[-20:])), 4),
+        }
+        model.visual.patch_dropout = torch.nn.Identity()
+        model.eval()
+        return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, info
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+# ---------------------------------------------------------------- cached checkpoint
+def checkpoint_path(**overrides) -> Path:
+    config = pretrain_config(**overrides)
+    return cache_root() / "pretrained" / f"{ARCH}-synthetic-{checkpoint_key(config)}.safetensors"
+
+
+def synthetic_checkpoint(progress: bool = False, **overrides) -> Path:
+    """Path of the pretrained tiny CLIP; trains it first (once, under a file lock) if not cached.
+
+    ``load_clip("tiny", pretrained="synthetic")`` calls this. Training info (times, losses)
+    is written next to it as ``<name>.json``.
+    """
+    config = pretrain_config(**overrides)
+    path = checkpoint_path(**overrides)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):  # a notebook and pytest may ask at the same time
+        if path.exists():  # the other process trained it while we waited
+            return path
+        state, info = train(config, progress=progress)
+        atomic_write_bytes(path.with_suffix(".json"), (json.dumps(info, indent=2) + "\n").encode())
+        atomic_write_bytes(path, save_safetensors(state, metadata={"arch": ARCH, "pretrain": json.dumps(config)}))
+    return path
+
+
+def checkpoint_info(**overrides) -> dict:
+    """Training info of the cached checkpoint (``{}`` if it was not trained yet)."""
+    p = checkpoint_path(**overrides).with_suffix(".json")
+    return json.loads(p.read_text()) if p.exists() else {}

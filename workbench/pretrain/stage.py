@@ -1,0 +1,43 @@
+"""The pretrain stage (``00_pretrain``): the tiny CLIP trained (or loaded) and its zero-shot figures in
+``metrics.json["pretrain"]``; for any other model the stage records that it was skipped."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..clip import load_clip, resolve_name
+from ..data import Dataset, load_dataset
+from ..data import synthetic as syn
+from ..params import Params
+from ..plots import save_figure
+from ..runs import update_metrics
+from .evaluate import evaluate_pretrained
+from .recipe import ARCH, checkpoint_info, synthetic_checkpoint
+
+
+def active(p: Params) -> bool:
+    """The stage pretrains only the tiny architecture with the ``synthetic`` tag."""
+    return resolve_name(p.model) == ARCH and p.pretrained == "synthetic"
+
+
+def benchmark(p: Params) -> Dataset:
+    """The synthetic benchmark the stage shows (the run's dataset when it is the synthetic one)."""
+    return load_dataset(p.dataset, p.data_root, **p.dataset_options) if p.dataset == "synthetic" else load_dataset("synthetic")
+
+
+def samples_figure(p: Params, ds: Dataset):
+    fig = syn.plot_samples(ds, n_species=6, per_species=3)
+    return save_figure(fig, Path(p.run_dir) / "figures" / "pretrain_samples.png", dpi=150)
+
+
+def run(p: Params, ds: Dataset) -> dict | None:
+    """Pretrain (or load the cached weights) and measure them; None when the stage is skipped."""
+    if not active(p):
+        update_metrics(p.run_dir, "pretrain", {"skipped": True, "model": p.model, "pretrained": p.pretrained})
+        return None
+    ckpt = synthetic_checkpoint(progress=p.progress)
+    bundle = load_clip(p.model, p.pretrained, device=p.device)
+    results = evaluate_pretrained(bundle, dataset=ds, n_heldout=p.n_heldout)
+    results["checkpoint"] = str(ckpt)
+    results["training"] = checkpoint_info()
+    update_metrics(p.run_dir, "pretrain", results)
+    return results
