@@ -62,3 +62,36 @@ def test_cub_end_to_end(tmp_path):
     assert rc == 0
     _check_run(tmp_path / "reports" / "cub", ["describe", "match", "finetune", "evaluate", "align"])
 
+
+def test_every_loss_and_option_runs_through_workbench_run(tmp_path):
+    """Each loss and each training switch through `workbench run`: FILIP with gradient checkpointing
+    and few-shot runs, then the class-aware loss with a frozen text tower (the CLIP loss is the demo's).
+    FILIP used to crash at the first validation: the vision tower kept returning its tokens."""
+    base = ["run", "demo", "--name", "opts", "--reports", str(tmp_path),
+            "--set", "dataset_options={n_species: 4, n_train: 4, n_val: 2, n_test: 2}", "--set", "model=tiny",
+            "--set", "progress=false", "--set", "describe.per_class=4", "--set", "finetune.epochs=2",
+            "--set", "finetune.seeds=[0]", "--set", "finetune.batch_size=16"]
+    run_dir = tmp_path / "opts"
+    settings = [
+        (["describe", "match", "finetune"], {"loss": "filip", "grad_checkpointing": True, "shots": ["full", 1]}),
+        (["finetune"], {"loss": "class-aware", "freeze_text": True, "shots": [3], "resume": False}),
+    ]
+    for stages, opts in settings:
+        sets = sum((["--set", f"finetune.{k}={json.dumps(v)}"] for k, v in opts.items()), [])
+        assert cli.main([*base, "--stages", ",".join(stages), *sets]) == 0, opts
+        ft = json.loads((run_dir / "metrics.json").read_text())["finetune"]
+        for k, v in opts.items():
+            if k not in ("shots", "resume"):
+                assert ft["config"][k] == v
+        runs = {r["run"]: r for r in ft["runs"]}
+        for shots in opts["shots"]:
+            for method in ("gist", "finetune-classname"):
+                r = runs[f"{method}-{shots}-s0"]
+                assert r["status"] == "done" and r["steps"] == r["total_steps"] > 0
+                assert r["val_top1"] is not None and 0 <= r["val_top1"] <= 100
+        log = read_jsonl(run_dir / "train_log.jsonl")
+        losses = [r["loss"] for r in log if "loss" in r and r["run"].startswith("gist-")]
+        assert losses and all(0 < x < 20 for x in losses)
+    index = json.loads((run_dir / "checkpoints" / "index.json").read_text())
+    assert {(r["method"], str(r["shots"])) for r in index} == {(m, s) for m in ("gist", "finetune-classname")
+                                                                for s in ("full", "1", "3")}

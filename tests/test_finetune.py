@@ -389,3 +389,19 @@ def test_bf16_autocast_keeps_fp32_master_weights(toy):
     assert d16.abs().max() < 1e-4 and (d16 != 0).float().mean() > 0.9
     assert torch.nn.functional.cosine_similarity(d16.flatten(), d32.flatten(), dim=0) > 0.9
 
+
+def test_filip_towers_leave_the_model_as_they_found_it():
+    """The FILIP forward returns projected patch tokens, but the vision tower is not left returning
+    them: validation (encode_image) must still get the pooled feature."""
+    from workbench.finetune.trainer import Towers
+
+    clip, _, tok = _tiny()
+    towers = Towers(clip, tokens=True)
+    ids = tok(["a red bird", "a blue bird with a long tail"])
+    x = torch.randn(2, 3, 64, 64)
+    out = towers(x, ids[:, : int(ids.argmax(-1).max()) + 1])
+    gh, gw = clip.visual.grid_size
+    assert out["image_tokens"].shape == (2, gh * gw, out["image"].shape[1]) and out["text_tokens"].shape[:2] == (2, 9)
+    assert clip.visual.output_tokens is False
+    with torch.no_grad():
+        assert clip.encode_image(x).shape == (2, out["image"].shape[1])

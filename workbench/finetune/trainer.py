@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..clip import autocast, image_size, text_forward, token_mask
+from ..clip import autocast, image_size, output_tokens, text_forward, token_mask
 from ..io import append_jsonl
 from . import losses
 from .attention import attention_context
@@ -116,20 +116,21 @@ def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class Towers(nn.Module):
-    """Both encoders in one forward, so DDP sees every parameter use (and the logit scale)."""
+    """Both encoders in one forward, so DDP sees every parameter use (and the logit scale). With
+    ``tokens`` (FILIP) it also returns projected patch and word tokens; the vision tower returns its
+    tokens only inside this forward, so validation and every other caller see the plain model."""
 
     def __init__(self, clip, tokens: bool = False):
         super().__init__()
         self.clip = clip
         self.tokens = tokens
-        if tokens:
-            clip.visual.output_tokens = True  # visual(x) -> (pooled, tokens after ln_post)
 
     def forward(self, images, text):
         v = self.clip.visual
         out = {"logit_scale": self.clip.logit_scale.exp()}
         if self.tokens:
-            pooled, tok = v(images)
+            with output_tokens(v):
+                pooled, tok = v(images)  # tokens after ln_post, before the projection
             out["image_tokens"] = tok @ v.proj if v.proj is not None else tok
         else:
             pooled = v(images)
