@@ -24,8 +24,13 @@ def _check_run(run_dir, stages):
         assert nb.with_suffix(".html").exists()
     assert len(list(run_dir.glob("0*.ipynb"))) == len(stages)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    for section in ("describe", "matching", "finetune", "accuracy", "alignment", "timing"):
+    for section in ("describe", "matching", "finetune", "accuracy", "comparisons", "alignment", "timing"):
         assert section in metrics, section
+    for c in metrics["comparisons"]:
+        assert set(c) == {"a", "b", "shots", "diff", "ci95", "p", "n_test", "seeds"} and 0 < c["p"] <= 1
+        assert c["ci95"][0] <= c["diff"] <= c["ci95"][1]
+    assert {(c["a"], c["b"]) for c in metrics["comparisons"] if c["shots"] == 1} >= {
+        ("gist", "finetune-classname"), ("gist", "linear-probe"), ("finetune-classname", "linear-probe")}
     rows = metrics["accuracy"]
     assert {r["method"] for r in rows} == METHODS
     assert {(r["method"], str(r["shots"])) for r in rows} >= {(m, s) for m in METHODS for s in ("full", "1")}

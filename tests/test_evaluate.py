@@ -29,6 +29,7 @@ from workbench.evaluate import (
     topk_correct,
     zero_shot_rows,
 )
+from workbench.evaluate.paired import PAIRS
 from workbench.evaluate.zeroshot import classname_prompts
 from workbench.runs import read_index as read_checkpoint_index
 
@@ -369,6 +370,17 @@ def test_notebook_runs_all_four_methods(tmp_path, monkeypatch):
         (m, s) for m in ("zero-shot", "linear-probe", "finetune-classname", "gist") for s in ("full", "1")}
     assert (run / "figures" / "evaluate_accuracy.png").exists()
     assert (run / "figures" / "evaluate_probe_sweep.png").exists()
+    # both fine-tuned methods point at the same weights: their paired difference is exactly zero
+    comps = read_json(run / "metrics.json")["comparisons"]
+    assert {(c["a"], c["b"], str(c["shots"])) for c in comps} == {
+        (a, b, s) for a, b in PAIRS for s in ("full", "1")}
+    same = [c for c in comps if (c["a"], c["b"]) == ("gist", "finetune-classname")]
+    assert all(c["diff"] == 0 and c["ci95"] == [0, 0] and c["p"] == 1 for c in same)
+    assert (run / "figures" / "evaluate_comparisons.png").exists()
+    out = "".join("".join(o.get("text", "")) for c in json.loads((run / "04_evaluate.ipynb").read_text())["cells"]
+                  for o in c.get("outputs", []))
+    assert "GIST vs FLYP-style at full shot: +0.0 points [+0.0, +0.0], p = 1.00" in out
+    assert "no difference can be claimed" in out
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -395,3 +407,88 @@ def test_cuda_probe_and_features_match_cpu(tiny_ds, tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "features").glob("*.safetensors"))) == 2
     cos = F.cosine_similarity(f_cpu, f_gpu, dim=1)
     assert cos.min() > 0.98, cos.min()
+
+
+# ---------------------------------------------------------------- paired comparisons
+def _correct(n, acc, seed):
+    return np.random.default_rng(seed).random(n) < acc
+
+
+def test_paired_interval_agrees_with_scipy_bootstrap():
+    """One draw: the interval resamples test images jointly for both methods, like scipy's paired bootstrap."""
+    from scipy.stats import bootstrap
+
+    from workbench.evaluate import paired_difference
+
+    a, b = _correct(600, 0.62, 1), _correct(600, 0.55, 2)
+    b[:300] = a[:300]  # correlated outcomes: the paired interval is narrower than the unpaired one
+    ours = paired_difference(a, b, n_boot=20000, seed=0)
+    assert ours["diff"] == pytest.approx(100 * (a.mean() - b.mean()), abs=1e-9)
+    ref = bootstrap((a.astype(float), b.astype(float)), lambda x, y, axis: x.mean(axis) - y.mean(axis), paired=True,
+                    vectorized=True, n_resamples=20000, method="percentile", random_state=0).confidence_interval
+    assert ours["ci95"] == pytest.approx([100 * ref.low, 100 * ref.high], abs=0.4)  # Monte Carlo error ~0.1 point
+    unpaired = [np.percentile([(a[np.random.default_rng(i).integers(0, 600, 600)].mean()
+                                - b[np.random.default_rng(10**6 + i).integers(0, 600, 600)].mean()) * 100
+                               for i in range(2000)], q) for q in (2.5, 97.5)]
+    assert ours["ci95"][1] - ours["ci95"][0] < unpaired[1] - unpaired[0]
+
+
+def test_sign_flip_p_agrees_with_scipy_permutation_test():
+    from scipy.stats import permutation_test
+
+    from workbench.evaluate import sign_flip_p
+
+    a, b = _correct(300, 0.6, 3), _correct(300, 0.5, 4)
+    d = a.astype(float) - b.astype(float)
+    ref = permutation_test((a.astype(float), b.astype(float)), lambda x, y, axis: x.mean(axis) - y.mean(axis),
+                           permutation_type="samples", vectorized=True, n_resamples=20000, random_state=0).pvalue
+    assert sign_flip_p(d, n_perm=20000) == pytest.approx(ref, abs=0.01)
+    assert sign_flip_p(np.zeros(50)) == 1.0  # identical predictions: nothing to tell apart
+    assert sign_flip_p(np.ones(200), n_perm=999) == pytest.approx(1 / 1000)  # never 0
+
+
+def test_seeds_widen_the_interval_and_the_difference_is_their_mean():
+    from workbench.evaluate import paired_difference
+
+    a = np.stack([_correct(400, acc, s) for s, acc in enumerate((0.7, 0.5, 0.6))])
+    b = np.stack([_correct(400, 0.55, 10 + s) for s in range(3)])
+    three = paired_difference(a, b, seed=0)
+    assert three["diff"] == pytest.approx(100 * (a.mean() - b.mean())) and three["n_seeds"] == 3
+    one = paired_difference(a[:1], b[:1], seed=0)
+    lo, hi = three["ci95"]
+    assert lo < three["diff"] < hi
+    assert hi - lo > (one["ci95"][1] - one["ci95"][0])  # the draws disagree: their spread is in the interval
+    with pytest.raises(ValueError, match="equal, non-empty shapes"):
+        paired_difference(a, b[:2])
+
+
+def test_comparison_rows_and_findings():
+    """Rows pair methods on the same draws; zero-shot (one prediction) pairs with every draw; the
+    sentences are computed from the numbers."""
+    from workbench.evaluate import comparisons, findings
+
+    test = np.arange(500)
+    rows = [{"method": "zero-shot", "shots": s, "seed": 0, "_test": {"rows": test, "correct": _correct(500, 0.1, 0)}}
+            for s in ("full", 1)]
+    for m, acc in (("linear-probe", 0.5), ("gist", 0.8), ("finetune-classname", 0.52)):
+        rows.append({"method": m, "shots": "full", "seed": 0, "_test": {"rows": test, "correct": _correct(500, acc, 1)}})
+        for s in (0, 1, 2):
+            rows.append({"method": m, "shots": 1, "seed": s,
+                         "_test": {"rows": test, "correct": _correct(500, acc - 0.2, 2 + s)}})
+    comps = comparisons(rows, n_boot=500)
+    assert len(comps) == 12 and {c["shots"] for c in comps} == {"full", 1}
+    row = next(c for c in comps if (c["a"], c["b"], c["shots"]) == ("gist", "linear-probe", 1))
+    assert set(row) == {"a", "b", "shots", "diff", "ci95", "p", "n_test", "seeds"}
+    assert row["seeds"] == [0, 1, 2] and row["n_test"] == 500 and row["ci95"][0] > 0 and row["p"] < 0.01
+    zs = next(c for c in comps if (c["a"], c["b"], c["shots"]) == ("linear-probe", "zero-shot", 1))
+    assert zs["seeds"] == [0, 1, 2]  # zero-shot's single prediction paired with each draw
+    text = findings(comps)
+    assert len(text) == len(comps)
+    g = next(t for t in text if t.startswith("GIST vs linear probe at 1 shot"))
+    assert f"{row['diff']:+.1f} points [{row['ci95'][0]:+.1f}, {row['ci95'][1]:+.1f}]" in g and "GIST is better" in g
+    flyp = next(c for c in comps if (c["a"], c["b"], c["shots"]) == ("finetune-classname", "linear-probe", "full"))
+    sentence = next(t for t in text if t.startswith("FLYP-style vs linear probe at full shot"))
+    assert ("no difference can be claimed" in sentence) == (flyp["ci95"][0] <= 0 <= flyp["ci95"][1])
+    rows[-1]["_test"] = {"rows": test[::-1], "correct": rows[-1]["_test"]["correct"]}
+    with pytest.raises(ValueError, match="different test images"):
+        comparisons(rows)

@@ -43,13 +43,21 @@ def _shots_value(s):
     return "full" if s == "full" else int(s)
 
 
-def _score_rows(correct1: torch.Tensor, correct3: torch.Tensor, bootstrap_n: int, bootstrap_seed: int) -> dict:
-    bs = bootstrap_ci(np.stack([correct1.cpu().numpy(), correct3.cpu().numpy()]), bootstrap_n, bootstrap_seed)
-    return {
+def _score_rows(correct1: torch.Tensor, correct3: torch.Tensor, bootstrap_n: int, bootstrap_seed: int,
+                test: np.ndarray | None = None) -> dict:
+    """Top-1/top-3 with bootstrap intervals; with ``test`` (the test rows' positions in the dataset
+    table) the row also keeps its per-image top-1 correctness under ``_test``, for paired comparisons
+    (keys starting with "_" stay in memory: they are not written to metrics.json)."""
+    c1 = correct1.cpu().numpy()
+    bs = bootstrap_ci(np.stack([c1, correct3.cpu().numpy()]), bootstrap_n, bootstrap_seed)
+    out = {
         "top1": float(bs["mean"][0]), "top3": float(bs["mean"][1]),
         "ci95": [float(x) for x in bs["ci95"][0]], "top3_ci95": [float(x) for x in bs["ci95"][1]],
         "n_test": int(len(correct1)),
     }
+    if test is not None:
+        out["_test"] = {"rows": np.asarray(test), "correct": c1.astype(bool)}
+    return out
 
 
 def probe_draw(
@@ -65,7 +73,7 @@ def probe_draw(
     )
     logits = res.logits(X[draw.test])
     yt = y[draw.test].to(logits.device)
-    m = _score_rows(topk_correct(logits, yt, 1), topk_correct(logits, yt, 3), bootstrap_n, bootstrap_seed)
+    m = _score_rows(topk_correct(logits, yt, 1), topk_correct(logits, yt, 3), bootstrap_n, bootstrap_seed, draw.test)
     m.update(n_train=int(len(draw.train)), weight_decay=res.weight_decay, val_top1=res.val_top1, fit_on=res.fit_on,
              draw=draw.source, sweep=[{"weight_decay": w["weight_decay"], "val_top1": round(w["val_top1"], 3),
                                        "val_loss": round(w["val_loss"], 5)} for w in res.sweep])
@@ -119,7 +127,7 @@ def zero_shot_rows(
     y = torch.as_tensor(ds.labels[test])
     W = classname_classifier(model, tokenizer, ds.classnames, templates, batch_size=batch_size)
     logits = classname_scores(feats, W)
-    m = _score_rows(topk_correct(logits, y, 1), topk_correct(logits, y, 3), bootstrap_n, bootstrap_seed)
+    m = _score_rows(topk_correct(logits, y, 1), topk_correct(logits, y, 3), bootstrap_n, bootstrap_seed, test)
     m.update(templates=len(templates))
     if texts is not None:
         D = encode_texts(model, tokenizer, description_texts(texts, labels, ds.classnames, description_template),

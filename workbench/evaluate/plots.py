@@ -80,3 +80,30 @@ def plot_sweep(rows: list[dict], path: str | Path | None = None):
     fig.suptitle("linear probe: weight-decay sweep on val (* = chosen)", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_comparisons(comps: list[dict], path: str | Path | None = None):
+    """Forest plot of the paired differences: one line per (shots, pair), the difference in top-1 with its
+    95% interval, zero marked; intervals clear of zero are drawn dark."""
+    from .paired import LABELS
+
+    if not comps:
+        raise ValueError("no comparisons to plot")
+    order = sorted(comps, key=lambda c: (str(c["shots"]) != "full", int(c["shots"]) if c["shots"] != "full" else 0))
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(order) + 1.2))
+    y = np.arange(len(order))[::-1]
+    for yi, c in zip(y, order):
+        lo, hi = c["ci95"]
+        clear = lo > 0 or hi < 0
+        ax.errorbar(c["diff"], yi, xerr=[[c["diff"] - lo], [hi - c["diff"]]], fmt="o", ms=4, capsize=2,
+                    color="black" if clear else "#999999")
+        ax.text(1.01, yi, f"p = {c['p']:.3g}", transform=ax.get_yaxis_transform(), va="center", fontsize=7)
+    shots = [c["shots"] if c["shots"] == "full" else f"{c['shots']}-shot" for c in order]
+    ax.set_yticks(y, [f"{s}: {LABELS.get(c['a'], c['a'])} − {LABELS.get(c['b'], c['b'])}" for s, c in zip(shots, order)],
+                  fontsize=7)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("difference in test top-1 (points), paired 95% bootstrap interval")
+    ax.set_title("paired comparisons (dark: interval clear of zero)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)

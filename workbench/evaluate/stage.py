@@ -11,7 +11,8 @@ from ..params import Params
 from ..runs import DESCRIPTIONS, read_index, update_metrics
 from .compare import finetuned_rows, probe_rows, zero_shot_rows
 from .draws import check_draws, dataset_features
-from .plots import plot_accuracy, plot_sweep
+from .paired import comparisons
+from .plots import plot_accuracy, plot_comparisons, plot_sweep
 from .zeroshot import TEMPLATES
 
 
@@ -62,7 +63,16 @@ def tuned_rows(p: Params, s: Setup) -> tuple[list[dict], list[str]]:
 
 
 def record(p: Params, rows: list[dict]):
-    """Store the rows in ``metrics.json["accuracy"]``; return the accuracy and sweep figures (saved)."""
-    update_metrics(p.run_dir, "accuracy", rows)
+    """Store the rows in ``metrics.json["accuracy"]`` and the figures; return the figures."""
+    update_metrics(p.run_dir, "accuracy", [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
     figures = Path(p.run_dir) / "figures"
     return plot_accuracy(rows, figures / "evaluate_accuracy.png"), plot_sweep(rows, figures / "evaluate_probe_sweep.png")
+
+
+def compare(p: Params, rows: list[dict]) -> tuple[list[dict], object]:
+    """Paired comparisons of the methods at every shots setting, in ``metrics.json["comparisons"]``;
+    returns them and their forest plot (saved)."""
+    comps = comparisons(rows, n_boot=max(p.bootstrap_n, 1000), seed=p.seed)
+    update_metrics(p.run_dir, "comparisons", comps)
+    fig = plot_comparisons(comps, Path(p.run_dir) / "figures" / "evaluate_comparisons.png") if comps else None
+    return comps, fig
