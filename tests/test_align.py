@@ -197,8 +197,13 @@ def test_pointing_game_end_to_end_structure(clip, images, monkeypatch):
     tail = torch.zeros(64, 64, dtype=torch.bool)
     tail[56:, 56:] = True
     same = [items[0], pointing.PartItem(0, "tail", "a bird with a long tail", "tail", tail)]
-    res = pointing.pointing_game(model, tok, images, same, methods=("similarity",))
+    res = pointing.pointing_game(model, tok, images, same, methods=("similarity", "rollout"))
     assert res["similarity"]["score"] == 0.5 and res["similarity"]["other_parts"] == 0.5
+    lo, hi = res["similarity"]["score_ci95"]
+    assert lo < 0.5 < hi and hi - lo > 0.5  # two queries say little: a wide interval
+    # rollout is the same map for every caption: no word-specificity control is computed for it
+    assert res["rollout"]["other_parts"] is None and res["rollout"]["word_specific"] is False
+    assert res["similarity"]["word_specific"] is True
     monkeypatch.undo()
     res = pointing.pointing_game(model, tok, images, items)
     assert set(res) == set(pointing.METHODS)

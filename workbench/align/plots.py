@@ -178,12 +178,15 @@ def plot_pointing(results: dict[str, dict[str, dict]], title: str = "pointing ga
         xs = np.arange(len(methods)) + (i - (len(models) - 1) / 2) * width
         s = [results[m].get(model, {}).get("score", np.nan) for m in methods]
         c = [results[m].get(model, {}).get("chance", np.nan) for m in methods]
-        ax.bar(xs, s, width * 0.9, label=model)
+        ci = [results[m].get(model, {}).get("score_ci95") or (v, v) for m, v in zip(methods, s)]
+        ax.bar(xs, s, width * 0.9, label=model,
+               yerr=[[v - lo for v, (lo, _) in zip(s, ci)], [hi - v for v, (_, hi) in zip(s, ci)]], capsize=3)
         o = [results[m].get(model, {}).get("other_parts") for m in methods]
         ax.scatter(xs, c, marker="_", s=300, color="black", zorder=3, label="chance" if i == 0 else None)
         ax.scatter(xs, [np.nan if v is None else v for v in o], marker="x", color="dimgray", zorder=3,
                    label="hit on another part (control)" if i == 0 else None)
-    ax.set_xticks(np.arange(len(methods)), methods)
+    ax.set_xticks(np.arange(len(methods)), [m if results[m].get(models[0], {}).get("word_specific", True)
+                                            else f"{m}\n(same map for every caption)" for m in methods])
     ax.set_ylim(0, 1)
     ax.set_ylabel("hit rate (hottest patch in part)")
     ax.set_title(title, fontsize=10)

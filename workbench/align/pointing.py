@@ -14,10 +14,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..match.diagnostics import wilson_interval
 from .attention import image_rollout, pair_relevance
 from .features import image_tokens, similarity_maps, text_tokens, token_patch_similarity, tokenize, word_map
 
 METHODS = ("similarity", "rollout", "relevance")
+# Rollout is computed from the image tower alone: the same map for every caption, so it cannot point at
+# the part a caption names; its score says where the model looks, and a word-specificity control is moot.
+WORD_SPECIFIC = {"similarity": True, "rollout": False, "relevance": True}
 
 
 @dataclass
@@ -149,10 +153,12 @@ def pointing_game(
 ) -> dict[str, dict]:
     """Run the pointing game; ``images[item.index]`` is the (uint8, model-size) image of each item.
 
-    Returns ``{method: {score, chance, area, other_parts, n, per_part: {part: {score, chance, n}}}}``.
-    ``other_parts`` is a control: how often the same hottest patch lands in one of the image's *other*
-    parts (averaged over them). A map that finds the bird but not the part scores as high there as
-    on ``score``; a part-specific map scores lower.
+    Returns ``{method: {score, score_ci95, chance, area, other_parts, word_specific, n, per_part: {part:
+    {score, chance, n}}}}``. ``other_parts`` is a control: how often the same hottest patch lands in one
+    of the image's *other* parts (averaged over them). A map that finds the bird but not the part scores
+    as high there as on ``score``; a part-specific map scores lower. Caption-independent methods
+    (rollout, :data:`WORD_SPECIFIC`) get ``other_parts = None``: they cannot be word-specific.
+    ``score_ci95``: 95% Wilson interval over the queries.
     """
     methods = check_methods(methods)
     if not items:
@@ -166,16 +172,20 @@ def pointing_game(
     for method in methods:
         maps = item_maps(model, tokenizer, images, items, method, batch_size, progress)
         res = point_hits(maps, regions, min_cover)
-        other = other_part_hits(items, res["argmax"], patch_cover(regions, maps.shape[-2:]) > min_cover)
+        other = None
+        if WORD_SPECIFIC[method]:
+            other = other_part_hits(items, res["argmax"], patch_cover(regions, maps.shape[-2:]) > min_cover)
         per_part = {}
         for p in dict.fromkeys(parts):
             sel = torch.tensor([q == p for q in parts])
             per_part[p] = {"score": res["hit"][sel].mean().item(), "chance": res["chance"][sel].mean().item(), "n": int(sel.sum())}
         out[method] = {
             "score": res["hit"].mean().item(),
+            "score_ci95": wilson_interval(int(res["hit"].sum().item()), len(items)),
             "chance": res["chance"].mean().item(),
             "area": res["area"].mean().item(),
             "other_parts": other,
+            "word_specific": WORD_SPECIFIC[method],
             "n": len(items),
             "per_part": per_part,
         }

@@ -112,12 +112,15 @@ def run_pointing(
 
 
 def pointing_table(results: dict) -> pd.DataFrame:
-    """Long table: method, model, score, chance, the other-parts control, area, n."""
+    """Long table: method, model, score with its 95% interval, chance, the other-parts control (None for
+    caption-independent methods), area, n."""
     rows = []
     for method, by_model in results.items():
         for model, r in by_model.items():
-            rows.append({"method": method, "model": model, "score": r["score"], "chance": r["chance"],
-                         "other_parts": r.get("other_parts"), "area": r.get("area"), "n": r["n"]})
+            lo, hi = r.get("score_ci95") or (None, None)
+            rows.append({"method": method, "model": model, "score": r["score"], "score_lo": lo, "score_hi": hi,
+                         "chance": r["chance"], "other_parts": r.get("other_parts"),
+                         "word_specific": r.get("word_specific"), "area": r.get("area"), "n": r["n"]})
     return pd.DataFrame(rows)
 
 
