@@ -1,6 +1,4 @@
 """The tiny CLIP pretrained on the synthetic benchmark: loss, captions, caching, zero-shot figures."""
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -57,27 +55,37 @@ def test_captions_are_true_and_never_name_species():
     assert not {w for n in names for w in n.replace("-", " ").split()} & vocab
 
 
-def test_checkpoint_trains_once_under_a_lock(monkeypatch, tmp_path):
-    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
-    calls = []
+def test_trimmed_token_table_roundtrip(tmp_path):
+    """A weights file keeps the token rows training moved; loading restores them exactly (to fp16) and
+    fills the others with the same seeded draw on every machine."""
+    from safetensors.torch import save_file
 
-    def fake_train(config, progress=False):
-        calls.append(config)
-        threading.Event().wait(0.3)  # long enough for the other caller to reach the lock
-        return {"w": torch.zeros(2)}, {"train_seconds": 0.0}
+    from workbench.clip.weights import ROWS, load_into, trim_token_table
 
-    monkeypatch.setattr("workbench.pretrain.recipe.train", fake_train)
-    paths = []
-    threads = [threading.Thread(target=lambda: paths.append(P.synthetic_checkpoint(steps=3))) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(calls) == 1 and paths[0] == paths[1] and paths[0].exists()
-    assert P.checkpoint_info(steps=3) == {"train_seconds": 0.0}
-    assert P.checkpoint_path(steps=3) != P.checkpoint_path(steps=4)
-    with pytest.raises(ValueError, match="unknown pretraining option"):
-        P.checkpoint_path(epochs=3)
+    torch.manual_seed(3)
+    src = load_clip("tiny", device="cpu").model
+    rows = [0, 5, 320, 49406, 49407]
+    state = trim_token_table({k: v.half() for k, v in src.state_dict().items()}, rows)
+    assert state["token_embedding.weight"].shape[0] == len(rows) and state[ROWS].tolist() == rows
+    save_file(state, str(tmp_path / "w.safetensors"))
+    a, b = (load_clip("tiny", device="cpu").model for _ in range(2))
+    load_into(a, tmp_path / "w.safetensors")
+    load_into(b, tmp_path / "w.safetensors")
+    table = a.token_embedding.weight
+    assert torch.equal(table[rows], src.token_embedding.weight[rows].half().float())
+    assert torch.equal(table, b.token_embedding.weight)  # the untrained rows: one seeded draw
+    assert 0.015 < table[1000:2000].std() < 0.025  # open_clip's initialisation scale
+    for k, v in src.state_dict().items():
+        if k != "token_embedding.weight":
+            assert torch.equal(a.state_dict()[k], v.half().float()), k
+
+
+def test_a_provided_tag_without_its_file_says_how_to_rebuild(monkeypatch, tmp_path):
+    from workbench.clip import weights
+
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="workbench pretrain"):
+        load_clip("tiny", pretrained="synthetic", device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -66,6 +66,21 @@ def _cache(args) -> int:
     return 0
 
 
+def _pretrain(args) -> int:
+    # imported here: the pretraining recipe pulls in torch and the trainer, which the other commands never need
+    from .pretrain import build, pretrain_config
+
+    try:
+        overrides = dict(C.parse_set(s) for s in args.set or [])
+        pretrain_config(**overrides)
+    except (C.ConfigError, ValueError) as e:
+        print(f"workbench pretrain: {e}", file=sys.stderr)
+        return 2
+    out = build(args.out, progress=True, **overrides)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="workbench", description="GIST workbench: run the notebook pipeline.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -84,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("cache", help="show what the cache holds, or clear parts of it (all recomputable)")
     c.add_argument("--clear", nargs="+", metavar="KIND", help="kinds to delete (see the listing), or 'all'")
     c.set_defaults(fn=_cache)
+    t = sub.add_parser("pretrain", help="train the synthetic benchmark's tiny CLIP and write the weights the package ships")
+    t.add_argument("--out", help="where to write them (default: the package's file, which load_clip('tiny', 'synthetic') reads)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe setting, e.g. steps=100")
+    t.set_defaults(fn=_pretrain)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -2,7 +2,7 @@
 and the weights the workbench provides for its own tiny architecture."""
 from __future__ import annotations
 
-import importlib
+import hashlib
 import logging
 import os
 import socket
@@ -16,17 +16,14 @@ from huggingface_hub import try_to_load_from_cache
 from open_clip.pretrained import get_pretrained_cfg
 from safetensors.torch import load_file
 
+from .weights import load_into, package_weights
+
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_CONFIG_DIR)
 
 # Short names for the architectures the package registers (tests and the demo).
 ALIASES = {"tiny": "wb-tiny"}
 
-# Pretrained tags the workbench itself provides: (architecture, tag) -> "module:function" returning
-# a local checkpoint path (the function may train and cache the weights on first use).
-PROVIDED_WEIGHTS: dict[tuple[str, str], str] = {
-    ("wb-tiny", "synthetic"): "workbench.pretrain:synthetic_checkpoint",
-}
 
 _HUB_HOST = ("huggingface.co", 443)
 
@@ -146,10 +143,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _checkpoint_path(arch: str, pretrained: str | None) -> Path | None:
-    """The local file ``pretrained`` names (a provided tag or a path), or None for open_clip tags."""
-    if pretrained and (arch, pretrained) in PROVIDED_WEIGHTS:
-        module, fn = PROVIDED_WEIGHTS[(arch, pretrained)].split(":")
-        return Path(getattr(importlib.import_module(module), fn)())
+    """The local file ``pretrained`` names (a path), or None for open_clip tags."""
     if pretrained and (os.sep in pretrained or Path(pretrained).suffix in (".safetensors", ".pt", ".pth", ".bin")):
         checkpoint = Path(pretrained).expanduser()
         if not checkpoint.exists():
@@ -169,14 +163,16 @@ def load_clip(
 
     ``name``: an open_clip architecture (``ViT-B-32``), ``tiny`` (the package's test model), or an
     ``hf-hub:org/repo`` id. ``pretrained``: an open_clip tag (``laion2b_s34b_b79k``), a tag the
-    workbench provides (``synthetic`` for ``tiny``), a local checkpoint path, or None (random init).
+    workbench ships weights for (``synthetic`` for ``tiny``: :mod:`workbench.clip.weights`), a local
+    checkpoint path, or None (random init).
     Raises :class:`WeightsUnavailableError` within seconds when weights cannot be fetched.
     """
     arch = resolve_name(name)
     device = auto_device(device)
     if not arch.startswith("hf-hub:") and arch not in open_clip.list_models():
         raise ValueError(f"unknown CLIP architecture {name!r}; e.g. {sorted(ALIASES)} or open_clip.list_models()")
-    checkpoint = _checkpoint_path(arch, pretrained)
+    shipped = package_weights(arch, pretrained)  # the workbench's own (tiny/synthetic)
+    checkpoint = shipped or _checkpoint_path(arch, pretrained)
     quiet = _QuietRandomInit() if checkpoint is not None or pretrained is None else None
     if quiet:  # open_clip warns "initialized randomly"; misleading when weights follow from a file
         logging.getLogger().addFilter(quiet)
@@ -187,7 +183,9 @@ def load_clip(
     finally:
         if quiet:
             logging.getLogger().removeFilter(quiet)
-    if checkpoint is not None:
+    if shipped is not None:
+        load_into(model, shipped)
+    elif checkpoint is not None:
         missing, unexpected = model.load_state_dict(load_state_dict(checkpoint), strict=False)
         if missing or unexpected:
             raise ValueError(
@@ -196,7 +194,9 @@ def load_clip(
     model.eval()
     tokenizer = open_clip.get_tokenizer(arch)
     wid = f"{arch}|{pretrained}"
-    if checkpoint is not None:
+    if shipped is not None:  # by content: a fresh clone or an installed wheel has other paths and times
+        wid += "|" + hashlib.sha256(shipped.read_bytes()).hexdigest()[:16]
+    elif checkpoint is not None:
         st = checkpoint.stat()
         wid += f"|{checkpoint.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     return CLIPBundle(model, preprocess, tokenizer, name, pretrained, wid)

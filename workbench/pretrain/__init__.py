@@ -2,8 +2,8 @@
 parts and colours but no species name.
 
 Modules: ``captions`` (attribute captions and their truth table), ``recipe`` (the recipe, trained by
-fine-tuning's ``TrainStep``; the cached checkpoint), ``evaluate`` (zero-shot figures), ``stage``
-(what notebook 00_pretrain calls).
+fine-tuning's ``TrainStep``, and :func:`build`, which writes the weights the package ships; the command
+is ``workbench pretrain``), ``evaluate`` (zero-shot figures), ``stage`` (what notebook 00_pretrain calls).
 """
 from .captions import attribute_caption, attribute_prompts, caption_vocabulary, truth_table
 from .evaluate import evaluate_pretrained, plot_zero_shot
@@ -11,20 +11,17 @@ from .recipe import (
     ARCH,
     DEFAULTS,
     PRETRAIN_VERSION,
-    checkpoint_info,
-    checkpoint_key,
-    checkpoint_path,
+    build,
     default_threads,
     pretrain_config,
     pretrain_images,
-    synthetic_checkpoint,
     train,
+    trained_tokens,
 )
 from .stage import active, benchmark, run, samples_figure
 
 __all__ = [
-    "ARCH", "DEFAULTS", "PRETRAIN_VERSION", "active", "attribute_caption", "attribute_prompts", "benchmark",
-    "caption_vocabulary", "checkpoint_info", "checkpoint_key", "checkpoint_path", "default_threads",
-    "evaluate_pretrained", "plot_zero_shot", "pretrain_config", "pretrain_images", "run", "samples_figure",
-    "synthetic_checkpoint", "train", "truth_table",
+    "ARCH", "DEFAULTS", "PRETRAIN_VERSION", "active", "attribute_caption", "attribute_prompts", "benchmark", "build",
+    "caption_vocabulary", "default_threads", "evaluate_pretrained", "plot_zero_shot", "pretrain_config",
+    "pretrain_images", "run", "samples_figure", "train", "trained_tokens", "truth_table",
 ]

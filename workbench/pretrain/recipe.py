@@ -4,8 +4,8 @@ It learns from generic attribute captions of randomly attributed birds drawn wit
 so it knows colours and parts but has never seen a species name nor any image of the demo dataset.
 The data source is its own (fresh captions every step, with a truth table); the step, optimizer
 groups, schedule and logit-scale handling are :class:`workbench.finetune.trainer.TrainStep`'s, and
-the loss is :func:`workbench.finetune.losses.multi_positive_loss`. The weights are trained once and
-cached under ``cache_root()/pretrained``, keyed by generator and training config.
+the loss is :func:`workbench.finetune.losses.multi_positive_loss`. :func:`build` writes the weights the
+package ships (``workbench pretrain``).
 """
 from __future__ import annotations
 
@@ -17,19 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
 from open_clip.transformer import PatchDropout
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
+from .. import __version__
 from ..cache import cached_tensors
-from ..clip import load_clip, normalize_images, trim
+from ..clip import load_clip, normalize_images, token_mask, trim
+from ..clip.weights import PACKAGE_WEIGHTS, WEIGHTS_DIR, trim_token_table
 from ..data import synthetic as syn
 from ..finetune.config import FinetuneConfig
 from ..finetune.losses import multi_positive_loss
 from ..finetune.trainer import TrainStep, lr_at
-from ..io import atomic_write_bytes, cache_root, hash_key
-from .captions import attribute_caption, truth_table
+from ..io import atomic_write_bytes, hash_key
+from .captions import attribute_caption, attribute_prompts, caption_vocabulary, truth_table
 
 PRETRAIN_VERSION = 2  # 2: trained by the shared TrainStep (open_clip's decay groups, warm-up + cosine)
 ARCH = "wb-tiny"
@@ -53,10 +54,6 @@ def pretrain_config(**overrides) -> dict:
     if unknown:
         raise ValueError(f"unknown pretraining option(s) {unknown}; known: {sorted(DEFAULTS)}")
     return {**DEFAULTS, **overrides}
-
-
-def checkpoint_key(config: dict) -> str:
-    return hash_key("pretrain", PRETRAIN_VERSION, syn.GENERATOR_VERSION, ARCH, config)
 
 
 def pretrain_images(config: dict) -> tuple[torch.Tensor, list[dict]]:
@@ -185,33 +182,29 @@ def train(config: dict | None = None, progress: bool = False, log=None, threads:
         torch.set_num_threads(saved_threads)
 
 
-# ---------------------------------------------------------------- cached checkpoint
-def checkpoint_path(**overrides) -> Path:
+# ---------------------------------------------------------------- the shipped weights
+def trained_tokens(tokenizer, config: dict, n_captions: int = 4000) -> set[int]:
+    """Token ids the pretraining captions (and the zero-shot prompts) use: the rows of the token table
+    that training moves; the others stay at their random initialisation."""
+    rng = np.random.default_rng(0)
+    attrs = [{a: str(rng.choice(v)) for a, v in syn.ATTRIBUTE_VALUES.items()} for _ in range(n_captions)]
+    texts = [attribute_caption(a, rng)[0] for a in attrs] + [" ".join(sorted(caption_vocabulary()))]
+    texts += [t for a in syn.ATTRIBUTES for t in attribute_prompts(a)]
+    ids = tokenizer(texts)
+    return set(ids[token_mask(ids)].tolist())
+
+
+def build(out: str | Path | None = None, progress: bool = False, **overrides) -> Path:
+    """Train the recipe and write the weights the package ships: fp16 safetensors, token table trimmed
+    to the trained rows, metadata recording the recipe, the generator, package and torch versions and the
+    training figures. ``out``: default the package's file (what ``load_clip("tiny", "synthetic")`` loads)."""
     config = pretrain_config(**overrides)
-    return cache_root() / "pretrained" / f"{ARCH}-synthetic-{checkpoint_key(config)}.safetensors"
-
-
-def synthetic_checkpoint(progress: bool = False, **overrides) -> Path:
-    """Path of the pretrained tiny CLIP; trains it first (once, under a file lock) if not cached.
-
-    ``load_clip("tiny", pretrained="synthetic")`` calls this. Training info (times, losses)
-    is written next to it as ``<name>.json``.
-    """
-    config = pretrain_config(**overrides)
-    path = checkpoint_path(**overrides)
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):  # a notebook and pytest may ask at the same time
-        if path.exists():  # the other process trained it while we waited
-            return path
-        state, info = train(config, progress=progress)
-        atomic_write_bytes(path.with_suffix(".json"), (json.dumps(info, indent=2) + "\n").encode())
-        atomic_write_bytes(path, save_safetensors(state, metadata={"arch": ARCH, "pretrain": json.dumps(config)}))
-    return path
-
-
-def checkpoint_info(**overrides) -> dict:
-    """Training info of the cached checkpoint (``{}`` if it was not trained yet)."""
-    p = checkpoint_path(**overrides).with_suffix(".json")
-    return json.loads(p.read_text()) if p.exists() else {}
+    out = Path(out) if out is not None else WEIGHTS_DIR / PACKAGE_WEIGHTS[(ARCH, "synthetic")]
+    state, info = train(config, progress=progress)
+    tokenizer = load_clip("tiny", pretrained=None, device="cpu").tokenizer
+    state = trim_token_table({k: v.half() for k, v in state.items()}, trained_tokens(tokenizer, config))
+    meta = {"arch": ARCH, "recipe": config, "pretrain_version": PRETRAIN_VERSION,
+            "generator_version": syn.GENERATOR_VERSION, "workbench_version": __version__,
+            "torch_version": torch.__version__, "created": time.strftime("%Y-%m-%d"), "training": info}
+    atomic_write_bytes(out, save_safetensors(state, metadata={k: json.dumps(v) for k, v in meta.items()}))
+    return out

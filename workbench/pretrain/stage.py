@@ -1,17 +1,19 @@
-"""The pretrain stage (``00_pretrain``): the tiny CLIP trained (or loaded) and its zero-shot figures in
-``metrics.json["pretrain"]``; for any other model the stage records that it was skipped."""
+"""The pretrain stage (``00_pretrain``): the tiny CLIP the package ships for the synthetic benchmark,
+measured (zero-shot figures in ``metrics.json["pretrain"]``, with how it was trained); for any other model
+the stage records that it was skipped. ``workbench pretrain`` rebuilds the weights."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..clip import load_clip, resolve_name
+from ..clip.weights import metadata, package_weights
 from ..data import Dataset, load_dataset
 from ..data import synthetic as syn
 from ..params import Params
 from ..plots import save_figure
 from ..runs import update_metrics
 from .evaluate import evaluate_pretrained
-from .recipe import ARCH, checkpoint_info, synthetic_checkpoint
+from .recipe import ARCH
 
 
 def active(p: Params) -> bool:
@@ -30,14 +32,17 @@ def samples_figure(p: Params, ds: Dataset):
 
 
 def run(p: Params, ds: Dataset) -> dict | None:
-    """Pretrain (or load the cached weights) and measure them; None when the stage is skipped."""
+    """Measure the shipped weights; None when the stage is skipped."""
     if not active(p):
         update_metrics(p.run_dir, "pretrain", {"skipped": True, "model": p.model, "pretrained": p.pretrained})
         return None
-    ckpt = synthetic_checkpoint(progress=p.progress)
     bundle = load_clip(p.model, p.pretrained, device=p.device)
     results = evaluate_pretrained(bundle, dataset=ds, n_heldout=p.n_heldout)
-    results["checkpoint"] = str(ckpt)
-    results["training"] = checkpoint_info()
+    path = package_weights(ARCH, "synthetic")
+    meta = metadata(path)
+    results["checkpoint"] = str(path)
+    results["recipe"] = meta.get("recipe")
+    results["training"] = {**(meta.get("training") or {}),
+                           **{k: meta.get(k) for k in ("created", "workbench_version", "torch_version")}}
     update_metrics(p.run_dir, "pretrain", results)
     return results
