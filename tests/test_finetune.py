@@ -16,6 +16,7 @@ from toydata import make_matches, make_toy_dataset  # noqa: E402
 from workbench import finetune as ft  # noqa: E402
 from workbench.finetune import trainer  # noqa: E402
 from workbench.finetune.augment import apply_crops, center_normalize, crop_params, random_resized_crop  # noqa: E402
+from workbench.finetune.checkpoint import load_state  # noqa: E402
 from workbench.io import read_json, read_jsonl, write_jsonl  # noqa: E402
 
 MEAN, STD = (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)  # normalisation that leaves pixel values as they are
@@ -149,15 +150,15 @@ def test_resume_continues_exactly(toy, tmp_path):
     assert rest["status"] == "done"
     la, lb = _losses(tmp_path / "log.jsonl", "a"), _losses(tmp_path / "log.jsonl", "b")
     assert len(la) == len(lb) == 6
-    assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+    assert la == lb  # bit-identical: the resume state holds everything the run depends on
     for k, v in base.model.state_dict().items():
-        assert torch.allclose(v, m2.model.state_dict()[k], atol=1e-6), k
+        assert torch.equal(v, m2.model.state_dict()[k]), k
     # a checkpoint written with other settings is refused, not silently mixed
     with pytest.raises(ValueError, match="other settings"):
         ft.train_run(m2.model, m2.tokenizer, ft.FinetuneConfig(**{**cfg, "lr": 5e-4}), images, rows, texts, labels,
                      out_dir=tmp_path / "b", run="b")
-    state = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
-    assert state["step"] == 6 and set(state) >= {"model", "optimizer", "scheduler", "rng_cpu"}
+    state = load_state(tmp_path / "b" / trainer.STATE_FILE)
+    assert state["step"] == 6 and set(state) >= {"model", "optimizer", "scheduler", "rng"}
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path, monkeypatch):
@@ -176,7 +177,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path, mon
     with pytest.raises(ft.NonFiniteLossError, match=r"loss became nan at step 4.*last good checkpoint.*step 3\)"):
         ft.train_run(m.model, m.tokenizer, cfg, images, rows, texts, labels,
                      out_dir=tmp_path / "c", log_path=tmp_path / "log.jsonl", run="c")
-    state = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
+    state = load_state(tmp_path / "c" / trainer.STATE_FILE)
     assert state["step"] == 3  # written at the end of epoch 1, after its losses were checked
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert [r["step"] for r in read_jsonl(tmp_path / "log.jsonl")] == [1, 2, 3]
@@ -284,6 +285,46 @@ def test_ddp_two_processes_equal_one_process(toy, tmp_path, loss):
     w1, w2 = load_file(tmp_path / "one" / "best.safetensors"), load_file(tmp_path / "ddp" / "best.safetensors")
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+def _rng_worker(rank, world, port, tmp):
+    import torch.distributed as dist
+
+    from workbench.finetune.checkpoint import gather_rng, restore_rng, save_state
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(100 + rank)  # each rank's generator in its own state
+        torch.rand(3)
+        mine = torch.get_rng_state()
+        rng = gather_rng(torch.device("cpu"), world)
+        if rank == 0:
+            save_state(Path(tmp) / "s.safetensors",
+                       {"model": {}, "optimizer": {"state": {}, "param_groups": []}, "rng": rng, "step": 1})
+        dist.barrier()
+        torch.manual_seed(999)
+        restore_rng(load_state(Path(tmp) / "s.safetensors")["rng"], rank, torch.device("cpu"))
+        torch.save({"mine": mine, "restored": torch.get_rng_state()}, Path(tmp) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_resume_state_keeps_each_ranks_rng(tmp_path):
+    """The resume state holds every rank's RNG (it held rank 0's and restored it on every rank), and each
+    rank restores its own. Checked with the CPU generator over gloo; the CUDA one takes the same path."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rng_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert not torch.equal(got[0]["mine"], got[1]["mine"])
+    for g in got:
+        assert torch.equal(g["restored"], g["mine"])
+    rows = load_state(tmp_path / "s.safetensors")["rng"]["cpu"]
+    assert len(rows) == 2 and all(torch.equal(rows[r], got[r]["mine"]) for r in range(2))
 
 
 def test_benchmark_flops_reproduce_open_clip_profile():

@@ -1,7 +1,7 @@
 """The fine-tuning stage (``03_finetune``): GIST (matched captions) and FLYP-style class-name
 fine-tuning, every (method, shots, seed) run, each checkpoint chosen on validation.
 
-Run directory outputs: ``checkpoints/<run>/best.safetensors`` (+ ``last.pt`` to resume),
+Run directory outputs: ``checkpoints/<run>/best.safetensors`` (+ ``resume.safetensors`` to resume),
 ``checkpoints/index.json``, ``train_log.jsonl``, ``metrics.json["finetune"]``. Multi-GPU:
 ``torchrun --nproc_per_node N -m workbench.finetune --run-dir DIR [...]`` (see ``__main__``).
 """

@@ -30,8 +30,10 @@ from ..io import append_jsonl
 from . import losses
 from .attention import attention_context
 from .augment import apply_crops, crop_params
-from .checkpoint import load_state, resume_state, rewrite_log, save_state, save_weights
+from .checkpoint import gather_rng, load_state, restore_rng, resume_state, rewrite_log, save_state, save_weights, state_step
 from .config import FinetuneConfig
+
+STATE_FILE = "resume.safetensors"  # next to best.safetensors in each run's checkpoint folder
 
 
 class NonFiniteLossError(RuntimeError):
@@ -304,7 +306,7 @@ class TrainRun:
         self.lead = tr.rank == 0
         out_dir = Path(out_dir) if out_dir is not None else None
         self.log_path = Path(log_path) if log_path is not None else None
-        self.state_path = out_dir / "last.pt" if out_dir else None
+        self.state_path = out_dir / STATE_FILE if out_dir else None
         self.best_path = out_dir / "best.safetensors" if out_dir else None
         self.meta = dict(meta or {})
         self.progress = progress
@@ -313,7 +315,7 @@ class TrainRun:
         self.bar = None
 
     def restore(self, resume: bool) -> None:
-        """Continue from ``last.pt`` when asked and present (it must be this run's), else start over."""
+        """Continue from the resume state when asked and present (it must be this run's), else start over."""
         tr = self.tr
         if resume and self.state_path is not None and self.state_path.exists():
             st = load_state(self.state_path)
@@ -325,19 +327,21 @@ class TrainRun:
             tr.clip.load_state_dict(st["model"])
             tr.opt.load_state_dict(st["optimizer"])
             self.step0, self.history, self.best = st["step"], json.loads(st["history"]), json.loads(st["best"])
-            torch.set_rng_state(st["rng_cpu"])
-            if tr.device.type == "cuda" and "rng_cuda" in st:
-                torch.cuda.set_rng_state(st["rng_cuda"], tr.device)
+            restore_rng(st["rng"], tr.rank, tr.device)
             if self.lead:
                 rewrite_log(self.log_path, self.run_name, self.step0)
         elif self.lead:
             rewrite_log(self.log_path, self.run_name, -1)
 
     def save_state(self, step: int) -> None:
-        if self.lead and self.state_path is not None:
-            tr = self.tr
+        """Write the resume state (rank 0), with every rank's RNG (all ranks take part in gathering it)."""
+        if self.state_path is None:
+            return
+        tr = self.tr
+        rng = gather_rng(tr.device, tr.world)
+        if self.lead:
             save_state(self.state_path, resume_state(tr.clip, tr.opt, self.cfg, step, tr.n, tr.total, self.history,
-                                                     self.best, tr.device))
+                                                     self.best, rng))
 
     def validate(self, epoch: int, step: int) -> None:
         """Score the model (rank 0); a new best is written to ``best.safetensors`` at once."""
@@ -379,7 +383,7 @@ class TrainRun:
     def _stop_nonfinite(self, step: int, epoch: int, loss: float, gnorm: float):
         last = "none written yet"
         if self.state_path is not None and self.state_path.exists():
-            last = f"{self.state_path} (step {load_state(self.state_path)['step']})"
+            last = f"{self.state_path} (step {state_step(self.state_path)})"
         what, v = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", gnorm)
         raise NonFiniteLossError(
             f"run {self.run_name}: the {what} became {v} at step {step} (epoch {epoch}); training stopped. "
@@ -460,10 +464,10 @@ def train_run(clip, tokenizer, cfg: FinetuneConfig, images: torch.Tensor, pair_r
     ``images``: uint8 cache (N x 3 x S x S, S = the model's input size); pair i is image
     ``pair_rows[i]`` with ``texts[i]`` and class ``pair_labels[i]``. ``validate(clip)`` returns a dict
     with ``val_top1`` (and more), called before training and after every epoch; the best epoch's
-    weights go to ``out_dir/best.safetensors`` (the starting weights compete too). ``out_dir/last.pt``
-    holds the resume state (model, optimizer, schedule, RNG, step, history), written atomically at
-    every epoch end and every ``cfg.checkpoint_every`` steps, only after the losses up to it were
-    checked finite.
+    weights go to ``out_dir/best.safetensors`` (the starting weights compete too).
+    ``out_dir/resume.safetensors`` holds the resume state (model, optimizer, schedule, each rank's RNG,
+    step, history), written atomically at every epoch end and every ``cfg.checkpoint_every`` steps, only
+    after the losses up to it were checked finite.
     """
     tr = Trainer(clip, tokenizer, cfg, images, pair_rows, texts, pair_labels, device)
     return TrainRun(tr, validate, out_dir, log_path, run, meta, progress).run(resume)
