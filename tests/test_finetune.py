@@ -221,6 +221,7 @@ def test_finetune_all_writes_index_log_metrics(toy, tmp_path):
     assert all({"run", "epoch", "step"} <= set(r) and ("loss" in r or "val_top1" in r) for r in log)
     fin = read_json(tmp_path / "metrics.json")["finetune"]
     assert len(fin["runs"]) == 6 and fin["model"] == "tiny"
+    assert all(r["attention"] == "default" for r in fin["runs"])  # the kernel each run used (CPU: PyTorch's)
     # 1-shot runs train on exactly one image per class: 3 images x 2 captions for GIST
     one = [r for r in fin["runs"] if r["run"] == "gist-1-s0"][0]
     assert one["pairs"] == 6

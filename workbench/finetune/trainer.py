@@ -451,6 +451,7 @@ class TrainRun:
             "train_s": t_train,
             "pairs_per_s": (done - self.step0) * tr.B / t_train if t_train > 0 else None,
             "path": str(self.best_path) if self.best_path else None,
+            "attention": tr.attention,  # the GPU attention kernel ("auto" resolved), "default" on CPU
         }
 
 
