@@ -120,6 +120,9 @@ def test_config_errors_and_schedule():
         ft.FinetuneConfig(loss="triplet")
     with pytest.raises(ValueError, match="method"):
         ft.FinetuneConfig(method="flyp")
+    with pytest.raises(ValueError, match=r"compile=True with grad_checkpointing=True .*144637"):
+        ft.FinetuneConfig(compile=True, grad_checkpointing=True)
+    ft.FinetuneConfig(compile=True), ft.FinetuneConfig(grad_checkpointing=True)  # each alone is fine
     lrs = [ft.lr_at(s, 100, 1.0, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
