@@ -236,6 +236,19 @@ def test_finetune_all_writes_index_log_metrics(toy, tmp_path):
     assert len(read_json(tmp_path / "checkpoints" / "index.json")) == 6
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_validation_encodes_at_the_runs_precision(toy, tmp_path, monkeypatch, precision):
+    """Validation ran under "auto" whatever the run's precision: bf16 on a GPU even for fp32 runs."""
+    from workbench.clip import encode
+
+    seen = []
+    real = encode.autocast
+    monkeypatch.setattr(encode, "autocast", lambda device, p="auto": seen.append(p) or real(device, p))
+    ft.finetune_all(tmp_path, toy, model="tiny", pretrained=None, methods=["finetune-classname"], shots=["full"],
+                    seeds=[0], epochs=1, batch_size=8, device="cpu", progress=False, precision=precision)
+    assert seen and set(seen) == {precision}
+
+
 def test_finetune_all_errors_before_work(toy, tmp_path):
     with pytest.raises(FileNotFoundError, match="match stage"):
         ft.finetune_all(tmp_path, toy, pretrained=None, methods=["gist"], shots=["full"], device="cpu")

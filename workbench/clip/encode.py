@@ -56,17 +56,18 @@ def normalize_images(x: torch.Tensor, model, size: int | None = None) -> torch.T
 
 @torch.no_grad()
 def encode_images(model, images: torch.Tensor, batch_size: int | None = None, normalize: bool = True,
-                  progress: bool = False) -> torch.Tensor:
+                  progress: bool = False, precision: str = "auto") -> torch.Tensor:
     """Image embeddings (float32, on the CPU) of a uint8 ``N x 3 x H x W`` tensor.
 
-    ``batch_size``: None picks :func:`default_batch_size` for the model's device."""
+    ``batch_size``: None picks :func:`default_batch_size` for the model's device; ``precision`` as in
+    :func:`autocast`."""
     device = model_device(model)
     batch_size = batch_size or default_batch_size(device)
     model.eval()
     out = []
     for i in tqdm(range(0, len(images), batch_size), disable=not progress, desc="encode images"):
         x = normalize_images(images[i : i + batch_size].to(device, non_blocking=True), model)
-        with autocast(device):
+        with autocast(device, precision):
             f = model.encode_image(x)
         f = f.float()
         out.append(F.normalize(f, dim=-1) if normalize else f)  # stays on the device: no sync per batch
@@ -99,14 +100,14 @@ def encode_uint8(model, images: torch.Tensor, batch_size: int | None = None, nor
 
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 1024, normalize: bool = True,
-                 progress: bool = False) -> torch.Tensor:
-    """Text embeddings (float32, on the CPU) for a list of strings."""
+                 progress: bool = False, precision: str = "auto") -> torch.Tensor:
+    """Text embeddings (float32, on the CPU) for a list of strings; ``precision`` as in :func:`autocast`."""
     device = model_device(model)
     model.eval()
     out = []
     for i in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="encode texts"):
         tok = tokenizer(list(texts[i : i + batch_size])).to(device)
-        with autocast(device):
+        with autocast(device, precision):
             f = model.encode_text(tok)
         f = f.float()
         out.append((F.normalize(f, dim=-1) if normalize else f).cpu())
