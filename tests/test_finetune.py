@@ -387,6 +387,34 @@ def test_batches_are_even_and_cover_the_epoch(toy):
     assert sorted(seen.tolist()) == list(range(24))
 
 
+def test_image_cache_goes_to_the_gpu_only_when_training_still_fits(toy):
+    """The placement rule, with an H200's numbers on the CPU (ViT-L/14@336 built on the meta device: shapes,
+    no memory). The old rule (cache < 30% of the free memory, measured before activations and optimizer
+    state exist) put a 34 GB cache on the GPU beside ViT-L at batch 192, whose activations take ~100 GB."""
+    import open_clip
+    from open_clip.model import CLIP
+
+    from workbench.finetune.memory import Tower, cache_fits, place_images, towers, training_need
+
+    with torch.device("meta"):
+        vit_l = CLIP(**open_clip.get_model_config("ViT-L-14-336"))
+    assert towers(vit_l) == [Tower(24 * 24 + 1, 1024, 24, 4096), Tower(77, 768, 12, 3072)]
+    free = 139e9 - 1.7e9  # an H200 with the fp32 weights loaded
+    need = training_need(vit_l, 192, bf16=True, checkpointing=False, text_trains=True)
+    assert need > 100e9 and not cache_fits(34e9, free, need)
+    assert cache_fits(34e9, free, training_need(vit_l, 20, True, False, True))  # GIST's batch
+    ckpt = training_need(vit_l, 192, True, checkpointing=True, text_trains=True)  # keeps block inputs only
+    assert ckpt < need / 3 and cache_fits(34e9, free, ckpt)
+    assert training_need(vit_l, 192, False, False, True) > need  # fp32 activations take more
+    assert training_need(vit_l, 192, True, False, text_trains=False) < need  # a frozen text tower keeps none
+    assert not cache_fits(1, free, None)  # an architecture it cannot size: the cache stays on the host
+    m = _tiny()
+    tr_, images, rows, texts, labels = _run_inputs(toy)
+    assert place_images(images, torch.device("cpu"), 0) is images  # on the CPU: as it is, not pinned
+    t = trainer.Trainer(m.model, m.tokenizer, ft.FinetuneConfig(batch_size=8), images, rows, texts, labels)
+    assert t.images is images
+
+
 def test_validation_accuracies_are_percent_and_match_a_direct_computation(toy):
     """validate(): zero-shot top-1 equals class-prompt argmax; the ridge probe equals sklearn's Ridge."""
     from sklearn.linear_model import RidgeClassifier

@@ -25,13 +25,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..clip import autocast, image_size, output_tokens, text_forward, token_mask
+from ..clip import autocast, image_size, output_tokens, text_forward, token_mask, uses_bf16
 from ..io import append_jsonl
 from . import losses
 from .attention import attention_context
 from .augment import apply_crops, crop_params
 from .checkpoint import gather_rng, load_state, restore_rng, resume_state, rewrite_log, save_state, save_weights, state_step
 from .config import FinetuneConfig
+from .memory import place_images, training_need
 
 STATE_FILE = "resume.safetensors"  # next to best.safetensors in each run's checkpoint folder
 
@@ -104,17 +105,6 @@ def prepare_model(clip, cfg: FinetuneConfig, device: torch.device):
 def make_optimizer(clip, cfg: FinetuneConfig, device: torch.device):
     return torch.optim.AdamW(param_groups(clip, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                              fused=device.type == "cuda")
-
-
-def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Keep the uint8 cache on the GPU when it fits comfortably (indexing there costs nothing),
-    else in pinned host memory (each batch is then copied asynchronously)."""
-    if device.type != "cuda":
-        return images
-    free, _ = torch.cuda.mem_get_info(device)
-    if images.numel() < 0.3 * free:
-        return images.to(device)
-    return images.pin_memory()
 
 
 class Towers(nn.Module):
@@ -244,10 +234,13 @@ class Trainer(TrainStep):
         self.eot = self.ids.argmax(-1)
         # FILIP under DDP gathers token tensors, which need equal shapes on every rank: no trimming
         self.trim = not (cfg.loss == "filip" and self.world > 1)
-        self.images = place_images(images, self.device)
         self.text_feats = None
         if cfg.freeze_text and cfg.loss != "filip":
             self.text_feats = _frozen_text_features(clip, self.ids, self.device, cfg.precision)
+        # weights are on the device; activations and optimizer state at this batch must fit beside the cache
+        need = training_need(clip, self.b, uses_bf16(self.device, cfg.precision), cfg.grad_checkpointing,
+                             text_trains=not cfg.freeze_text)
+        self.images = place_images(images, self.device, need)
         pp = open_clip.get_model_preprocess_cfg(clip)
         self.mean, self.std = pp.get("mean"), pp.get("std")
         self._perm, self._perm_epoch = None, -1
