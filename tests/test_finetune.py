@@ -344,6 +344,72 @@ def test_resume_state_keeps_each_ranks_rng(tmp_path):
     assert len(rows) == 2 and all(torch.equal(rows[r], got[r]["mine"]) for r in range(2))
 
 
+def _abort_worker(rank, port, mode):
+    import time
+
+    import torch.distributed as dist
+
+    from workbench.finetune.distributed import abort_on_error, init_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    init_distributed(use_cuda=False)
+    with abort_on_error(poll_s=0.2, grace_s=1.0):
+        if mode != "finish" and rank == 0:
+            raise RuntimeError("rank 0 fails on purpose")
+        if mode == "busy":
+            time.sleep(120)  # blocked where it cannot notice a dead peer, as in an NCCL collective
+        elif mode == "barrier":
+            dist.barrier()
+        else:
+            time.sleep(rank)  # both succeed, rank 1 a second after rank 0
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["busy", "barrier", "finish"])
+def test_ddp_error_on_rank0_ends_every_rank_within_seconds(mode, monkeypatch):
+    """torchrun -m workbench.finetune: a rank that raises used to leave the others waiting for the
+    collective timeout (10 minutes with NCCL). Here the timeout is 300 s and every rank must end within
+    20 s, with an error; ranks that succeed at different times both exit 0."""
+    import multiprocessing
+    import time
+
+    monkeypatch.setenv("WORKBENCH_DDP_TIMEOUT_S", "300")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_abort_worker, args=(r, port, mode)) for r in range(2)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=60)
+        took, codes = time.monotonic() - t0, [p.exitcode for p in procs]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    assert codes == ([0, 0] if mode == "finish" else [1, 1]), codes
+    assert took < 20
+
+
+def test_ddp_timeout_is_configurable(monkeypatch):
+    from datetime import timedelta
+
+    from workbench.finetune.distributed import ddp_timeout
+
+    monkeypatch.delenv("WORKBENCH_DDP_TIMEOUT_S", raising=False)
+    assert ddp_timeout() == timedelta(seconds=1800)
+    monkeypatch.setenv("WORKBENCH_DDP_TIMEOUT_S", "90")
+    assert ddp_timeout() == timedelta(seconds=90)
+    for bad in ("0", "ten"):
+        monkeypatch.setenv("WORKBENCH_DDP_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="WORKBENCH_DDP_TIMEOUT_S"):
+            ddp_timeout()
+
+
 def test_benchmark_flops_reproduce_open_clip_profile():
     """MFU in the benchmark rests on these: open_clip's profile gives 381.9 + 13.3 and 35.1 + 6.0 GFLOPs."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
