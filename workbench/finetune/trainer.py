@@ -245,24 +245,39 @@ class Trainer(TrainStep):
         self.mean, self.std = pp.get("mean"), pp.get("std")
         self._perm, self._perm_epoch = None, -1
 
-    def _text(self, idx: torch.Tensor) -> tuple:
-        if self.text_feats is not None:
-            return None, self.text_feats[idx.to(self.text_feats.device)]
+    def _text_length(self, idx: torch.Tensor) -> int:
         L = self.ids.shape[1]
         if self.trim:
             L = int(self.eot[idx].max()) + 1  # CPU tensor: no device sync
             if self.cfg.compile:  # few distinct lengths -> few recompiles
                 L = min(self.ids.shape[1], -(-L // 8) * 8)
-        return self.ids[idx, :L].to(self.device, non_blocking=True), None
+        return L
+
+    def _text(self, idx: torch.Tensor) -> tuple:
+        if self.text_feats is not None:
+            return None, self.text_feats[idx.to(self.text_feats.device)]
+        return self.ids[idx, : self._text_length(idx)].to(self.device, non_blocking=True), None
+
+    def _pairs(self, step: int) -> torch.Tensor:
+        """The pairs of global batch ``step``."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:  # a pure function of (seed, epoch): resume needs no sampler state
+            g = torch.Generator().manual_seed(step_seed(self.cfg.seed, 0, epoch))
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm[i * self.B : (i + 1) * self.B]
+
+    def text_length(self, step: int) -> int | None:
+        """Length of the text ids batch ``step`` runs on this rank (trimmed; bucketed under compile), or None
+        when text features are precomputed. Host-side only, so a benchmark can compile every length a run
+        will meet before it starts timing."""
+        if self.text_feats is not None:
+            return None
+        return self._text_length(self._pairs(step)[self.rank * self.b : (self.rank + 1) * self.b])
 
     def batch(self, step: int) -> dict:
         """This rank's share of global batch ``step``: augmented images on the device, text ids, labels."""
         cfg, B, b, r = self.cfg, self.B, self.b, self.rank
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self._perm_epoch:  # a pure function of (seed, epoch): resume needs no sampler state
-            g = torch.Generator().manual_seed(step_seed(cfg.seed, 0, epoch))
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
-        idx = self._perm[i * B : (i + 1) * B]
+        idx = self._pairs(step)
         # crop boxes are drawn for the global batch, so DDP ranks see what one process would
         g = torch.Generator().manual_seed(step_seed(cfg.seed, 1, step))
         boxes = crop_params(B, cfg.crop_scale, flip=cfg.flip, generator=g)
