@@ -79,10 +79,25 @@ def list_presets() -> dict[str, str]:
 
 
 def load_yaml(path: str | Path) -> dict:
-    data = yaml_load(Path(path).read_text()) or {}
+    try:
+        data = yaml_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_error(path, e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
     return data
+
+
+def _yaml_error(path, e: yaml.YAMLError) -> str:
+    """``<file>, line L, column C: <problem>`` and the offending line, like the other config errors."""
+    mark = getattr(e, "problem_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e)
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and cmark is not None:  # where the construct that went wrong began
+        problem += f" ({context} that began at line {cmark.line + 1}, column {cmark.column + 1})"
+    snippet = mark.get_snippet() if mark is not None else None
+    return f"{path}{where}: YAML syntax error: {problem}" + (f"\n{snippet}" if snippet else "")
 
 
 def load_source(target: str) -> dict:
