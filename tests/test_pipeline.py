@@ -145,3 +145,21 @@ def test_cache_command_lists_and_clears(tmp_path, monkeypatch, capsys):
     assert not (root / "images").exists() and (root / "features" / "sub" / "b.safetensors").exists()
     assert cli.main(["cache", "--clear", "all"]) == 0
     assert not any(root.iterdir())
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`workbench params match | head`: the reader leaves before the output is written; the command
+    stops with SIGPIPE's status and no BrokenPipeError traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "params", "match"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    proc.stdout.close()  # like `head` exiting: every write the command makes now fails with EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
