@@ -1,6 +1,7 @@
 """The papermill runner and the CLI, on small notebooks built here."""
 import json
 
+import nbformat
 import pytest
 import yaml
 from nbutil import make_notebook
@@ -163,3 +164,26 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 128 + signal.SIGPIPE
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_dead_kernel_names_stage_and_cell_and_keeps_partial_notebook(nb_dir, tmp_path, capsys, monkeypatch):
+    """A kernel killed mid-cell (kill -9, the OOM killer) ends the run like a failing cell: status 1, the
+    stage and the cell it was running named, the partial notebook and its HTML kept; no traceback."""
+    import tempfile
+
+    make_notebook(nb_dir / "02_second.ipynb", 'run_dir: str = "x"  # run directory',
+                  "print('before the kill')", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "never = 1")
+    (tmp_path / "t").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))  # where the kernels' socket folders go
+    rc = cli.main(["run", "demo", "--name", "dead", "--reports", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "stage 'second' failed in cell 3: DeadKernelError: the kernel died while running this cell" in err
+    assert "'import os, signal'" in err and "Traceback" not in err
+    run_dir = tmp_path / "r" / "dead"
+    cells = nbformat.read(run_dir / "02_second.ipynb", as_version=4).cells
+    assert cells[2].outputs[0].text == "before the kill\n"
+    assert [o.ename for o in cells[3].outputs if o.output_type == "error"] == ["DeadKernelError"]
+    assert cells[3].metadata.papermill.status == "failed" and cells[4].metadata.papermill.status == "pending"
+    assert "DeadKernelError" in (run_dir / "02_second.html").read_text()
+    assert not list((tmp_path / "t").iterdir())  # the killed kernel's private socket folder is removed too

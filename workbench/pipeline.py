@@ -17,6 +17,7 @@ import papermill as pm
 from ipykernel.kernelspec import install as install_kernel
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
+from nbclient.exceptions import DeadKernelError
 from nbconvert import HTMLExporter
 from papermill.exceptions import PapermillExecutionError
 
@@ -70,6 +71,10 @@ def _kernel_manager_class():
             if not restart:
                 shutil.rmtree(self._socket_dir, ignore_errors=True)
 
+        # nbclient cleans up after a dead kernel through this name, which jupyter_client binds to the
+        # base class's coroutine; without it the folder of a killed kernel stays behind
+        cleanup_resources = _async_cleanup_resources
+
     # Unix socket paths are limited to ~107 bytes; a deep TMPDIR keeps the TCP default.
     return IPCKernelManager if len(os.path.join(tempfile.gettempdir(), "wb-kernel-xxxxxxxx", "k-65535")) < 100 \
         else AsyncKernelManager
@@ -88,9 +93,38 @@ def run_notebook(src: str | Path, out: str | Path, parameters: dict, cwd: str | 
         if html:
             export_html(out)
         raise StageFailed(stage or Path(src).stem, out, e.cell_index, e.ename, e.evalue) from None
+    except DeadKernelError:
+        cell, evalue = _record_dead_kernel(out)
+        if html:
+            export_html(out)
+        raise StageFailed(stage or Path(src).stem, out, cell, "DeadKernelError", evalue) from None
     if html:
         export_html(out)
     return out
+
+
+def _record_dead_kernel(out: Path) -> tuple[int | None, str]:
+    """The kernel died (kill -9, the out-of-memory killer): find the last cell papermill started in the
+    partly executed notebook, put an error output on it so the notebook and its HTML say what happened,
+    and return (its index, a message naming it)."""
+    nb = nbformat.read(out, as_version=4)
+    started = [(c.metadata.get("papermill", {}).get("start_time") or "", i) for i, c in enumerate(nb.cells)
+               if c.cell_type == "code"]
+    when, cell = max(started, default=("", None))
+    if not when:
+        return None, "the kernel died before running any cell"
+    first = next((ln.strip() for ln in nb.cells[cell].source.splitlines() if ln.strip()), "")
+    evalue = (f"the kernel died while running this cell ({first[:80]!r}): it was killed, e.g. by kill -9 or the "
+              "out-of-memory killer (see `dmesg`; smaller batches or images need less memory)")
+    nb.cells[cell].setdefault("outputs", []).append(
+        nbformat.v4.new_output("error", ename="DeadKernelError", evalue=evalue, traceback=[f"DeadKernelError: {evalue}"]))
+    # papermill marked every cell "completed" on its way out; say which failed and which never ran
+    nb.metadata.setdefault("papermill", {})["exception"] = True
+    nb.cells[cell].metadata.papermill.update(status="failed", exception=True)
+    for c in nb.cells[cell + 1:]:
+        c.metadata.get("papermill", {})["status"] = "pending"
+    atomic_write_text(out, nbformat.writes(nb))
+    return cell, evalue
 
 
 def export_html(nb_path: str | Path) -> Path:
