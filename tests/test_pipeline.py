@@ -187,3 +187,26 @@ def test_dead_kernel_names_stage_and_cell_and_keeps_partial_notebook(nb_dir, tmp
     assert cells[3].metadata.papermill.status == "failed" and cells[4].metadata.papermill.status == "pending"
     assert "DeadKernelError" in (run_dir / "02_second.html").read_text()
     assert not list((tmp_path / "t").iterdir())  # the killed kernel's private socket folder is removed too
+
+
+def test_kernel_falls_back_to_this_python_with_a_note(tmp_path, monkeypatch, capsys):
+    """Where the notebooks' kernel is not registered for this Python and cannot be (a read-only
+    environment), the name is lent to this interpreter through a private kernel spec, with a note."""
+    import sys
+
+    monkeypatch.setattr(pipeline, "KERNEL_NAME", "wb-test-unregistered-kernel")
+    monkeypatch.setenv("JUPYTER_PATH", "")  # restored after the test; ensure_kernel prepends its folder
+
+    def read_only(**kw):
+        raise PermissionError(13, "Permission denied", kw.get("prefix"))
+
+    monkeypatch.setattr(pipeline, "install_kernel", read_only)
+    assert pipeline.ensure_kernel() == "wb-test-unregistered-kernel"
+    err = capsys.readouterr().err
+    assert "note: the Jupyter kernel 'wb-test-unregistered-kernel' does not run this Python" in err
+    assert "cannot be registered" in err and "Permission denied" in err
+    assert pipeline.ensure_kernel() == "wb-test-unregistered-kernel" and not capsys.readouterr().err  # noted once
+    nb = make_notebook(tmp_path / "nb.ipynb", 'run_dir: str = "x"  # run directory',
+                       "import pathlib, sys\npathlib.Path('python.txt').write_text(sys.executable)")
+    pipeline.run_notebook(nb, tmp_path / "out.ipynb", {"run_dir": str(tmp_path)}, cwd=tmp_path, html=False)
+    assert (tmp_path / "python.txt").read_text() == sys.executable

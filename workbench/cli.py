@@ -38,7 +38,11 @@ def _run(args) -> int:
 
 
 def _params(args) -> int:
-    stages = C.discover_stages()
+    try:
+        stages = C.discover_stages()
+    except FileNotFoundError as e:
+        print(f"workbench params: {e}", file=sys.stderr)
+        return 2
     if args.stage not in stages:
         print(f"workbench params: unknown stage {args.stage!r}; stages: {list(stages)}", file=sys.stderr)
         return 2

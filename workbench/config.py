@@ -17,6 +17,7 @@ import ast
 import copy
 import os
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -142,9 +143,16 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 # ---------------------------------------------------------------- schema from notebooks
 def notebooks_dir() -> Path:
-    """The stage notebooks: ``$WORKBENCH_NOTEBOOKS`` or the repository's ``notebooks/``."""
+    """The stage notebooks: ``$WORKBENCH_NOTEBOOKS``, else the copy installed with the package (a wheel
+    holds them as ``workbench/notebooks``), else the source checkout's ``notebooks/`` (editable installs,
+    ``PYTHONPATH``), the one copy everything else is built from."""
     env = os.environ.get("WORKBENCH_NOTEBOOKS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "notebooks"
+    if env:
+        return Path(env)
+    installed = resources.files("workbench") / "notebooks"
+    if installed.is_dir():
+        return Path(str(installed))
+    return Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def discover_stages(nb_dir: str | Path | None = None) -> dict[str, Path]:
@@ -152,7 +160,8 @@ def discover_stages(nb_dir: str | Path | None = None) -> dict[str, Path]:
     nb_dir = Path(nb_dir) if nb_dir else notebooks_dir()
     found = sorted(p for p in nb_dir.glob("*.ipynb") if _STAGE_RE.match(p.name))
     if not found:
-        raise FileNotFoundError(f"no stage notebooks (NN_<stage>.ipynb) in {nb_dir}")
+        raise FileNotFoundError(f"no stage notebooks (NN_<stage>.ipynb) in {nb_dir}; set WORKBENCH_NOTEBOOKS to "
+                                "the folder that holds them")
     return {_STAGE_RE.match(p.name).group(2): p for p in found}
 
 

@@ -2,6 +2,7 @@
 directory, one executed notebook (+ HTML) per stage. It runs notebooks and nothing else."""
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import nbformat
 import papermill as pm
 from ipykernel.kernelspec import install as install_kernel
+from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 from nbclient.exceptions import DeadKernelError
@@ -30,15 +32,38 @@ from .runs import PARAMS, update_metrics
 KERNEL_NAME = "gist-workbench"
 
 
-def ensure_kernel() -> str:
-    """A Jupyter kernel that runs *this* interpreter (so notebooks see the installed workbench)."""
+def _runs_this_python(name: str) -> bool:
+    """Does the kernel spec ``name`` run this interpreter's environment (same ``bin`` folder)?"""
     try:
-        spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
-        if Path(spec.argv[0]).resolve() == Path(sys.executable).resolve():
-            return KERNEL_NAME
+        argv0 = KernelSpecManager().get_kernel_spec(name).argv[0]
     except NoSuchKernel:
-        pass
-    install_kernel(kernel_name=KERNEL_NAME, display_name="GIST workbench", prefix=sys.prefix)
+        return False
+    if argv0 in ("python", "python3"):  # jupyter_client runs these as sys.executable
+        return True
+    return Path(argv0).parent.resolve() == Path(sys.executable).parent.resolve()
+
+
+def ensure_kernel() -> str:
+    """The Jupyter kernel the stages run in: the notebooks' own ``gist-workbench``, running *this*
+    interpreter so they see the installed workbench. Registered in ``sys.prefix`` when missing. Where
+    that cannot be written (or another Python's kernel of that name comes first), a kernel spec in a
+    private temporary folder on ``JUPYTER_PATH`` lends the name to this interpreter, with a note."""
+    if _runs_this_python(KERNEL_NAME):
+        return KERNEL_NAME
+    why = "another Python's kernel of that name comes first on Jupyter's path"
+    try:
+        install_kernel(kernel_name=KERNEL_NAME, display_name="GIST workbench", prefix=sys.prefix)
+        if _runs_this_python(KERNEL_NAME):
+            return KERNEL_NAME
+    except OSError as e:
+        why = f"it cannot be registered in {sys.prefix} ({e.strerror or e})"
+    folder = tempfile.mkdtemp(prefix="wb-kernelspec-")
+    atexit.register(shutil.rmtree, folder, True)
+    write_kernel_spec(Path(folder, "kernels", KERNEL_NAME), overrides={"display_name": "GIST workbench"})
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (folder, os.environ.get("JUPYTER_PATH")) if p)
+    print(f"note: the Jupyter kernel {KERNEL_NAME!r} does not run this Python ({sys.executable}): {why}. The "
+          "notebooks run in this Python anyway; to open them in JupyterLab with it, register it once: "
+          f"{sys.executable} -m ipykernel install --user --name {KERNEL_NAME}", file=sys.stderr)
     return KERNEL_NAME
 
 
