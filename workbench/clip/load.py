@@ -35,7 +35,6 @@ PROVIDED_WEIGHTS: dict[tuple[str, str], str] = {
 }
 
 _SCHEMAS = ("hf-hub:", "local-dir:")  # names whose config and weights come with them
-_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
 
 
 class _QuietRandomInit(logging.Filter):
@@ -146,16 +145,17 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return open_clip.factory.load_state_dict(str(path), weights_only=True)
 
 
-def _local_checkpoint(arch: str, pretrained: str | None) -> Path | None:
-    """The local file ``pretrained`` names (a tag the workbench provides, or a path), else None."""
+def _checkpoint_path(arch: str, pretrained: str | None) -> Path | None:
+    """The local file ``pretrained`` names (a provided tag or a path), or None for open_clip tags."""
     if pretrained and (arch, pretrained) in PROVIDED_WEIGHTS:
         module, fn = PROVIDED_WEIGHTS[(arch, pretrained)].split(":")
         return Path(getattr(importlib.import_module(module), fn)())
-    if pretrained and (os.sep in pretrained or Path(pretrained).suffix in _CHECKPOINT_SUFFIXES):
+    if pretrained and (os.sep in pretrained or Path(pretrained).suffix in (".safetensors", ".pt", ".pth", ".bin")):
         checkpoint = Path(pretrained).expanduser()
         if not checkpoint.exists():
             raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
         return checkpoint
+    _check_fetchable(arch, pretrained)
     return None
 
 
@@ -163,14 +163,14 @@ def _create(arch: str, name: str, pretrained: str | None, checkpoint: Path | Non
     """open_clip's model and eval transform, its weights loaded by open_clip (``load_checkpoint`` for a
     local file); loading errors turned into ones that say what to do."""
     tag = None if checkpoint is not None or arch.startswith(_SCHEMAS) else pretrained
-    random_init = checkpoint is not None or (tag is None and not arch.startswith(_SCHEMAS))
-    quiet = _QuietRandomInit() if random_init else None
+    bare = checkpoint is not None or (tag is None and not arch.startswith(_SCHEMAS))  # created without weights
+    quiet = _QuietRandomInit() if bare else None
     if quiet:  # open_clip warns "initialized randomly": misleading when weights follow from a file
         logging.getLogger().addFilter(quiet)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             arch, pretrained=tag, load_weights=checkpoint is None, precision=precision, device=device,
-            weights_only=True, require_pretrained=not random_init,  # a failed download must not be a random init
+            weights_only=True, require_pretrained=not bare,  # a failed download must not be a random init
         )
     except RuntimeError as e:
         if arch.startswith("local-dir:"):
@@ -207,8 +207,7 @@ def load_clip(
     device = auto_device(device)
     if not arch.startswith(_SCHEMAS) and arch not in open_clip.list_models():
         raise ValueError(f"unknown CLIP architecture {name!r}; e.g. {sorted(ALIASES)} or open_clip.list_models()")
-    checkpoint = _local_checkpoint(arch, pretrained)
-    _check_fetchable(arch, None if checkpoint is not None else pretrained)
+    checkpoint = _checkpoint_path(arch, pretrained)
     model, preprocess = _create(arch, name, pretrained, checkpoint, precision, device)
     model.eval()
     tokenizer = open_clip.get_tokenizer(arch)
