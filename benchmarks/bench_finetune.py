@@ -1,33 +1,39 @@
 """Fine-tuning throughput: the workbench loop vs a replica of the GIST recipe, from real JPEG files.
 
-Prints one JSON object per model:
-``{"model", "pairs_per_s", "mfu", "reference_pairs_per_s", "speedup", ...}``.
+Prints two JSON lines per model, each the moment it is known: first the workbench figures
+``{"model", "part": "workbench", "pairs_per_s", "mfu", "timed_recompiles", ...}``, then, after the
+reference run, the full line ``{"model", "pairs_per_s", "mfu", "reference_pairs_per_s", "speedup", ...}``
+(a run cut short by a timeout keeps the first). A model skipped for lack of time prints one line with
+``skipped``.
 
 Workbench: JPEGs decoded once into the uint8 cache (``image_cache``), random resized crop + flip +
 normalise on the device, fp32 master weights, bf16 autocast, fused AdamW, regional ``torch.compile``,
-the production :class:`workbench.trainer.Trainer` step. Reference (same process, same files): the GIST
-recipe - fp16 weights cast to fp32 around each Adam step (lr 1e-6, betas (0.9, 0.98), eps 1e-6,
-wd 1e-3), batch 20, PIL RandomResizedCrop + flip per image in a DataLoader.
+the production :class:`workbench.finetune.trainer.Trainer` step. Warm-up runs every trimmed text length
+the timed steps will run (each compiles the text tower once), and ``timed_recompiles`` counts Dynamo
+compiles inside the timed loop (``torch._dynamo.utils.counters``): it should be 0. Reference (same
+process, same files): the GIST recipe - fp16 weights cast to fp32 around each Adam step (lr 1e-6, betas
+(0.9, 0.98), eps 1e-6, wd 1e-3), batch 20, PIL RandomResizedCrop + flip per image in a DataLoader.
 
 MFU = 3 x forward FLOPs per pair (open_clip's profile: ViT-L/14@336 381.9 + 13.3 GFLOPs, ViT-B/16
 35.1 + 6.0; computed here from the architecture, full 77-token text) x pairs/s / 790e12 (a measured
-H200 bf16 matmul peak). ``mfu_executed`` counts the text FLOPs at the trimmed length actually run.
+H200 bf16 matmul peak). ``mfu_executed`` counts the text FLOPs at the trimmed lengths actually timed.
 
     python benchmarks/bench_finetune.py                       # CPU, tiny model
     python benchmarks/bench_finetune.py --device cuda         # ViT-B-16 and ViT-L-14-336, random init
     python benchmarks/bench_finetune.py --device cuda --quick # fewer steps and images
-Each model's workbench part is bounded by ``--budget-s`` (default 60 s on CUDA, warm-up and compile
-included, at least 5 timed steps), the reference by half of it, and the whole script by
-``--deadline-s`` (default 290 s on CUDA; the reference is skipped rather than overrun). A failure (compile, memory) is
-reported in that model's JSON (``error_0``, ...: then it is re-run with PyTorch's default attention
-kernel, then without compile) and the next model still runs.
+Time: each model's workbench part aims at ``--budget-s`` (default 60 s on CUDA, warm-up and compile
+included), the reference at half of it, and everything at ``--deadline-s`` (default 290 s on CUDA):
+warm-up and timing stop at the deadline, a model starts only with at least 30 s (CUDA) left after the
+minimum of those still to come, and the reference is skipped rather than overrun. Compiling cannot be
+interrupted, so run the script under ``timeout`` with the deadline plus 60 s. A failure (compile,
+memory) is reported in that model's JSON (``error_0``, ...): then it is re-run with the flash attention
+kernel, then without compile (a try equal to one that failed is skipped), and the next model still runs.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
-import math
 import os
 import sys
 import tempfile
@@ -37,13 +43,24 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
+import torch._dynamo as dynamo
 import torch.nn.functional as F
+from open_clip.model import convert_weights_to_lp
+from PIL import Image
+from torch._dynamo.utils import counters
+from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from workbench.clip import image_size, load_clip, resolve_name  # noqa: E402
+from workbench.data.images import image_cache  # noqa: E402
+from workbench.finetune.trainer import FinetuneConfig, Trainer  # noqa: E402
+
 PEAK_FLOPS = 790e12  # measured bf16 dense matmul peak of one H200
 DEFAULT_BATCH = {"tiny": 64, "ViT-B-16": 1024, "ViT-L-14-336": 192}
+MIN_MODEL_S = {"cuda": 30.0, "cpu": 5.0}  # the least time worth starting a model with (setup + compile)
 WORDS = ("red crown white breast dark wings long tail short hooked beak spotted streaked plain buff "
          "brown blue yellow feathers pale throat black mask grey back barred flanks orange rump").split()
 
@@ -54,10 +71,6 @@ def forward_flops(name: str, text_len: int | None = None) -> tuple[float, float]
     Matmuls only, 2 FLOPs per MAC: per layer 2n(4w^2 + 2*mlp*w^2) + 4n^2w, plus the patch embedding
     and projections. Reproduces open_clip's profile (ViT-L/14@336: 381.9 + 13.3 GFLOPs).
     """
-    import open_clip
-
-    from workbench.clip import resolve_name
-
     cfg = open_clip.get_model_config(resolve_name(name))
     v, t, e = cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"]
     mlp = v.get("mlp_ratio", 4.0)
@@ -72,8 +85,6 @@ def forward_flops(name: str, text_len: int | None = None) -> tuple[float, float]
 
 def write_jpegs(folder: Path, n: int, px: int, workers: int) -> list[Path]:
     """``n`` JPEG files of ``px`` x ``px`` (smooth colour fields + noise: realistic file sizes)."""
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
 
     def one(i):
@@ -104,8 +115,6 @@ def make_captions(n_images: int, k: int, seed: int = 0) -> tuple[list[str], list
 
 
 def _free(device):
-    import torch._dynamo as dynamo
-
     dynamo.reset()  # compiled graphs of the last model are no use to the next
     gc.collect()
     if device.type == "cuda":
@@ -117,12 +126,62 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warmup, compile_, budget_s,
-                    attention="auto"):
-    from workbench.clip import image_size, load_clip
-    from workbench.data.images import image_cache
-    from workbench.finetune.trainer import FinetuneConfig, Trainer
+class OutOfTime(RuntimeError):
+    """Too little time left to time a single step."""
 
+
+def dynamo_frames() -> int:
+    """Frames Dynamo has compiled so far in this process (each compile and recompile counts once)."""
+    return counters["frames"]["total"]
+
+
+def plan_warmup(tr, warmup: int, steps: int) -> tuple[list[int], list[int]]:
+    """(warm-up steps, candidate timed steps). Under compile the text tower compiles once per trimmed text
+    length, so after the first ``warmup`` steps come, for each length the candidates will run and those
+    steps did not, the first candidate step with it: no compile is left for the timed loop."""
+    later = list(range(warmup, warmup + 1 + steps))
+    if not tr.cfg.compile:
+        return list(range(warmup)), later
+    seen, extra = {tr.text_length(s) for s in range(warmup)}, {}
+    for s in later:
+        length = tr.text_length(s)
+        if length not in seen:
+            extra.setdefault(length, s)
+    return list(range(warmup)) + list(extra.values()), later
+
+
+def warm_up(tr, steps: list[int], device, until: float) -> tuple[set | None, int, float]:
+    """Run the warm-up ``steps``, skipping the rest once the longest step so far (the first compiles) would
+    end past ``until``. Returns the text lengths compiled (None without compile: any may be timed), the
+    steps run and the seconds taken."""
+    t0, longest, warmed, done = time.perf_counter(), 0.0, set(), 0
+    for s in steps:
+        if done and time.perf_counter() + longest > until:
+            break
+        t = time.perf_counter()
+        tr.train_step(s)
+        _sync(device)
+        longest, done = max(longest, time.perf_counter() - t), done + 1
+        warmed.add(tr.text_length(s))
+    return (warmed if tr.cfg.compile else None), done, time.perf_counter() - t0
+
+
+def time_steps(tr, steps: list[int], device) -> tuple[float, int, float]:
+    """(seconds, Dynamo compiles during them, last loss) for ``steps``, synchronised at both ends."""
+    frames = dynamo_frames()
+    _sync(device)
+    t = time.perf_counter()
+    for s in steps:
+        loss, _ = tr.train_step(s)
+    _sync(device)
+    return time.perf_counter() - t, dynamo_frames() - frames, float(loss)
+
+
+def bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warmup, compile_, soft, hard,
+                    attention="auto", info=None):
+    """The production step on ``name``: setup, warm-up (compiles), then up to ``steps`` timed steps, as many as
+    fit before ``soft`` (at least 5 on CUDA if they fit before ``hard``; both ``time.perf_counter()`` values).
+    ``info`` receives the attention kernel chosen, even when a later part fails."""
     t0 = time.perf_counter()
     torch.manual_seed(0)
     clip, _, tok = load_clip(name, None, "cpu")
@@ -133,60 +192,41 @@ def bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warm
     keep = len(texts) // batch * batch  # whole batches: the trainer then runs exactly `batch`
     if keep == 0:
         raise ValueError(f"{len(texts)} pairs are fewer than one batch of {batch}; pass more --images")
-    texts, rows, labels = texts[:keep], rows[:keep], labels[:keep]
-    n_pairs = keep
-    cfg = FinetuneConfig(
-        loss="clip", batch_size=batch, epochs=10_000, lr=1e-5, warmup=10, compile=compile_,
-        validate=False, precision="auto", attention=attention,
-    )
-    tr = Trainer(clip, tok, cfg, images, torch.tensor(rows), texts, torch.tensor(labels), device)
+    cfg = FinetuneConfig(loss="clip", batch_size=batch, epochs=10_000, lr=1e-5, warmup=10, compile=compile_,
+                         validate=False, precision="auto", attention=attention)
+    tr = Trainer(clip, tok, cfg, images, torch.tensor(rows[:keep]), texts[:keep], torch.tensor(labels[:keep]), device)
+    if info is not None:
+        info["attention"] = tr.attention
     setup_s = time.perf_counter() - t0
-    t_start = time.perf_counter()
-    for s in range(warmup):  # compile happens here
-        loss, _ = tr.train_step(s)
-    _sync(device)
-    warm_s = time.perf_counter() - t_start
-    # one more step to estimate the step time, then as many steps as the budget allows
+    warm_steps, candidates = plan_warmup(tr, warmup, steps)
+    warmed, n_warm, warm_s = warm_up(tr, warm_steps, device, hard)
+    timed = [s for s in candidates if warmed is None or tr.text_length(s) in warmed]  # nothing left to compile
+    if not timed:
+        raise OutOfTime(f"the deadline came before the text lengths of the timed steps were compiled ({warmed})")
     t1 = time.perf_counter()
-    tr.train_step(warmup)
+    tr.train_step(timed[0])  # the step time, to size the timed loop
     _sync(device)
-    step_s = time.perf_counter() - t1
-    left = budget_s - (time.perf_counter() - t0)
-    n_steps = max(5 if device.type == "cuda" else 2, min(steps, int(left / max(step_s, 1e-6))))
-    t1 = time.perf_counter()
-    for s in range(warmup + 1, warmup + 1 + n_steps):
-        loss, gnorm = tr.train_step(s)
-    _sync(device)
-    dt = time.perf_counter() - t1
-    final_loss = float(loss)
-    # the input pipeline alone (index the cache, crop, flip, normalise, text ids to device)
-    t1 = time.perf_counter()
+    step_s, left = time.perf_counter() - t1, timed[1:]
+    fit_soft, fit_hard = int((soft - time.perf_counter()) / step_s), int((hard - time.perf_counter()) / step_s)
+    n = min(len(left), fit_hard, max(fit_soft, 5 if device.type == "cuda" else 2))
+    if n < 1:
+        raise OutOfTime(f"warm-up and compile took {time.perf_counter() - t0:.0f} s; no time left to time a step")
+    dt, recompiles, final_loss = time_steps(tr, left[:n], device)
+    t1 = time.perf_counter()  # the input pipeline alone (index the cache, crop, flip, normalise, text ids)
     for s in range(5):
         tr.batch(s)
     _sync(device)
-    pipeline_ms = (time.perf_counter() - t1) / 5 * 1e3
-    text_len = float(np.mean([int(tr.eot[tr._perm[i * tr.B:(i + 1) * tr.B]].max()) + 1 for i in range(tr.steps_per_epoch)]))
-    if cfg.compile:
-        text_len = float(min(tr.ids.shape[1], math.ceil(text_len / 8) * 8))
     out = {
-        "pairs_per_s": n_steps * tr.B / dt,
-        "batch_size": tr.B,
-        "steps_timed": n_steps,
-        "step_ms": dt / n_steps * 1e3,
-        "input_pipeline_ms": pipeline_ms,
-        "warmup_s": warm_s,
-        "setup_s": setup_s,
-        "decode_images_per_s": len(paths) / decode_s,
-        "image_px": size,
-        "pairs": n_pairs,
-        "compile": cfg.compile,
-        "attention": tr.attention,
-        "final_loss": final_loss,
-        "text_tokens_run": text_len,
+        "pairs_per_s": n * tr.B / dt, "batch_size": tr.B, "steps_timed": n, "step_ms": dt / n * 1e3,
+        "timed_recompiles": recompiles, "text_lengths_warmed": sorted(warmed) if warmed is not None else None,
+        "input_pipeline_ms": (time.perf_counter() - t1) / 5 * 1e3, "warmup_s": warm_s, "warmup_steps": n_warm,
+        "setup_s": setup_s, "decode_images_per_s": len(paths) / decode_s, "image_px": size, "pairs": tr.n,
+        "compile": tr.cfg.compile, "attention": tr.attention, "final_loss": final_loss,
+        "text_tokens_run": float(np.mean([tr.text_length(s) for s in left[:n]])),
     }
     if device.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del tr, clip, images, loss, gnorm
+    del tr, clip, images
     _free(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -197,8 +237,6 @@ class _JpegPairs(torch.utils.data.Dataset):
     """The reference data path: open the JPEG, RandomResizedCrop + flip + ToTensor + Normalize (PIL)."""
 
     def __init__(self, paths, rows, ids, size, mean, std):
-        from torchvision import transforms as T
-
         self.paths, self.rows, self.ids = paths, rows, ids
         self.tf = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC),
                              T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
@@ -207,19 +245,12 @@ class _JpegPairs(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
-        from PIL import Image
-
         with Image.open(self.paths[self.rows[i]]) as im:
             return self.tf(im.convert("RGB")), self.ids[i]
 
 
 def bench_reference(name, paths, texts, rows, device, steps, warmup, workers, budget_s):
     """The GIST recipe: fp16 weights (fp32 on CPU, which has no fast fp16), cast to fp32 around each Adam step."""
-    import open_clip
-    from open_clip.model import convert_weights_to_lp
-
-    from workbench.clip import resolve_name
-
     t0 = time.perf_counter()
     fp16 = device.type == "cuda"
     torch.manual_seed(0)
@@ -280,6 +311,81 @@ def bench_reference(name, paths, texts, rows, device, steps, warmup, workers, bu
             "reference_precision": "fp16 weights, fp32 step" if fp16 else "fp32 (CPU)", "reference_workers": workers}
 
 
+def run_workbench(name, data, device, batch, steps, warmup, compile_, soft, hard) -> dict:
+    """:func:`bench_workbench` with fall-backs, each only if the last try raised: the flash attention kernel
+    (the "auto" pick, cuDNN on an H200, may not compile on some builds; PyTorch's default order prefers
+    cuDNN too), then no compile. A try equal to one that failed is skipped; every error is kept."""
+    out, failed = {}, set()
+    tries = [(True, "auto"), (True, "flash"), (False, "flash")] if compile_ else [(False, "auto")]
+    for n_try, (use_compile, attention) in enumerate(tries):
+        if (use_compile, attention) in failed:
+            continue
+        if n_try and time.perf_counter() + MIN_MODEL_S[device.type] > hard:
+            out["skipped"] = f"no retry: {hard - time.perf_counter():.0f} s left for this model"
+            break
+        info = {}
+        try:
+            return {**out, **bench_workbench(name, *data, device, batch, steps, warmup, use_compile, soft, hard,
+                                             attention, info)}
+        except Exception as e:  # report and go on: one failure must not cost the other models
+            resolved = info.get("attention", attention)
+            out[f"error_{n_try}"] = f"compile={use_compile} attention={resolved}: {type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc(file=sys.stderr)
+            _free(device)
+            failed.add((use_compile, resolved))
+            if isinstance(e, (torch.cuda.OutOfMemoryError, OutOfTime)):
+                break
+    return out
+
+
+def add_flops(res: dict, name: str, cuda: bool) -> None:
+    img_f, txt_f = forward_flops(name)
+    res["gflops_per_pair_forward"] = round((img_f + txt_f) / 1e9, 2)
+    if "pairs_per_s" in res:
+        exec_f = sum(forward_flops(name, round(res["text_tokens_run"])))
+        res["tflops"] = 3 * (img_f + txt_f) * res["pairs_per_s"] / 1e12
+        res["mfu"] = 3 * (img_f + txt_f) * res["pairs_per_s"] / PEAK_FLOPS if cuda else None
+        res["mfu_executed"] = 3 * exec_f * res["pairs_per_s"] / PEAK_FLOPS if cuda else None
+
+
+def emit(res: dict) -> None:
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}), flush=True)
+
+
+def bench_model(name, i, data, a, ctx) -> None:
+    """One model: the workbench line as soon as it is measured, then the full line after the reference."""
+    device, cuda, deadline_at, n_models = ctx["device"], ctx["cuda"], ctx["deadline_at"], ctx["n_models"]
+    res = {"model": name, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+           "precision": "bf16 autocast, fp32 master weights" if cuda else "fp32"}
+    tail = ctx["tail"]
+    # this model may run until `hard`, which leaves each later model the least time worth starting it with
+    hard = deadline_at - (n_models - i - 1) * MIN_MODEL_S[device.type]
+    left = hard - time.perf_counter()
+    if left < MIN_MODEL_S[device.type]:
+        left_all = deadline_at - time.perf_counter()
+        emit({**res, "skipped": f"{left_all:.0f} s left of the {ctx['deadline']:.0f} s deadline", **tail})
+        return
+    soft = time.perf_counter() + min(ctx["budget"], 0.7 * left)  # the rest is the reference's
+    batch = a.batch_size or DEFAULT_BATCH.get(name, 256 if cuda else 32)
+    res.update(run_workbench(name, data, device, batch, ctx["steps"], ctx["warmup"], ctx["compile"], soft, hard))
+    add_flops(res, name, cuda)
+    emit({**res, "part": "workbench", **tail})
+    ref_budget = min(ctx["budget"] / 2, hard - time.perf_counter() - 5)
+    if not a.no_reference and ref_budget < 10:
+        res["reference_error"] = f"skipped: {deadline_at - time.perf_counter():.0f} s left of the deadline"
+    elif not a.no_reference:
+        try:
+            res.update(bench_reference(name, data[0], data[1], data[2], device,
+                                       max(3, ctx["steps"] // 2) if cuda else 3, 2, ctx["workers"], ref_budget))
+        except Exception as e:
+            res["reference_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc(file=sys.stderr)
+            _free(device)
+    if "pairs_per_s" in res and "reference_pairs_per_s" in res:
+        res["speedup"] = res["pairs_per_s"] / res["reference_pairs_per_s"]
+    emit({**res, **tail})
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -292,13 +398,13 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (compile happens here)")
     p.add_argument("--budget-s", type=float, default=None, help="time budget per model for the workbench part")
     p.add_argument("--deadline-s", type=float, default=None,
-                   help="wall-clock limit for the whole script (default 290 s on CUDA): budgets shrink to fit, "
-                        "the reference is skipped when too little time is left")
+                   help="wall-clock limit for the whole script (default 290 s on CUDA): warm-up and timing stop "
+                        "there, models and references are skipped when too little time is left")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer images and steps (a smoke run)")
     a = p.parse_args(argv)
-
+    t_script = time.perf_counter()
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     if cuda:
@@ -307,68 +413,22 @@ def main(argv=None):
     models = (a.models or ("ViT-B-16,ViT-L-14-336" if cuda else "tiny")).split(",")
     n_images = a.images or ((600 if a.quick else 2000) if cuda else (64 if a.quick else 256))
     px = a.image_px or (384 if cuda else 96)
-    steps = a.steps or ((10 if a.quick else 40) if cuda else (3 if a.quick else 8))
-    warmup = a.warmup if a.warmup is not None else (4 if cuda else 1)
-    budget = a.budget_s or ((30 if a.quick else 60) if cuda else 120)
-    t_script = time.perf_counter()
     deadline = a.deadline_s or (290 if cuda else 3600)
-    remaining = lambda: deadline - (time.perf_counter() - t_script)  # noqa: E731
-    workers = min(8, os.cpu_count() or 1) if cuda else 0
-    compile_ = cuda and not a.no_compile
-
+    ctx = {"device": device, "cuda": cuda, "n_models": len(models), "deadline": deadline,
+           "deadline_at": t_script + deadline, "compile": cuda and not a.no_compile,
+           "steps": a.steps or ((10 if a.quick else 40) if cuda else (3 if a.quick else 8)),
+           "warmup": a.warmup if a.warmup is not None else (4 if cuda else 1),
+           "budget": a.budget_s or ((30 if a.quick else 60) if cuda else 120),
+           "workers": min(8, os.cpu_count() or 1) if cuda else 0}
     with tempfile.TemporaryDirectory(prefix="bench_finetune_") as tmp:
         os.environ.setdefault("WORKBENCH_CACHE", str(Path(tmp) / "cache"))
         t0 = time.perf_counter()
         paths = write_jpegs(Path(tmp) / "jpeg", n_images, px, workers=max(1, os.cpu_count() or 1))
-        write_s = time.perf_counter() - t0
+        ctx["tail"] = {"images": n_images, "jpeg_px": px, "jpeg_write_s": round(time.perf_counter() - t0, 2),
+                       "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
         texts, rows, labels = make_captions(n_images, a.captions)
         for i, name in enumerate(models):
-            batch = a.batch_size or DEFAULT_BATCH.get(name, 256 if cuda else 32)
-            # the later models keep their share of what is left (model setup and compile ~ 40 s each)
-            share = remaining() / (len(models) - i)
-            wb_budget = max(20.0, min(budget, share - budget / 2 - 40))
-            res = {"model": name, "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-                   "precision": "bf16 autocast, fp32 master weights" if cuda else "fp32"}
-            # fall-backs, each only if the last attempt raised: the fastest attention kernel may not
-            # compile on some builds, compile itself may fail; the error of each failed try is kept
-            tries = [(True, "auto"), (True, "default"), (False, "default")] if compile_ else [(False, "auto")]
-            for n_try, (use_compile, attention) in enumerate(tries):
-                if n_try and remaining() < 60:
-                    res["skipped"] = f"no retry: {remaining():.0f} s left of the {deadline:.0f} s deadline"
-                    break
-                try:
-                    res.update(bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warmup,
-                                               use_compile, wb_budget, attention))
-                    break
-                except Exception as e:  # report and go on: one failure must not cost the other models
-                    res[f"error_{n_try}"] = f"compile={use_compile} attention={attention}: {type(e).__name__}: {str(e)[:300]}"
-                    traceback.print_exc(file=sys.stderr)
-                    _free(device)
-                    if isinstance(e, torch.cuda.OutOfMemoryError):
-                        break
-            img_f, txt_f = forward_flops(name)
-            res["gflops_per_pair_forward"] = round((img_f + txt_f) / 1e9, 2)
-            if "pairs_per_s" in res:
-                exec_f = sum(forward_flops(name, round(res["text_tokens_run"])))
-                res["tflops"] = 3 * (img_f + txt_f) * res["pairs_per_s"] / 1e12
-                res["mfu"] = 3 * (img_f + txt_f) * res["pairs_per_s"] / PEAK_FLOPS if cuda else None
-                res["mfu_executed"] = 3 * exec_f * res["pairs_per_s"] / PEAK_FLOPS if cuda else None
-            ref_budget = min(budget / 2, remaining() - (len(models) - i - 1) * (budget + 40) - 20)
-            if not a.no_reference and ref_budget < 10:
-                res["reference_error"] = f"skipped: {remaining():.0f} s left of the {deadline:.0f} s deadline"
-            elif not a.no_reference:
-                try:
-                    res.update(bench_reference(name, paths, texts, rows, device, max(3, steps // 2) if cuda else 3,
-                                               2, workers, ref_budget))
-                except Exception as e:
-                    res["reference_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                    traceback.print_exc(file=sys.stderr)
-                    _free(device)
-            if "pairs_per_s" in res and "reference_pairs_per_s" in res:
-                res["speedup"] = res["pairs_per_s"] / res["reference_pairs_per_s"]
-            res.update(images=n_images, jpeg_px=px, jpeg_write_s=round(write_s, 2), torch=torch.__version__,
-                       date=time.strftime("%Y-%m-%d"))
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}), flush=True)
+            bench_model(name, i, (paths, texts, rows, labels), a, ctx)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,46 @@ def test_normalize_images_matches_manual(tiny):
     assert normalize_images(_images(2, 90, 70), model).shape == (2, 3, 64, 64)
 
 
+def test_normalisation_constants_are_built_once_per_device(tiny, monkeypatch):
+    """mean/std tensors were built with torch.tensor(..., device=...) on every call: on CUDA a blocking copy
+    (a host-device sync) per training step and per encoded batch. Now once per (values, device)."""
+    from workbench.clip import channel_constants
+    from workbench.finetune.augment import apply_crops, crop_params
+
+    model, _, _ = tiny
+    x, boxes = _images(4, 64, 64), crop_params(4, generator=torch.Generator().manual_seed(0))
+    mean, std = (0.25, 0.5, 0.75), (0.2, 0.3, 0.4)  # values no other test uses: the first call builds them
+    made, real = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    first = apply_crops(x, boxes, 32, mean, std)
+    assert len(made) == 2  # mean and std, once
+    assert torch.equal(apply_crops(x, boxes, 32, mean, std), first) and len(made) == 2
+    normalize_images(x, model)
+    n = len(made)
+    normalize_images(x, model)
+    assert len(made) == n
+    assert channel_constants(mean, std, x.device) is channel_constants(mean, std, x.device)
+
+
+def test_features_stay_on_the_device_until_the_end(tiny, monkeypatch):
+    """encode_uint8 copied each chunk's features to the host (.cpu(), a sync per chunk), encode_texts each
+    batch's: now one copy at the end, with the same features."""
+    from workbench.clip import encode_uint8
+
+    model, _, tok = tiny
+    x = _images(10, 64, 64)
+    one_pass = encode_images(model, x, batch_size=10)
+    texts = ["a red bird", "a bird with a blue crown", "x"]
+    one_text = encode_texts(model, tok, texts)
+    calls, real = [], torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    feats = encode_uint8(model, x, batch_size=3, chunk=4)  # 3 chunks, 4 batches
+    assert len(calls) == 1
+    torch.testing.assert_close(feats, one_pass, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(encode_texts(model, tok, texts, batch_size=1), one_text, atol=1e-5, rtol=1e-4)
+    assert len(calls) == 2
+
+
 def test_local_checkpoints_roundtrip(tmp_path, tiny):
     model, _, tok = tiny
     sd = {k: v.clone() for k, v in model.state_dict().items()}

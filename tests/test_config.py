@@ -120,3 +120,20 @@ def test_unknown_loader_option_is_named():
 
     with pytest.raises(ValueError, match=r"dataset 'cub': unknown option\(s\) \['colour'\]; accepted options"):
         load_dataset("cub", "/nonexistent", colour=1)
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path, capsys):
+    """A config file that is not valid YAML is a config error like any other: exit 2, the file, the line
+    and column, no traceback (it used to exit 1 with a ScannerError about "<unicode string>")."""
+    from workbench import cli
+
+    bad = tmp_path / "my.yaml"
+    bad.write_text("base: demo\nmatch:\n  k: 3\n  model: [tiny\n")
+    rc = cli.main(["run", str(bad), "--reports", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"{bad}, line 5, column 1: YAML syntax error" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+    bad.write_text("base: demo\nseed: 1\n\tmatch: {}\n")  # a tab where YAML wants spaces
+    with pytest.raises(C.ConfigError, match=r"my\.yaml, line 3, column 1: YAML syntax error"):
+        C.load_source(str(bad))

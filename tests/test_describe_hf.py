@@ -101,3 +101,33 @@ def test_generate_descriptions_deterministic(tiny_lm, tmp_path):
     again = generate_descriptions(CLASSES, be, domain="birds", n_per_class=3, run_dir=tmp_path / "a",
                                   progress=False, seed=1)
     assert be.stats()["requests"] == 0 and len(again.records) == 6
+
+
+def test_loads_straight_onto_the_device_and_records_top_k(tiny_lm, tmp_path, monkeypatch):
+    """A model given by name is loaded with ``device_map``/``dtype`` onto its device (not built in host
+    memory, then moved); ``top_k``, which ``generate`` applies, is passed explicitly and recorded."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = tiny_lm
+    model.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    calls = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    be = TransformersBackend(str(tmp_path / "lm"), device="cpu", dtype="fp32", max_new_tokens=4)
+    assert calls[0]["device_map"] == "cpu" and calls[0]["dtype"] == torch.float32
+    assert model.generation_config.top_k in (None, 50)
+    assert be.sampling()["top_k"] == 50  # what generate applies when the model sets none
+
+    be = TransformersBackend(model, tok, device="cpu", top_k=3, temperature=1.0, max_new_tokens=4)
+    assert be.sampling()["top_k"] == 3
+    seen = []
+    real_generate = be.lm.generate
+    monkeypatch.setattr(be.lm, "generate", lambda **kw: seen.append(kw) or real_generate(**kw))
+    be.complete(_reqs(be, 1))
+    assert seen[0]["top_k"] == 3 and seen[0]["do_sample"] is True

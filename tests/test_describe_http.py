@@ -4,6 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
+import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -34,8 +38,11 @@ class FakeLLM(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, faults=(), gate_after=None, classes=CLASSES):
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, faults=(), gate_after=None, classes=CLASSES, keep_alive=False, drop_idle=False):
+        super().__init__(("127.0.0.1", 0), _KeepAliveHandler if keep_alive else _Handler)
+        self.drop_idle = drop_idle  # close kept-alive connections after each answer, without saying so
+        self.connections = 0  # TCP connections accepted
+        self.seen: list[tuple[str, str]] = []  # (Host header, request target) of every request
         self.faults, self.classes = list(faults), list(classes)
         self.lock = threading.Lock()
         self.requests = 0
@@ -52,12 +59,17 @@ class FakeLLM(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
 
-_HTTP_FAULTS = {"429", "500", "timeout", "malformed", "nochoices"}
+_HTTP_FAULTS = {"429", "429ms", "500", "529", "timeout", "malformed", "nochoices"}
 
 
 class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep test output quiet
         pass
+
+    def setup(self):
+        super().setup()
+        with self.server.lock:
+            self.server.connections += 1
 
     def _send(self, code, body: bytes, headers=None):
         self.send_response(code)
@@ -68,6 +80,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
         self.wfile.flush()
+        self.close_connection = self.close_connection or self.server.drop_idle
 
     def do_POST(self):
         srv: FakeLLM = self.server
@@ -79,6 +92,7 @@ class _Handler(BaseHTTPRequestHandler):
         with srv.lock:
             srv.requests += 1
             srv.bodies.append(fp)
+            srv.seen.append((self.headers.get("Host"), self.path))
             srv.in_flight += 1
             srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
             fault = None
@@ -107,6 +121,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(429, b'{"error": {"message": "rate limited"}}', {"Retry-After": "1"})
             if fault == "500":
                 return self._send(500, b'{"error": {"message": "internal error"}}')
+            if fault == "529":  # overloaded: a 5xx outside 500-504
+                return self._send(529, b'{"error": {"message": "overloaded"}}')
+            if fault == "429ms":  # OpenAI's millisecond header, without Retry-After
+                return self._send(429, b'{"error": {"message": "rate limited"}}', {"retry-after-ms": "2500"})
             if fault == "timeout":
                 time.sleep(CLIENT_TIMEOUT * 2)
                 try:
@@ -140,6 +158,10 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             with srv.lock:
                 srv.in_flight -= 1
+
+
+class _KeepAliveHandler(_Handler):
+    protocol_version = "HTTP/1.1"  # the connection stays open between requests
 
 
 @pytest.fixture
@@ -296,3 +318,112 @@ def test_fatal_errors_and_key_handling(server_factory, tmp_path, monkeypatch):
         OpenAIBackend(model="m", api_base="https://api.example.com/v1", api_key_env=KEY_ENV)
     assert parse_retry_after("2") == 2.0 and parse_retry_after("soon") is None
     assert 0 <= parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") < 1  # a date in the past: no wait
+
+
+def _check_complete_for(records, classes, n):
+    assert Counter(r["class"] for r in records) == {c: n for c in classes}
+
+
+def _backend(url, sleeps=None, **kw):
+    return OpenAIBackend(model="fake-llm", api_base=url, api_key_env=KEY_ENV, max_concurrency=1, base_delay=0.001,
+                         timeout=5, sleep=(sleeps.append if sleeps is not None else time.sleep), **kw)
+
+
+def test_one_kept_alive_connection_any_5xx_and_retry_after_ms(server_factory, tmp_path, monkeypatch):
+    """Every request of a run goes over one kept-alive connection (urllib opened one per request); a 529
+    is retried like any 5xx (only 500-504 were); ``retry-after-ms`` is honoured (it was ignored)."""
+    monkeypatch.setenv(KEY_ENV, KEY)
+    srv = server_factory(faults=["529", "429ms"], keep_alive=True)
+    sleeps = []
+    be = _backend(srv.url, sleeps)
+    res = generate_descriptions(CLASSES, be, domain="birds", n_per_class=3, run_dir=tmp_path, progress=False)
+    _check_complete(res.records, 3)
+    assert be.stats()["errors"] == {"529": 1, "429": 1} and srv.requests == 14
+    assert max(sleeps) == 2.5 and sorted(sleeps)[0] < 0.1
+    assert srv.connections == 1
+
+
+def _self_signed(tmp_path) -> Path:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert = tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(cert)], check=True, capture_output=True)
+    return cert
+
+
+class _ConnectProxy(BaseHTTPRequestHandler):
+    """A forward proxy for HTTPS: CONNECT, then bytes relayed both ways until either side closes."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_CONNECT(self):
+        self.server.connects.append(self.path)
+        host, _, port = self.path.rpartition(":")
+        upstream = socket.create_connection((host, int(port)), timeout=10)
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        self.close_connection = True
+        pair = {self.connection: upstream, upstream: self.connection}
+        try:
+            while True:
+                ready, _, _ = select.select(list(pair), [], [], 10)
+                chunks = [(s, s.recv(65536)) for s in ready]
+                if not ready or any(not data for _, data in chunks):
+                    return
+                for s, data in chunks:
+                    pair[s].sendall(data)
+        finally:
+            upstream.close()
+
+
+def test_proxies_and_https_keep_alive(server_factory, tmp_path, monkeypatch):
+    """HTTP through the proxy HTTP_PROXY names (absolute URL, the target never resolved here), and HTTPS
+    through a CONNECT tunnel to a TLS server whose certificate is checked; each run on one connection."""
+    monkeypatch.setenv(KEY_ENV, KEY)
+    for var in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    proxy = server_factory(keep_alive=True)  # answers like the endpoint it stands for
+    monkeypatch.setenv("HTTP_PROXY", proxy.url.removesuffix("/v1"))
+    monkeypatch.setenv("http_proxy", proxy.url.removesuffix("/v1"))
+    be = _backend("http://llm.invalid:8080/v1")
+    generate_descriptions(CLASSES[:2], be, domain="birds", n_per_class=2, run_dir=tmp_path / "http", progress=False)
+    assert proxy.seen == [("llm.invalid:8080", "http://llm.invalid:8080/v1/chat/completions")] * 4
+    assert proxy.connections == 1
+
+    cert = _self_signed(tmp_path)
+    tls = server_factory(keep_alive=True)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, tmp_path / "key.pem")
+    tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
+    tunnel = ThreadingHTTPServer(("127.0.0.1", 0), _ConnectProxy)
+    tunnel.daemon_threads, tunnel.connects = True, []
+    threading.Thread(target=tunnel.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{tunnel.server_address[1]}")
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trust the test certificate (verification stays on)
+    try:
+        be = _backend(f"https://localhost:{tls.server_address[1]}/v1")
+        res = generate_descriptions(CLASSES[:2], be, domain="birds", n_per_class=2, run_dir=tmp_path / "https",
+                                    progress=False)
+        be._pool.close()
+    finally:
+        tunnel.shutdown()
+        tunnel.server_close()
+    _check_complete_for(res.records, CLASSES[:2], 2)
+    assert tunnel.connects == [f"localhost:{tls.server_address[1]}"]
+    assert tls.requests == 4 and tls.connections == 1
+
+
+def test_a_connection_the_server_closed_while_idle_is_reopened_at_once(server_factory, tmp_path, monkeypatch):
+    """A server (or a load balancer) may drop a kept-alive connection between requests: the request goes
+    out again at once on a new connection, costing no retry and no backoff."""
+    monkeypatch.setenv(KEY_ENV, KEY)
+    srv = server_factory(keep_alive=True, drop_idle=True)
+    sleeps = []
+    be = _backend(srv.url, sleeps)
+    res = generate_descriptions(CLASSES[:2], be, domain="birds", n_per_class=2, run_dir=tmp_path, progress=False)
+    _check_complete_for(res.records, CLASSES[:2], 2)
+    assert srv.requests == srv.connections == 4
+    assert be.stats()["retries"] == 0 and not sleeps

@@ -16,6 +16,7 @@ from toydata import make_matches, make_toy_dataset  # noqa: E402
 from workbench import finetune as ft  # noqa: E402
 from workbench.finetune import trainer  # noqa: E402
 from workbench.finetune.augment import apply_crops, center_normalize, crop_params, random_resized_crop  # noqa: E402
+from workbench.finetune.checkpoint import load_state  # noqa: E402
 from workbench.io import read_json, read_jsonl, write_jsonl  # noqa: E402
 
 MEAN, STD = (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)  # normalisation that leaves pixel values as they are
@@ -119,6 +120,9 @@ def test_config_errors_and_schedule():
         ft.FinetuneConfig(loss="triplet")
     with pytest.raises(ValueError, match="method"):
         ft.FinetuneConfig(method="flyp")
+    with pytest.raises(ValueError, match=r"compile=True with grad_checkpointing=True .*144637"):
+        ft.FinetuneConfig(compile=True, grad_checkpointing=True)
+    ft.FinetuneConfig(compile=True), ft.FinetuneConfig(grad_checkpointing=True)  # each alone is fine
     lrs = [ft.lr_at(s, 100, 1.0, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
@@ -149,15 +153,15 @@ def test_resume_continues_exactly(toy, tmp_path):
     assert rest["status"] == "done"
     la, lb = _losses(tmp_path / "log.jsonl", "a"), _losses(tmp_path / "log.jsonl", "b")
     assert len(la) == len(lb) == 6
-    assert la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+    assert la == lb  # bit-identical: the resume state holds everything the run depends on
     for k, v in base.model.state_dict().items():
-        assert torch.allclose(v, m2.model.state_dict()[k], atol=1e-6), k
+        assert torch.equal(v, m2.model.state_dict()[k]), k
     # a checkpoint written with other settings is refused, not silently mixed
     with pytest.raises(ValueError, match="other settings"):
         ft.train_run(m2.model, m2.tokenizer, ft.FinetuneConfig(**{**cfg, "lr": 5e-4}), images, rows, texts, labels,
                      out_dir=tmp_path / "b", run="b")
-    state = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
-    assert state["step"] == 6 and set(state) >= {"model", "optimizer", "scheduler", "rng_cpu"}
+    state = load_state(tmp_path / "b" / trainer.STATE_FILE)
+    assert state["step"] == 6 and set(state) >= {"model", "optimizer", "scheduler", "rng"}
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path, monkeypatch):
@@ -176,7 +180,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path, mon
     with pytest.raises(ft.NonFiniteLossError, match=r"loss became nan at step 4.*last good checkpoint.*step 3\)"):
         ft.train_run(m.model, m.tokenizer, cfg, images, rows, texts, labels,
                      out_dir=tmp_path / "c", log_path=tmp_path / "log.jsonl", run="c")
-    state = torch.load(tmp_path / "c" / "last.pt", weights_only=True)
+    state = load_state(tmp_path / "c" / trainer.STATE_FILE)
     assert state["step"] == 3  # written at the end of epoch 1, after its losses were checked
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert [r["step"] for r in read_jsonl(tmp_path / "log.jsonl")] == [1, 2, 3]
@@ -220,6 +224,7 @@ def test_finetune_all_writes_index_log_metrics(toy, tmp_path):
     assert all({"run", "epoch", "step"} <= set(r) and ("loss" in r or "val_top1" in r) for r in log)
     fin = read_json(tmp_path / "metrics.json")["finetune"]
     assert len(fin["runs"]) == 6 and fin["model"] == "tiny"
+    assert all(r["attention"] == "default" for r in fin["runs"])  # the kernel each run used (CPU: PyTorch's)
     # 1-shot runs train on exactly one image per class: 3 images x 2 captions for GIST
     one = [r for r in fin["runs"] if r["run"] == "gist-1-s0"][0]
     assert one["pairs"] == 6
@@ -229,6 +234,19 @@ def test_finetune_all_writes_index_log_metrics(toy, tmp_path):
                     epochs=1, batch_size=8, captions_per_image=2, device="cpu", progress=False)
     assert len(read_jsonl(tmp_path / "train_log.jsonl")) == n_log
     assert len(read_json(tmp_path / "checkpoints" / "index.json")) == 6
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_validation_encodes_at_the_runs_precision(toy, tmp_path, monkeypatch, precision):
+    """Validation ran under "auto" whatever the run's precision: bf16 on a GPU even for fp32 runs."""
+    from workbench.clip import encode
+
+    seen = []
+    real = encode.autocast
+    monkeypatch.setattr(encode, "autocast", lambda device, p="auto": seen.append(p) or real(device, p))
+    ft.finetune_all(tmp_path, toy, model="tiny", pretrained=None, methods=["finetune-classname"], shots=["full"],
+                    seeds=[0], epochs=1, batch_size=8, device="cpu", progress=False, precision=precision)
+    assert seen and set(seen) == {precision}
 
 
 def test_finetune_all_errors_before_work(toy, tmp_path):
@@ -286,6 +304,112 @@ def test_ddp_two_processes_equal_one_process(toy, tmp_path, loss):
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
 
 
+def _rng_worker(rank, world, port, tmp):
+    import torch.distributed as dist
+
+    from workbench.finetune.checkpoint import gather_rng, restore_rng, save_state
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(100 + rank)  # each rank's generator in its own state
+        torch.rand(3)
+        mine = torch.get_rng_state()
+        rng = gather_rng(torch.device("cpu"), world)
+        if rank == 0:
+            save_state(Path(tmp) / "s.safetensors",
+                       {"model": {}, "optimizer": {"state": {}, "param_groups": []}, "rng": rng, "step": 1})
+        dist.barrier()
+        torch.manual_seed(999)
+        restore_rng(load_state(Path(tmp) / "s.safetensors")["rng"], rank, torch.device("cpu"))
+        torch.save({"mine": mine, "restored": torch.get_rng_state()}, Path(tmp) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_resume_state_keeps_each_ranks_rng(tmp_path):
+    """The resume state holds every rank's RNG (it held rank 0's and restored it on every rank), and each
+    rank restores its own. Checked with the CPU generator over gloo; the CUDA one takes the same path."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_rng_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert not torch.equal(got[0]["mine"], got[1]["mine"])
+    for g in got:
+        assert torch.equal(g["restored"], g["mine"])
+    rows = load_state(tmp_path / "s.safetensors")["rng"]["cpu"]
+    assert len(rows) == 2 and all(torch.equal(rows[r], got[r]["mine"]) for r in range(2))
+
+
+def _abort_worker(rank, port, mode):
+    import time
+
+    import torch.distributed as dist
+
+    from workbench.finetune.distributed import abort_on_error, init_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    init_distributed(use_cuda=False)
+    with abort_on_error(poll_s=0.2, grace_s=1.0):
+        if mode != "finish" and rank == 0:
+            raise RuntimeError("rank 0 fails on purpose")
+        if mode == "busy":
+            time.sleep(120)  # blocked where it cannot notice a dead peer, as in an NCCL collective
+        elif mode == "barrier":
+            dist.barrier()
+        else:
+            time.sleep(rank)  # both succeed, rank 1 a second after rank 0
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["busy", "barrier", "finish"])
+def test_ddp_error_on_rank0_ends_every_rank_within_seconds(mode, monkeypatch):
+    """torchrun -m workbench.finetune: a rank that raises used to leave the others waiting for the
+    collective timeout (10 minutes with NCCL). Here the timeout is 300 s and every rank must end within
+    20 s, with an error; ranks that succeed at different times both exit 0."""
+    import multiprocessing
+    import time
+
+    monkeypatch.setenv("WORKBENCH_DDP_TIMEOUT_S", "300")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_abort_worker, args=(r, port, mode)) for r in range(2)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=60)
+        took, codes = time.monotonic() - t0, [p.exitcode for p in procs]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    assert codes == ([0, 0] if mode == "finish" else [1, 1]), codes
+    assert took < 20
+
+
+def test_ddp_timeout_is_configurable(monkeypatch):
+    from datetime import timedelta
+
+    from workbench.finetune.distributed import ddp_timeout
+
+    monkeypatch.delenv("WORKBENCH_DDP_TIMEOUT_S", raising=False)
+    assert ddp_timeout() == timedelta(seconds=1800)
+    monkeypatch.setenv("WORKBENCH_DDP_TIMEOUT_S", "90")
+    assert ddp_timeout() == timedelta(seconds=90)
+    for bad in ("0", "ten"):
+        monkeypatch.setenv("WORKBENCH_DDP_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="WORKBENCH_DDP_TIMEOUT_S"):
+            ddp_timeout()
+
+
 def test_benchmark_flops_reproduce_open_clip_profile():
     """MFU in the benchmark rests on these: open_clip's profile gives 381.9 + 13.3 and 35.1 + 6.0 GFLOPs."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
@@ -327,6 +451,34 @@ def test_batches_are_even_and_cover_the_epoch(toy):
     assert b["text"].shape[1] == int(t.eot[t._perm[:8]].max()) + 1 < 77
     seen = torch.cat([t._perm[i * 8:(i + 1) * 8] for i in range(3)])
     assert sorted(seen.tolist()) == list(range(24))
+
+
+def test_image_cache_goes_to_the_gpu_only_when_training_still_fits(toy):
+    """The placement rule, with an H200's numbers on the CPU (ViT-L/14@336 built on the meta device: shapes,
+    no memory). The old rule (cache < 30% of the free memory, measured before activations and optimizer
+    state exist) put a 34 GB cache on the GPU beside ViT-L at batch 192, whose activations take ~100 GB."""
+    import open_clip
+    from open_clip.model import CLIP
+
+    from workbench.finetune.memory import Tower, cache_fits, place_images, towers, training_need
+
+    with torch.device("meta"):
+        vit_l = CLIP(**open_clip.get_model_config("ViT-L-14-336"))
+    assert towers(vit_l) == [Tower(24 * 24 + 1, 1024, 24, 4096), Tower(77, 768, 12, 3072)]
+    free = 139e9 - 1.7e9  # an H200 with the fp32 weights loaded
+    need = training_need(vit_l, 192, bf16=True, checkpointing=False, text_trains=True)
+    assert need > 100e9 and not cache_fits(34e9, free, need)
+    assert cache_fits(34e9, free, training_need(vit_l, 20, True, False, True))  # GIST's batch
+    ckpt = training_need(vit_l, 192, True, checkpointing=True, text_trains=True)  # keeps block inputs only
+    assert ckpt < need / 3 and cache_fits(34e9, free, ckpt)
+    assert training_need(vit_l, 192, False, False, True) > need  # fp32 activations take more
+    assert training_need(vit_l, 192, True, False, text_trains=False) < need  # a frozen text tower keeps none
+    assert not cache_fits(1, free, None)  # an architecture it cannot size: the cache stays on the host
+    m = _tiny()
+    tr_, images, rows, texts, labels = _run_inputs(toy)
+    assert place_images(images, torch.device("cpu"), 0) is images  # on the CPU: as it is, not pinned
+    t = trainer.Trainer(m.model, m.tokenizer, ft.FinetuneConfig(batch_size=8), images, rows, texts, labels)
+    assert t.images is images
 
 
 def test_validation_accuracies_are_percent_and_match_a_direct_computation(toy):

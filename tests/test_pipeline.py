@@ -1,6 +1,7 @@
 """The papermill runner and the CLI, on small notebooks built here."""
 import json
 
+import nbformat
 import pytest
 import yaml
 from nbutil import make_notebook
@@ -145,3 +146,67 @@ def test_cache_command_lists_and_clears(tmp_path, monkeypatch, capsys):
     assert not (root / "images").exists() and (root / "features" / "sub" / "b.safetensors").exists()
     assert cli.main(["cache", "--clear", "all"]) == 0
     assert not any(root.iterdir())
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`workbench params match | head`: the reader leaves before the output is written; the command
+    stops with SIGPIPE's status and no BrokenPipeError traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "params", "match"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path, env=env)
+    proc.stdout.close()  # like `head` exiting: every write the command makes now fails with EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_dead_kernel_names_stage_and_cell_and_keeps_partial_notebook(nb_dir, tmp_path, capsys, monkeypatch):
+    """A kernel killed mid-cell (kill -9, the OOM killer) ends the run like a failing cell: status 1, the
+    stage and the cell it was running named, the partial notebook and its HTML kept; no traceback."""
+    import tempfile
+
+    make_notebook(nb_dir / "02_second.ipynb", 'run_dir: str = "x"  # run directory',
+                  "print('before the kill')", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "never = 1")
+    (tmp_path / "t").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))  # where the kernels' socket folders go
+    rc = cli.main(["run", "demo", "--name", "dead", "--reports", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "stage 'second' failed in cell 3: DeadKernelError: the kernel died while running this cell" in err
+    assert "'import os, signal'" in err and "Traceback" not in err
+    run_dir = tmp_path / "r" / "dead"
+    cells = nbformat.read(run_dir / "02_second.ipynb", as_version=4).cells
+    assert cells[2].outputs[0].text == "before the kill\n"
+    assert [o.ename for o in cells[3].outputs if o.output_type == "error"] == ["DeadKernelError"]
+    assert cells[3].metadata.papermill.status == "failed" and cells[4].metadata.papermill.status == "pending"
+    assert "DeadKernelError" in (run_dir / "02_second.html").read_text()
+    assert not list((tmp_path / "t").iterdir())  # the killed kernel's private socket folder is removed too
+
+
+def test_kernel_falls_back_to_this_python_with_a_note(tmp_path, monkeypatch, capsys):
+    """Where the notebooks' kernel is not registered for this Python and cannot be (a read-only
+    environment), the name is lent to this interpreter through a private kernel spec, with a note."""
+    import sys
+
+    monkeypatch.setattr(pipeline, "KERNEL_NAME", "wb-test-unregistered-kernel")
+    monkeypatch.setenv("JUPYTER_PATH", "")  # restored after the test; ensure_kernel prepends its folder
+
+    def read_only(**kw):
+        raise PermissionError(13, "Permission denied", kw.get("prefix"))
+
+    monkeypatch.setattr(pipeline, "install_kernel", read_only)
+    assert pipeline.ensure_kernel() == "wb-test-unregistered-kernel"
+    err = capsys.readouterr().err
+    assert "note: the Jupyter kernel 'wb-test-unregistered-kernel' does not run this Python" in err
+    assert "cannot be registered" in err and "Permission denied" in err
+    assert pipeline.ensure_kernel() == "wb-test-unregistered-kernel" and not capsys.readouterr().err  # noted once
+    nb = make_notebook(tmp_path / "nb.ipynb", 'run_dir: str = "x"  # run directory',
+                       "import pathlib, sys\npathlib.Path('python.txt').write_text(sys.executable)")
+    pipeline.run_notebook(nb, tmp_path / "out.ipynb", {"run_dir": str(tmp_path)}, cwd=tmp_path, html=False)
+    assert (tmp_path / "python.txt").read_text() == sys.executable

@@ -1,15 +1,56 @@
-"""Content-keyed on-disk cache for tensors (image caches, features)."""
+"""Content-keyed on-disk cache for tensors (image caches, features), and the one way tensors are written:
+safetensors files streamed one tensor at a time."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
+import struct
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .io import atomic_write_bytes, cache_root
+from .io import atomic_writer, cache_root
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+CHUNK_BYTES = 64 << 20  # the most of a tensor held in host memory at once while it is written
+
+
+def _to_host(part: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor is written from its own memory; a device tensor is copied piece by piece."""
+    return part if part.device.type == "cpu" else part.cpu()
+
+
+def _write_tensor(f: BinaryIO, t: torch.Tensor) -> None:
+    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)  # little-endian bytes, as safetensors stores
+    for start in range(0, flat.numel(), CHUNK_BYTES):
+        f.write(_to_host(flat[start : start + CHUNK_BYTES]).numpy().data)
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (on any device) as a safetensors file, atomically, one tensor at a time.
+
+    The header needs only shapes and dtypes, so each tensor's bytes follow it straight from the tensor
+    (device tensors in pieces of ``CHUNK_BYTES``): no second copy of the whole dict is ever built, unlike
+    ``safetensors.torch.save_file``, which turns every tensor into bytes first."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: cannot write dtype {t.dtype} to safetensors")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with atomic_writer(path) as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():
+            _write_tensor(f, t)
 
 
 def file_fingerprint(paths) -> str:
@@ -22,16 +63,13 @@ def file_fingerprint(paths) -> str:
 
 
 def cached_tensors(kind: str, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Return ``compute()``'s dict of tensors, stored under ``<cache>/<kind>/<key>.safetensors``."""
+    """Return ``compute()``'s dict of tensors, stored under ``<cache>/<kind>/<key>.safetensors``
+    (streamed to a temp file of this writer's own, so concurrent runs or DDP ranks never mix)."""
     path = cache_root() / kind / f"{key}.safetensors"
     if path.exists():
         return load_file(str(path))
     out = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous().cpu() for k, v in out.items()}, str(tmp))
-    atomic_write_bytes(path, tmp.read_bytes())
-    tmp.unlink(missing_ok=True)
+    save_tensors(path, out)
     return out
 
 

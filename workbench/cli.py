@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from . import config as C
@@ -36,7 +38,11 @@ def _run(args) -> int:
 
 
 def _params(args) -> int:
-    stages = C.discover_stages()
+    try:
+        stages = C.discover_stages()
+    except FileNotFoundError as e:
+        print(f"workbench params: {e}", file=sys.stderr)
+        return 2
     if args.stage not in stages:
         print(f"workbench params: unknown stage {args.stage!r}; stages: {list(stages)}", file=sys.stderr)
         return 2
@@ -104,7 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe setting, e.g. steps=100")
     t.set_defaults(fn=_pretrain)
     args = ap.parse_args(argv)
-    return args.fn(args)
+    try:
+        rc = args.fn(args)
+        sys.stdout.flush()  # a reader that left shows up here, not in the interpreter's last flush
+    except BrokenPipeError:
+        # `workbench params match | head`: stop quietly, as Unix tools do. Later writes (and the final
+        # flush at exit) go to /dev/null instead of raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return rc
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import ast
 import copy
 import os
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +80,25 @@ def list_presets() -> dict[str, str]:
 
 
 def load_yaml(path: str | Path) -> dict:
-    data = yaml_load(Path(path).read_text()) or {}
+    try:
+        data = yaml_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml_error(path, e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
     return data
+
+
+def _yaml_error(path, e: yaml.YAMLError) -> str:
+    """``<file>, line L, column C: <problem>`` and the offending line, like the other config errors."""
+    mark = getattr(e, "problem_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e)
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and cmark is not None:  # where the construct that went wrong began
+        problem += f" ({context} that began at line {cmark.line + 1}, column {cmark.column + 1})"
+    snippet = mark.get_snippet() if mark is not None else None
+    return f"{path}{where}: YAML syntax error: {problem}" + (f"\n{snippet}" if snippet else "")
 
 
 def load_source(target: str) -> dict:
@@ -127,9 +143,16 @@ def parse_set(item: str) -> tuple[str, Any]:
 
 # ---------------------------------------------------------------- schema from notebooks
 def notebooks_dir() -> Path:
-    """The stage notebooks: ``$WORKBENCH_NOTEBOOKS`` or the repository's ``notebooks/``."""
+    """The stage notebooks: ``$WORKBENCH_NOTEBOOKS``, else the copy installed with the package (a wheel
+    holds them as ``workbench/notebooks``), else the source checkout's ``notebooks/`` (editable installs,
+    ``PYTHONPATH``), the one copy everything else is built from."""
     env = os.environ.get("WORKBENCH_NOTEBOOKS")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "notebooks"
+    if env:
+        return Path(env)
+    installed = resources.files("workbench") / "notebooks"
+    if installed.is_dir():
+        return Path(str(installed))
+    return Path(__file__).resolve().parents[1] / "notebooks"
 
 
 def discover_stages(nb_dir: str | Path | None = None) -> dict[str, Path]:
@@ -137,7 +160,8 @@ def discover_stages(nb_dir: str | Path | None = None) -> dict[str, Path]:
     nb_dir = Path(nb_dir) if nb_dir else notebooks_dir()
     found = sorted(p for p in nb_dir.glob("*.ipynb") if _STAGE_RE.match(p.name))
     if not found:
-        raise FileNotFoundError(f"no stage notebooks (NN_<stage>.ipynb) in {nb_dir}")
+        raise FileNotFoundError(f"no stage notebooks (NN_<stage>.ipynb) in {nb_dir}; set WORKBENCH_NOTEBOOKS to "
+                                "the folder that holds them")
     return {_STAGE_RE.match(p.name).group(2): p for p in found}
 
 

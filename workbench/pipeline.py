@@ -2,6 +2,7 @@
 directory, one executed notebook (+ HTML) per stage. It runs notebooks and nothing else."""
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import os
 import shutil
@@ -15,8 +16,10 @@ from pathlib import Path
 import nbformat
 import papermill as pm
 from ipykernel.kernelspec import install as install_kernel
+from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
+from nbclient.exceptions import DeadKernelError
 from nbconvert import HTMLExporter
 from papermill.exceptions import PapermillExecutionError
 
@@ -29,15 +32,38 @@ from .runs import PARAMS, update_metrics
 KERNEL_NAME = "gist-workbench"
 
 
-def ensure_kernel() -> str:
-    """A Jupyter kernel that runs *this* interpreter (so notebooks see the installed workbench)."""
+def _runs_this_python(name: str) -> bool:
+    """Does the kernel spec ``name`` run this interpreter's environment (same ``bin`` folder)?"""
     try:
-        spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
-        if Path(spec.argv[0]).resolve() == Path(sys.executable).resolve():
-            return KERNEL_NAME
+        argv0 = KernelSpecManager().get_kernel_spec(name).argv[0]
     except NoSuchKernel:
-        pass
-    install_kernel(kernel_name=KERNEL_NAME, display_name="GIST workbench", prefix=sys.prefix)
+        return False
+    if argv0 in ("python", "python3"):  # jupyter_client runs these as sys.executable
+        return True
+    return Path(argv0).parent.resolve() == Path(sys.executable).parent.resolve()
+
+
+def ensure_kernel() -> str:
+    """The Jupyter kernel the stages run in: the notebooks' own ``gist-workbench``, running *this*
+    interpreter so they see the installed workbench. Registered in ``sys.prefix`` when missing. Where
+    that cannot be written (or another Python's kernel of that name comes first), a kernel spec in a
+    private temporary folder on ``JUPYTER_PATH`` lends the name to this interpreter, with a note."""
+    if _runs_this_python(KERNEL_NAME):
+        return KERNEL_NAME
+    why = "another Python's kernel of that name comes first on Jupyter's path"
+    try:
+        install_kernel(kernel_name=KERNEL_NAME, display_name="GIST workbench", prefix=sys.prefix)
+        if _runs_this_python(KERNEL_NAME):
+            return KERNEL_NAME
+    except OSError as e:
+        why = f"it cannot be registered in {sys.prefix} ({e.strerror or e})"
+    folder = tempfile.mkdtemp(prefix="wb-kernelspec-")
+    atexit.register(shutil.rmtree, folder, True)
+    write_kernel_spec(Path(folder, "kernels", KERNEL_NAME), overrides={"display_name": "GIST workbench"})
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (folder, os.environ.get("JUPYTER_PATH")) if p)
+    print(f"note: the Jupyter kernel {KERNEL_NAME!r} does not run this Python ({sys.executable}): {why}. The "
+          "notebooks run in this Python anyway; to open them in JupyterLab with it, register it once: "
+          f"{sys.executable} -m ipykernel install --user --name {KERNEL_NAME}", file=sys.stderr)
     return KERNEL_NAME
 
 
@@ -70,6 +96,10 @@ def _kernel_manager_class():
             if not restart:
                 shutil.rmtree(self._socket_dir, ignore_errors=True)
 
+        # nbclient cleans up after a dead kernel through this name, which jupyter_client binds to the
+        # base class's coroutine; without it the folder of a killed kernel stays behind
+        cleanup_resources = _async_cleanup_resources
+
     # Unix socket paths are limited to ~107 bytes; a deep TMPDIR keeps the TCP default.
     return IPCKernelManager if len(os.path.join(tempfile.gettempdir(), "wb-kernel-xxxxxxxx", "k-65535")) < 100 \
         else AsyncKernelManager
@@ -88,9 +118,38 @@ def run_notebook(src: str | Path, out: str | Path, parameters: dict, cwd: str | 
         if html:
             export_html(out)
         raise StageFailed(stage or Path(src).stem, out, e.cell_index, e.ename, e.evalue) from None
+    except DeadKernelError:
+        cell, evalue = _record_dead_kernel(out)
+        if html:
+            export_html(out)
+        raise StageFailed(stage or Path(src).stem, out, cell, "DeadKernelError", evalue) from None
     if html:
         export_html(out)
     return out
+
+
+def _record_dead_kernel(out: Path) -> tuple[int | None, str]:
+    """The kernel died (kill -9, the out-of-memory killer): find the last cell papermill started in the
+    partly executed notebook, put an error output on it so the notebook and its HTML say what happened,
+    and return (its index, a message naming it)."""
+    nb = nbformat.read(out, as_version=4)
+    started = [(c.metadata.get("papermill", {}).get("start_time") or "", i) for i, c in enumerate(nb.cells)
+               if c.cell_type == "code"]
+    when, cell = max(started, default=("", None))
+    if not when:
+        return None, "the kernel died before running any cell"
+    first = next((ln.strip() for ln in nb.cells[cell].source.splitlines() if ln.strip()), "")
+    evalue = (f"the kernel died while running this cell ({first[:80]!r}): it was killed, e.g. by kill -9 or the "
+              "out-of-memory killer (see `dmesg`; smaller batches or images need less memory)")
+    nb.cells[cell].setdefault("outputs", []).append(
+        nbformat.v4.new_output("error", ename="DeadKernelError", evalue=evalue, traceback=[f"DeadKernelError: {evalue}"]))
+    # papermill marked every cell "completed" on its way out; say which failed and which never ran
+    nb.metadata.setdefault("papermill", {})["exception"] = True
+    nb.cells[cell].metadata.papermill.update(status="failed", exception=True)
+    for c in nb.cells[cell + 1:]:
+        c.metadata.get("papermill", {})["status"] = "pending"
+    atomic_write_text(out, nbformat.writes(nb))
+    return cell, evalue
 
 
 def export_html(nb_path: str | Path) -> Path:

@@ -3,6 +3,7 @@ text-tower forward and token counting (:mod:`.text`), and the one feature cache 
 It knows nothing of stages, run directories or notebooks."""
 from .encode import (
     autocast,
+    channel_constants,
     default_batch_size,
     encode_images,
     encode_texts,
@@ -10,6 +11,7 @@ from .encode import (
     model_device,
     normalize_images,
     output_tokens,
+    uses_bf16,
 )
 from .features import image_features, text_features, weights_digest
 from .load import (
@@ -35,9 +37,9 @@ from .text import (
 )
 
 __all__ = [
-    "ALIASES", "CLIPBundle", "WeightsUnavailableError", "auto_device", "autocast", "context_length", "count_tokens",
-    "default_batch_size", "encode_images", "encode_texts", "encode_uint8", "get_tokenizer", "image_features",
+    "ALIASES", "CLIPBundle", "WeightsUnavailableError", "auto_device", "autocast", "channel_constants", "context_length",
+    "count_tokens", "default_batch_size", "encode_images", "encode_texts", "encode_uint8", "get_tokenizer", "image_features",
     "image_size", "load_clip", "load_state_dict", "model_device", "normalize_images", "output_tokens",
     "plain_text_tower", "resolve_name", "text_features", "text_forward", "token_counter", "token_lengths",
-    "token_mask", "trim", "weights_digest",
+    "token_mask", "trim", "uses_bf16", "weights_digest",
 ]

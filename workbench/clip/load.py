@@ -1,20 +1,26 @@
-"""Loading CLIP models: open_clip names with pretrained tags, ``hf-hub:`` ids, local checkpoints,
-and the weights the workbench provides for its own tiny architecture."""
+"""Loading CLIP models: open_clip names with pretrained tags, ``hf-hub:`` ids, ``local-dir:`` folders, local
+checkpoints, and the weights the workbench provides for its own tiny architecture.
+
+Weights load through open_clip's own loading (``create_model_and_transforms`` -> ``load_checkpoint``,
+``weights_only=True``): position embeddings are resized, big_vision ``.npz`` files and third-party state
+dicts converted as open_clip does. Downloads go through huggingface_hub, which honours ``HF_ENDPOINT``
+(a mirror), proxies (``HTTPS_PROXY``), ``HF_HUB_OFFLINE`` and its cache.
+"""
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-import socket
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.pretrained import get_pretrained_cfg
-from safetensors.torch import load_file
 
 from .weights import load_into, package_weights
 
@@ -25,7 +31,7 @@ open_clip.add_model_config(_CONFIG_DIR)
 ALIASES = {"tiny": "wb-tiny"}
 
 
-_HUB_HOST = ("huggingface.co", 443)
+_SCHEMAS = ("hf-hub:", "local-dir:")  # names whose config and weights come with them
 
 
 class _QuietRandomInit(logging.Filter):
@@ -34,7 +40,7 @@ class _QuietRandomInit(logging.Filter):
 
 
 class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights cannot be had offline."""
+    """Pretrained weights are neither in the local cache nor reachable."""
 
 
 @dataclass
@@ -67,79 +73,73 @@ def image_size(model) -> int:
     return size[0] if isinstance(size, (tuple, list)) else int(size)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Can we open a TCP connection to the model hub within ``timeout`` s (DNS included)?"""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    result = []
-
-    def probe():
-        try:
-            socket.create_connection(_HUB_HOST, timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout + 0.5)  # getaddrinfo has no timeout of its own; don't wait on it
-    return bool(result)
-
-
-def _hub_file_cached(cfg: dict) -> bool:
-    hf = cfg.get("hf_hub", "")
-    if not hf:
-        return False
-    parts = hf.rstrip("/").split("/")
-    repo_id = "/".join(parts[:2])
-    names = [parts[2]] if len(parts) > 2 else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-    return any(isinstance(try_to_load_from_cache(repo_id, n), str) for n in names)
-
-
 def _unavailable(name: str, pretrained: str | None, why: str) -> WeightsUnavailableError:
     what = f"{name!r}" + (f" with pretrained={pretrained!r}" if pretrained else "")
     return WeightsUnavailableError(
         f"Cannot load weights for CLIP model {what}: {why}. "
         "Download the checkpoint on a machine with internet access and pass its local path, e.g. "
         f"load_clip({name!r}, pretrained='/path/to/open_clip_model.safetensors') "
-        "(or --set pretrained=/path/... for `workbench run`). Checkpoints may be .safetensors "
-        "or torch files holding a state dict."
+        "(or --set pretrained=/path/... for `workbench run`; a folder holding open_clip_config.json and the "
+        "weights loads as name 'local-dir:/path'). Checkpoints may be .safetensors or torch files holding a "
+        "state dict. A Hugging Face mirror is used when HF_ENDPOINT names it, a proxy when HTTPS_PROXY does."
     )
 
 
-def _check_fetchable(name: str, pretrained: str | None) -> None:
-    """Fail fast, before open_clip's network retries, when weights are neither cached nor reachable."""
+def _hub_files(name: str, pretrained: str | None) -> tuple[str, list[str], list[str]] | None:
+    """Where open_clip will fetch ``name``/``pretrained`` from the hub: (repo id, files that must all be
+    there, weights files of which one must be), or None when nothing comes from the hub."""
     if name.startswith("hf-hub:"):
-        repo = name[len("hf-hub:"):]
-        cfg = {"hf_hub": repo + "/"}
-    elif pretrained:
-        cfg = get_pretrained_cfg(name, pretrained)
-        if not cfg:
-            tags = open_clip.list_pretrained_tags_by_model(name) if name in open_clip.list_models() else []
-            raise ValueError(
-                f"unknown pretrained tag {pretrained!r} for model {name!r}; known tags: {tags} "
-                "(or pass a local checkpoint path)"
-            )
-    else:
+        return name[len("hf-hub:"):], [HF_CONFIG_NAME], [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
+    if not pretrained or name.startswith("local-dir:"):
+        return None
+    cfg = get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name) if name in open_clip.list_models() else []
+        raise ValueError(
+            f"unknown pretrained tag {pretrained!r} for model {name!r}; known tags: {tags} "
+            "(or pass a local checkpoint path)"
+        )
+    if not cfg.get("hf_hub"):
+        return None  # a plain URL: open_clip downloads it with urllib, which fails at once offline
+    repo, file = os.path.split(cfg["hf_hub"])  # "org/name/" or "org/name/file.bin", split as open_clip does
+    file = file or HF_WEIGHTS_NAME
+    stem, ext = os.path.splitext(file)
+    # open_clip asks for a .safetensors twin first
+    safe = [HF_SAFE_WEIGHTS_NAME] if file == HF_WEIGHTS_NAME else [stem + ".safetensors"] if ext in (".bin", ".pth") else []
+    return repo, [], safe + [file]
+
+
+def _cached(repo: str, file: str) -> bool:
+    return isinstance(try_to_load_from_cache(repo, file), str)
+
+
+def _check_fetchable(name: str, pretrained: str | None) -> None:
+    """Fail within seconds, before open_clip's download retries (about 20 s per file), when the weights
+    are neither cached nor reachable. One HEAD request through huggingface_hub's own client, so
+    ``HF_ENDPOINT``, proxies and ``HF_HUB_OFFLINE`` mean what they mean to the download itself."""
+    where = _hub_files(name, pretrained)
+    if where is None:
         return
-    if _hub_file_cached(cfg):
+    repo, needed, one_of = where
+    if all(_cached(repo, f) for f in needed) and any(_cached(repo, f) for f in one_of):
         return
-    if not _hub_reachable():
-        raise _unavailable(name, pretrained, "they are not in the local cache and the model hub cannot be reached")
+    url = hf_hub_url(repo, (needed or one_of)[0])
+    try:
+        get_hf_file_metadata(url, timeout=hf_constants.HF_HUB_ETAG_TIMEOUT)
+    except OfflineModeIsEnabled:
+        raise _unavailable(name, pretrained, "they are not in the local cache and HF_HUB_OFFLINE is set") from None
+    except HfHubHTTPError:
+        return  # the hub answered (even 401/404): open_clip's loading reports what is wrong
+    except Exception as e:  # noqa: BLE001 - connection, DNS, TLS, proxy, timeout: whatever the HTTP client raises
+        raise _unavailable(
+            name, pretrained,
+            f"they are not in the local cache and the model hub cannot be reached at {url} ({type(e).__name__}: {e})",
+        ) from None
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a checkpoint without unpickling arbitrary objects (safetensors, or torch weights_only)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        sd = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(sd, dict) and "state_dict" in sd:
-            sd = sd["state_dict"]
-    if any(k.startswith("module.") for k in sd):  # saved from DDP
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    return sd
+    """A checkpoint's state dict, read by open_clip without unpickling arbitrary objects."""
+    return open_clip.factory.load_state_dict(str(path), weights_only=True)
 
 
 def _checkpoint_path(arch: str, pretrained: str | None) -> Path | None:
@@ -153,6 +153,35 @@ def _checkpoint_path(arch: str, pretrained: str | None) -> Path | None:
     return None
 
 
+def _create(arch: str, name: str, pretrained: str | None, checkpoint: Path | None, precision: str, device):
+    """open_clip's model and eval transform, its weights loaded by open_clip (``load_checkpoint`` for a
+    local file); loading errors turned into ones that say what to do."""
+    tag = None if checkpoint is not None or arch.startswith(_SCHEMAS) else pretrained
+    bare = checkpoint is not None or (tag is None and not arch.startswith(_SCHEMAS))  # created without weights
+    quiet = _QuietRandomInit() if bare else None
+    if quiet:  # open_clip warns "initialized randomly": misleading when weights follow from a file
+        logging.getLogger().addFilter(quiet)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=tag, load_weights=checkpoint is None, precision=precision, device=device,
+            weights_only=True, require_pretrained=not bare,  # a failed download must not be a random init
+        )
+    except RuntimeError as e:
+        if arch.startswith("local-dir:"):
+            raise
+        raise _unavailable(name, pretrained, str(e).strip().splitlines()[0][:400]) from e
+    finally:
+        if quiet:
+            logging.getLogger().removeFilter(quiet)
+    if checkpoint is not None:
+        try:
+            open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
+        except RuntimeError as e:
+            lines = " ".join(str(e).strip().splitlines()[:3])[:600]
+            raise ValueError(f"checkpoint {checkpoint} does not fit {name!r}: {lines}") from e
+    return model, preprocess
+
+
 def load_clip(
     name: str,
     pretrained: str | None = None,
@@ -161,36 +190,23 @@ def load_clip(
 ) -> CLIPBundle:
     """Load an open_clip model, its eval preprocess and tokenizer.
 
-    ``name``: an open_clip architecture (``ViT-B-32``), ``tiny`` (the package's test model), or an
-    ``hf-hub:org/repo`` id. ``pretrained``: an open_clip tag (``laion2b_s34b_b79k``), a tag the
-    workbench ships weights for (``synthetic`` for ``tiny``: :mod:`workbench.clip.weights`), a local
-    checkpoint path, or None (random init).
-    Raises :class:`WeightsUnavailableError` within seconds when weights cannot be fetched.
+    ``name``: an open_clip architecture (``ViT-B-32``), ``tiny`` (the package's test model), an
+    ``hf-hub:org/repo`` id or a ``local-dir:/path`` folder in the hub layout. ``pretrained``: an open_clip
+    tag (``laion2b_s34b_b79k``), a tag the workbench ships weights for (``synthetic`` for ``tiny``:
+    :mod:`workbench.clip.weights`), a local
+    checkpoint path (for ``hf-hub:``/``local-dir:`` too: loaded instead of their weights), or None (random
+    init; ``hf-hub:``/``local-dir:`` bring their own weights).
+    Raises :class:`WeightsUnavailableError` within seconds when weights are neither cached nor reachable.
     """
     arch = resolve_name(name)
     device = auto_device(device)
-    if not arch.startswith("hf-hub:") and arch not in open_clip.list_models():
+    if not arch.startswith(_SCHEMAS) and arch not in open_clip.list_models():
         raise ValueError(f"unknown CLIP architecture {name!r}; e.g. {sorted(ALIASES)} or open_clip.list_models()")
-    shipped = package_weights(arch, pretrained)  # the workbench's own (tiny/synthetic)
-    checkpoint = shipped or _checkpoint_path(arch, pretrained)
-    quiet = _QuietRandomInit() if checkpoint is not None or pretrained is None else None
-    if quiet:  # open_clip warns "initialized randomly"; misleading when weights follow from a file
-        logging.getLogger().addFilter(quiet)
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            arch, pretrained=None if checkpoint is not None else pretrained, precision=precision, device=device,
-        )
-    finally:
-        if quiet:
-            logging.getLogger().removeFilter(quiet)
+    shipped = package_weights(arch, pretrained)  # the workbench's own (tiny/synthetic), loaded below
+    checkpoint = None if shipped is not None else _checkpoint_path(arch, pretrained)
+    model, preprocess = _create(arch, name, None if shipped is not None else pretrained, checkpoint, precision, device)
     if shipped is not None:
         load_into(model, shipped)
-    elif checkpoint is not None:
-        missing, unexpected = model.load_state_dict(load_state_dict(checkpoint), strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint {checkpoint} does not fit {name!r}: missing {missing[:5]}…, unexpected {unexpected[:5]}…"
-            )
     model.eval()
     tokenizer = open_clip.get_tokenizer(arch)
     wid = f"{arch}|{pretrained}"

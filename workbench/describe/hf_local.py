@@ -9,6 +9,7 @@ import torch
 from .backend import BackendError, ChatBackend, ChatRequest
 
 _FALLBACK_WARNED = False
+GENERATE_TOP_K = 50  # the top_k transformers' generate applies when neither the model nor the caller sets one
 
 
 def _dtype_kwarg(dtype) -> dict:
@@ -19,14 +20,29 @@ def _dtype_kwarg(dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+def _placement(device: torch.device) -> dict:
+    """Load the weights straight onto ``device`` (an 8B model in bf16 would first take 16 GB of host RAM
+    on the CPU). transformers needs accelerate for ``device_map``; without it, load and move, and say so."""
+    from transformers.utils import is_accelerate_available  # optional heavy backend
+
+    if is_accelerate_available():
+        return {"device_map": str(device)}
+    warnings.warn("accelerate is not installed: the language model loads into host memory first, then moves to "
+                  f"{device} (pip install accelerate to load it straight onto the device)")
+    return {}
+
+
 class TransformersBackend(ChatBackend):
     """Generate with ``model.generate`` in left-padded batches.
 
     ``model``/``tokenizer``: a Hugging Face id or local path, or loaded objects (tests pass a tiny
     random model and a tokenizer built in memory). Prompts are rendered with the tokenizer's chat
     template (a plain "role: content" layout, with a warning, for base models without one).
-    ``temperature=0`` decodes greedily. ``deterministic=True`` seeds sampling per batch from the
-    batch's request seeds, so the same requests with the same ``batch_size`` give the same texts.
+    ``temperature=0`` decodes greedily. ``top_k``: None takes what ``generate`` would apply anyway (the
+    model's generation config, else 50); it is passed explicitly and recorded with the other sampling
+    parameters (0: no top-k cut). ``deterministic=True`` seeds sampling per batch from the batch's request
+    seeds, so the same requests with the same ``batch_size`` give the same texts. A model given by name
+    loads straight onto ``device`` in ``dtype``.
     """
 
     name = "transformers"
@@ -41,6 +57,7 @@ class TransformersBackend(ChatBackend):
         max_new_tokens: int = 160,
         temperature: float = 0.7,
         top_p: float = 0.95,
+        top_k: int | None = None,
         deterministic: bool = False,
         trust_remote_code: bool = False,
     ):
@@ -55,7 +72,7 @@ class TransformersBackend(ChatBackend):
             try:
                 tokenizer = tokenizer or AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
                 model_obj = AutoModelForCausalLM.from_pretrained(
-                    model, trust_remote_code=trust_remote_code, **_dtype_kwarg(torch_dtype)
+                    model, trust_remote_code=trust_remote_code, **_dtype_kwarg(torch_dtype), **_placement(self.device)
                 )
             except OSError as e:
                 raise BackendError(
@@ -74,16 +91,19 @@ class TransformersBackend(ChatBackend):
         self.tokenizer.padding_side = "left"  # generation continues right after each prompt
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.lm = model_obj.to(self.device).eval()
+        self.lm = model_obj.to(self.device).eval()  # no copy for weights device_map put there already
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self.temperature, self.top_p = float(temperature), float(top_p)
+        configured = getattr(getattr(self.lm, "generation_config", None), "top_k", None)
+        self.top_k = int(top_k if top_k is not None else configured if configured is not None else GENERATE_TOP_K)
         self.deterministic = bool(deterministic)
         self._stats = {"batches": 0, "requests": 0, "generated_tokens": 0}
 
     def sampling(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
-                "deterministic": self.deterministic, "batch_size": self.batch_size if self.deterministic else None}
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "max_new_tokens": self.max_new_tokens, "deterministic": self.deterministic,
+                "batch_size": self.batch_size if self.deterministic else None}
 
     def stats(self) -> dict:
         return dict(self._stats)
@@ -112,7 +132,7 @@ class TransformersBackend(ChatBackend):
         sample = self.temperature > 0
         kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=sample, pad_token_id=self.tokenizer.pad_token_id)
         if sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=self.deterministic):
             if self.deterministic:

@@ -1,10 +1,11 @@
 """Backend for any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, llama.cpp server).
 
-Standard library only (urllib). The API key is read from the environment variable *named* in the
-config and lives only in request headers, never in records, caches or error messages. Concurrency
-is bounded by the runner's thread pool (``max_concurrency``). Transient failures (429, 408, 5xx,
-timeouts, dropped connections, malformed JSON) are retried with exponential backoff and jitter,
-waiting at least what a Retry-After header asks for.
+Standard library only (http.client, kept-alive connections through the environment's proxy: see
+:mod:`.transport`). The API key is read from the environment variable *named* in the config and lives
+only in request headers, never in records, caches or error messages. Concurrency is bounded by the
+runner's thread pool (``max_concurrency``). Transient failures (408, 409, 425, 429, any 5xx, timeouts,
+dropped connections, malformed JSON) are retried with exponential backoff and jitter, waiting at least
+what a ``retry-after-ms`` or ``Retry-After`` header asks for.
 """
 from __future__ import annotations
 
@@ -15,16 +16,31 @@ import random
 import socket
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
+import weakref
 from collections import Counter
 from email.utils import parsedate_to_datetime
 
 from .backend import BackendError, ChatBackend, ChatRequest
+from .transport import ConnectionPool
 
-RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx: the server's trouble, not the request's
 _LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
+
+
+def retryable(status: int) -> bool:
+    return status in RETRY_STATUS or 500 <= status <= 599
+
+
+def wait_asked(headers) -> float | None:
+    """Seconds the server asks to wait: ``retry-after-ms`` (OpenAI's, more precise) or ``Retry-After``."""
+    try:
+        ms = float(headers.get("retry-after-ms") or "nan")
+    except ValueError:
+        ms = float("nan")
+    if ms == ms:  # not NaN
+        return max(0.0, ms / 1000)
+    return parse_retry_after(headers.get("Retry-After"))
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -107,6 +123,8 @@ class OpenAIBackend(ChatBackend):
         self._lock = threading.Lock()
         self._stats = Counter()
         self._errors = Counter()
+        self._pool = ConnectionPool(self.url, self.timeout, size=self.max_concurrency)
+        weakref.finalize(self, self._pool.close)  # idle kept-alive sockets close with the backend
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAIBackend(model={self.model!r}, api_base={self.api_base!r}, api_key_env={self.api_key_env!r})"
@@ -173,23 +191,17 @@ class OpenAIBackend(ChatBackend):
         return backoff
 
     def _post(self, data: bytes, headers: dict) -> tuple[str, dict]:
-        request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = _error_detail(e)
-            if e.code in RETRY_STATUS:
-                raise _Retry(str(e.code), f"HTTP {e.code}: {detail}", parse_retry_after(e.headers.get("Retry-After"))) from None
-            raise BackendError(f"{self.url}: HTTP {e.code}: {detail}", fatal=True) from None
+            status, reply_headers, raw = self._pool.request("POST", data, headers)
         except (TimeoutError, socket.timeout) as e:
             raise _Retry("timeout", f"timed out after {self.timeout} s") from e
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                raise _Retry("timeout", f"timed out after {self.timeout} s") from e
-            raise _Retry("connection", f"connection error: {e.reason}") from e
-        except (http.client.HTTPException, ConnectionError, OSError) as e:
+        except (http.client.HTTPException, OSError) as e:  # refused, reset, DNS, TLS, proxy tunnel
             raise _Retry("connection", f"connection error: {type(e).__name__}: {e}") from e
+        if not 200 <= status < 300:
+            detail = _error_detail(raw, reply_headers)
+            if retryable(status):
+                raise _Retry(str(status), f"HTTP {status}: {detail}", wait_asked(reply_headers))
+            raise BackendError(f"{self.url}: HTTP {status}: {detail}", fatal=True)
         try:
             obj = json.loads(raw)
             text = obj["choices"][0]["message"]["content"]
@@ -201,13 +213,10 @@ class OpenAIBackend(ChatBackend):
         return text, usage
 
 
-def _error_detail(e: urllib.error.HTTPError) -> str:
-    try:
-        body = e.read()[:300].decode("utf-8", "replace")
-    except Exception:  # noqa: BLE001 - the body is only decoration for the message
-        body = ""
+def _error_detail(raw: bytes, headers) -> str:
+    body = raw[:300].decode("utf-8", "replace")
     try:
         msg = json.loads(body)["error"]["message"]
-    except Exception:  # noqa: BLE001
-        msg = body.strip() or e.reason
+    except Exception:  # noqa: BLE001 - the body is only decoration for the message
+        msg = body.strip() or headers.get("Location") or "(no body)"
     return str(msg)[:300]

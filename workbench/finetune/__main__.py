@@ -3,6 +3,8 @@ fine-tuning stage under DDP over N processes (NCCL on GPUs, gloo on CPU). Each b
 ranks and features are gathered for the loss, so the runs equal single-process ones.
 
 Settings are ``03_finetune``'s parameters, with its defaults: ``--set epochs=5 --set shots=[full]``.
+Collectives time out after ``$WORKBENCH_DDP_TIMEOUT_S`` seconds (default 1800; rank 0 alone decodes the
+image cache and writes checkpoints between them). When a rank raises, every rank ends within seconds.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, parse_set, stage_params
+from .distributed import abort_on_error, ddp_timeout, init_distributed
 from .stage import run
 from .trainer import rank_world
 
@@ -31,12 +34,15 @@ def main(argv=None) -> int:
         print(f"workbench.finetune: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        use_cuda = torch.cuda.is_available() and p.device != "cpu"
-        if use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        try:
+            timeout = ddp_timeout()
+        except ValueError as e:
+            print(f"workbench.finetune: {e}", file=sys.stderr)
+            return 2
+        init_distributed(torch.cuda.is_available() and p.device != "cpu", timeout)
     try:
-        rows = run(p)
+        with abort_on_error():
+            rows = run(p)
         if rank_world()[0] == 0:
             print(json.dumps(rows, indent=1))
     finally:

@@ -21,8 +21,8 @@ def _fastest_attention(device, heads: int, tokens: int, head_dim: int, batch: in
                for _ in range(3))
     times, ref = {}, None
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-        try:
-            with sdpa_kernel([backend]):
+        try:  # events record on the current device's stream: make it `device`'s
+            with torch.cuda.device(device), sdpa_kernel([backend]):
                 out = F.scaled_dot_product_attention(q, k, v)
                 if ref is None:
                     ref = out.detach()

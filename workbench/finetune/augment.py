@@ -8,10 +8,13 @@ so no JPEG is decoded during training. Crop boxes are drawn on the CPU from a se
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+from ..clip import channel_constants
 
 
 def crop_params(
@@ -55,6 +58,15 @@ def crop_params(
     return torch.stack([cx, cy, w, h, sign], 1)
 
 
+@lru_cache(maxsize=None)
+def _normalizer(mean: tuple, std: tuple, device: torch.device) -> tuple:
+    """``(-mean / std, 1 / (255 std))`` on ``device``, built once per (values, device) like
+    :func:`workbench.clip.encode.channel_constants` (no host-device copy per training step)."""
+    m, s = channel_constants(mean, std, device)
+    with torch.inference_mode(False):
+        return -m / s, 1 / (255 * s)
+
+
 def apply_crops(
     images: torch.Tensor,
     params: torch.Tensor,
@@ -81,9 +93,8 @@ def apply_crops(
     grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
     x = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     # (x / 255 - mean) / std as one fused multiply-add
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    x = torch.addcmul(-m / s, x, 1 / (255 * s))
+    shift, scale = _normalizer(tuple(mean), tuple(std), x.device)
+    x = torch.addcmul(shift, x, scale)
     return x.to(dtype)
 
 

@@ -54,6 +54,10 @@ class FinetuneConfig:
             (self.precision in ("auto", "bf16", "fp32"), f"precision must be auto/bf16/fp32, got {self.precision!r}"),
             (self.warmup >= 0 and self.grad_clip >= 0, "warmup and grad_clip must be >= 0"),
             (self.attention in ATTENTION, f"attention must be one of {ATTENTION}, got {self.attention!r}"),
+            # compiled blocks inside non-reentrant activation checkpointing raise CheckpointError
+            (not (self.compile and self.grad_checkpointing),
+             "compile=True with grad_checkpointing=True is not supported: PyTorch reports compiled blocks inside "
+             "activation checkpointing failing (pytorch/pytorch#144637); turn one of them off"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -1,7 +1,7 @@
 """The fine-tuning stage (``03_finetune``): GIST (matched captions) and FLYP-style class-name
 fine-tuning, every (method, shots, seed) run, each checkpoint chosen on validation.
 
-Run directory outputs: ``checkpoints/<run>/best.safetensors`` (+ ``last.pt`` to resume),
+Run directory outputs: ``checkpoints/<run>/best.safetensors`` (+ ``resume.safetensors`` to resume),
 ``checkpoints/index.json``, ``train_log.jsonl``, ``metrics.json["finetune"]``. Multi-GPU:
 ``torchrun --nproc_per_node N -m workbench.finetune --run-dir DIR [...]`` (see ``__main__``).
 """
@@ -121,7 +121,8 @@ def _train_one(run_dir: Path, ds: Dataset, method: str, k, seed: int, caches, ma
     labels_sub, labels_val = torch.tensor(sub.labels), torch.tensor(val_ds.labels)
 
     def val_fn(clip):
-        return validate(clip, bundle.tokenizer, ds.classnames, images, labels_sub, val_cache, labels_val)
+        return validate(clip, bundle.tokenizer, ds.classnames, images, labels_sub, val_cache, labels_val,
+                        precision=cfg.precision)
 
     meta = {"model": model, "pretrained": pretrained, "method": method, "shots": k, "seed": seed}
     r = train_run(bundle.model, bundle.tokenizer, cfg, images, pair_rows, texts, pair_labels, validate=val_fn,

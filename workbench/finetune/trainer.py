@@ -25,13 +25,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..clip import autocast, image_size, output_tokens, text_forward, token_mask
+from ..clip import autocast, image_size, output_tokens, text_forward, token_mask, uses_bf16
 from ..io import append_jsonl
 from . import losses
 from .attention import attention_context
 from .augment import apply_crops, crop_params
-from .checkpoint import load_state, resume_state, rewrite_log, save_state, save_weights
+from .checkpoint import gather_rng, load_state, restore_rng, resume_state, rewrite_log, save_state, save_weights, state_step
 from .config import FinetuneConfig
+from .memory import place_images, training_need
+
+STATE_FILE = "resume.safetensors"  # next to best.safetensors in each run's checkpoint folder
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,17 +105,6 @@ def prepare_model(clip, cfg: FinetuneConfig, device: torch.device):
 def make_optimizer(clip, cfg: FinetuneConfig, device: torch.device):
     return torch.optim.AdamW(param_groups(clip, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                              fused=device.type == "cuda")
-
-
-def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Keep the uint8 cache on the GPU when it fits comfortably (indexing there costs nothing),
-    else in pinned host memory (each batch is then copied asynchronously)."""
-    if device.type != "cuda":
-        return images
-    free, _ = torch.cuda.mem_get_info(device)
-    if images.numel() < 0.3 * free:
-        return images.to(device)
-    return images.pin_memory()
 
 
 class Towers(nn.Module):
@@ -242,32 +234,50 @@ class Trainer(TrainStep):
         self.eot = self.ids.argmax(-1)
         # FILIP under DDP gathers token tensors, which need equal shapes on every rank: no trimming
         self.trim = not (cfg.loss == "filip" and self.world > 1)
-        self.images = place_images(images, self.device)
         self.text_feats = None
         if cfg.freeze_text and cfg.loss != "filip":
             self.text_feats = _frozen_text_features(clip, self.ids, self.device, cfg.precision)
+        # weights are on the device; activations and optimizer state at this batch must fit beside the cache
+        need = training_need(clip, self.b, uses_bf16(self.device, cfg.precision), cfg.grad_checkpointing,
+                             text_trains=not cfg.freeze_text)
+        self.images = place_images(images, self.device, need)
         pp = open_clip.get_model_preprocess_cfg(clip)
         self.mean, self.std = pp.get("mean"), pp.get("std")
         self._perm, self._perm_epoch = None, -1
 
-    def _text(self, idx: torch.Tensor) -> tuple:
-        if self.text_feats is not None:
-            return None, self.text_feats[idx.to(self.text_feats.device)]
+    def _text_length(self, idx: torch.Tensor) -> int:
         L = self.ids.shape[1]
         if self.trim:
             L = int(self.eot[idx].max()) + 1  # CPU tensor: no device sync
             if self.cfg.compile:  # few distinct lengths -> few recompiles
                 L = min(self.ids.shape[1], -(-L // 8) * 8)
-        return self.ids[idx, :L].to(self.device, non_blocking=True), None
+        return L
+
+    def _text(self, idx: torch.Tensor) -> tuple:
+        if self.text_feats is not None:
+            return None, self.text_feats[idx.to(self.text_feats.device)]
+        return self.ids[idx, : self._text_length(idx)].to(self.device, non_blocking=True), None
+
+    def _pairs(self, step: int) -> torch.Tensor:
+        """The pairs of global batch ``step``."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:  # a pure function of (seed, epoch): resume needs no sampler state
+            g = torch.Generator().manual_seed(step_seed(self.cfg.seed, 0, epoch))
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        return self._perm[i * self.B : (i + 1) * self.B]
+
+    def text_length(self, step: int) -> int | None:
+        """Length of the text ids batch ``step`` runs on this rank (trimmed; bucketed under compile), or None
+        when text features are precomputed. Host-side only, so a benchmark can compile every length a run
+        will meet before it starts timing."""
+        if self.text_feats is not None:
+            return None
+        return self._text_length(self._pairs(step)[self.rank * self.b : (self.rank + 1) * self.b])
 
     def batch(self, step: int) -> dict:
         """This rank's share of global batch ``step``: augmented images on the device, text ids, labels."""
         cfg, B, b, r = self.cfg, self.B, self.b, self.rank
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if epoch != self._perm_epoch:  # a pure function of (seed, epoch): resume needs no sampler state
-            g = torch.Generator().manual_seed(step_seed(cfg.seed, 0, epoch))
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
-        idx = self._perm[i * B : (i + 1) * B]
+        idx = self._pairs(step)
         # crop boxes are drawn for the global batch, so DDP ranks see what one process would
         g = torch.Generator().manual_seed(step_seed(cfg.seed, 1, step))
         boxes = crop_params(B, cfg.crop_scale, flip=cfg.flip, generator=g)
@@ -304,7 +314,7 @@ class TrainRun:
         self.lead = tr.rank == 0
         out_dir = Path(out_dir) if out_dir is not None else None
         self.log_path = Path(log_path) if log_path is not None else None
-        self.state_path = out_dir / "last.pt" if out_dir else None
+        self.state_path = out_dir / STATE_FILE if out_dir else None
         self.best_path = out_dir / "best.safetensors" if out_dir else None
         self.meta = dict(meta or {})
         self.progress = progress
@@ -313,7 +323,7 @@ class TrainRun:
         self.bar = None
 
     def restore(self, resume: bool) -> None:
-        """Continue from ``last.pt`` when asked and present (it must be this run's), else start over."""
+        """Continue from the resume state when asked and present (it must be this run's), else start over."""
         tr = self.tr
         if resume and self.state_path is not None and self.state_path.exists():
             st = load_state(self.state_path)
@@ -325,19 +335,21 @@ class TrainRun:
             tr.clip.load_state_dict(st["model"])
             tr.opt.load_state_dict(st["optimizer"])
             self.step0, self.history, self.best = st["step"], json.loads(st["history"]), json.loads(st["best"])
-            torch.set_rng_state(st["rng_cpu"])
-            if tr.device.type == "cuda" and "rng_cuda" in st:
-                torch.cuda.set_rng_state(st["rng_cuda"], tr.device)
+            restore_rng(st["rng"], tr.rank, tr.device)
             if self.lead:
                 rewrite_log(self.log_path, self.run_name, self.step0)
         elif self.lead:
             rewrite_log(self.log_path, self.run_name, -1)
 
     def save_state(self, step: int) -> None:
-        if self.lead and self.state_path is not None:
-            tr = self.tr
+        """Write the resume state (rank 0), with every rank's RNG (all ranks take part in gathering it)."""
+        if self.state_path is None:
+            return
+        tr = self.tr
+        rng = gather_rng(tr.device, tr.world)
+        if self.lead:
             save_state(self.state_path, resume_state(tr.clip, tr.opt, self.cfg, step, tr.n, tr.total, self.history,
-                                                     self.best, tr.device))
+                                                     self.best, rng))
 
     def validate(self, epoch: int, step: int) -> None:
         """Score the model (rank 0); a new best is written to ``best.safetensors`` at once."""
@@ -379,7 +391,7 @@ class TrainRun:
     def _stop_nonfinite(self, step: int, epoch: int, loss: float, gnorm: float):
         last = "none written yet"
         if self.state_path is not None and self.state_path.exists():
-            last = f"{self.state_path} (step {load_state(self.state_path)['step']})"
+            last = f"{self.state_path} (step {state_step(self.state_path)})"
         what, v = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", gnorm)
         raise NonFiniteLossError(
             f"run {self.run_name}: the {what} became {v} at step {step} (epoch {epoch}); training stopped. "
@@ -447,6 +459,7 @@ class TrainRun:
             "train_s": t_train,
             "pairs_per_s": (done - self.step0) * tr.B / t_train if t_train > 0 else None,
             "path": str(self.best_path) if self.best_path else None,
+            "attention": tr.attention,  # the GPU attention kernel ("auto" resolved), "default" on CPU
         }
 
 
@@ -460,10 +473,10 @@ def train_run(clip, tokenizer, cfg: FinetuneConfig, images: torch.Tensor, pair_r
     ``images``: uint8 cache (N x 3 x S x S, S = the model's input size); pair i is image
     ``pair_rows[i]`` with ``texts[i]`` and class ``pair_labels[i]``. ``validate(clip)`` returns a dict
     with ``val_top1`` (and more), called before training and after every epoch; the best epoch's
-    weights go to ``out_dir/best.safetensors`` (the starting weights compete too). ``out_dir/last.pt``
-    holds the resume state (model, optimizer, schedule, RNG, step, history), written atomically at
-    every epoch end and every ``cfg.checkpoint_every`` steps, only after the losses up to it were
-    checked finite.
+    weights go to ``out_dir/best.safetensors`` (the starting weights compete too).
+    ``out_dir/resume.safetensors`` holds the resume state (model, optimizer, schedule, each rank's RNG,
+    step, history), written atomically at every epoch end and every ``cfg.checkpoint_every`` steps, only
+    after the losses up to it were checked finite.
     """
     tr = Trainer(clip, tokenizer, cfg, images, pair_rows, texts, pair_labels, device)
     return TrainRun(tr, validate, out_dir, log_path, run, meta, progress).run(resume)

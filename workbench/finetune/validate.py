@@ -29,16 +29,18 @@ def _ridge_probe_top1(xtr, ytr, xva, yva, lams=(1e-3, 1e-2, 1e-1, 1.0)) -> float
 
 
 @torch.no_grad()
-def validate(clip, tokenizer, classnames, train_images, train_labels, val_images, val_labels, batch_size=256) -> dict:
+def validate(clip, tokenizer, classnames, train_images, train_labels, val_images, val_labels, batch_size=256,
+             precision: str = "auto") -> dict:
     """Zero-shot (class-name prompts) and quick-probe top-1 on the validation split, in percent
-    (as every accuracy in metrics.json)."""
+    (as every accuracy in metrics.json), encoded at the run's ``precision`` (fp32 runs validate in fp32)."""
     was_training = clip.training
-    fva = encode_images(clip, val_images, batch_size)
+    fva = encode_images(clip, val_images, batch_size, precision=precision)
     prompts = [t.format(c) for c in classnames for t in ZEROSHOT_TEMPLATES]
-    ft = encode_texts(clip, tokenizer, prompts, batch_size).view(len(classnames), len(ZEROSHOT_TEMPLATES), -1)
+    ft = encode_texts(clip, tokenizer, prompts, batch_size, precision=precision)
+    ft = ft.view(len(classnames), len(ZEROSHOT_TEMPLATES), -1)
     cls = F.normalize(ft.mean(1), dim=-1)
     zs = 100 * float(((fva @ cls.T).argmax(1) == val_labels).float().mean())
-    ftr = encode_images(clip, train_images, batch_size)
+    ftr = encode_images(clip, train_images, batch_size, precision=precision)
     probe = _ridge_probe_top1(ftr, train_labels, fva, val_labels)
     clip.train(was_training)
     return {"val_top1": probe, "val_probe_top1": probe, "val_zeroshot_top1": zs}
