@@ -10,13 +10,32 @@ import argparse
 import json
 import os
 import sys
+from contextlib import ExitStack
 
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, parse_set, stage_params
+from ..runs import RunBusyError, run_lock
 from .stage import run
 from .trainer import rank_world
+
+
+def _lock_for_all_ranks(stack: ExitStack, run_dir: str) -> str | None:
+    """Rank 0 takes the run folder's lock for the whole group and tells every rank whether it got it,
+    so a busy folder stops all ranks at once (none waits at a barrier for a rank that left)."""
+    rank, world = rank_world()
+    refusal = None
+    if rank == 0:
+        try:
+            stack.enter_context(run_lock(run_dir))
+        except RunBusyError as e:
+            refusal = str(e)
+    if world > 1:
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    return refusal
 
 
 def main(argv=None) -> int:
@@ -36,9 +55,15 @@ def main(argv=None) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
-        rows = run(p)
-        if rank_world()[0] == 0:
-            print(json.dumps(rows, indent=1))
+        with ExitStack() as stack:
+            refusal = _lock_for_all_ranks(stack, a.run_dir)
+            if refusal is not None:
+                if rank_world()[0] == 0:
+                    print(f"workbench.finetune: {refusal}", file=sys.stderr)
+                return 2
+            rows = run(p)
+            if rank_world()[0] == 0:
+                print(json.dumps(rows, indent=1))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
