@@ -44,11 +44,14 @@ def run(p: Params, ds: Dataset | None = None) -> DescribeResult:
 @locked
 def token_report(p: Params, result: DescribeResult):
     """Description and summary lengths in the CLIP tokens of ``p.model``: ``(table, figure, summary)``;
-    the figure goes to ``figures/describe_token_lengths.png``, the summary to ``metrics.json``."""
+    the figure goes to ``figures/describe_token_lengths.png``, the summary to ``metrics.json``, with
+    ``summaries``: how many extractive summaries fell back from whole clauses, and why. (The captions
+    the match stage summarizes are counted in ``metrics.json["matching"]["summaries"]``.)"""
     tok = get_tokenizer(p.model)
-    lengths = report.length_stats(result.records, tok)
+    summaries: dict = {}
+    lengths = report.length_stats(result.records, tok, stats=summaries)
     limit = context_length(tok)
     fig = report.plot_token_lengths(lengths, limit=limit, path=Path(p.run_dir) / "figures" / "describe_token_lengths.png")
     tokens = report.token_summary(lengths, limit)
-    update_metrics(p.run_dir, "describe", {**result.metrics, "tokens": tokens})
+    update_metrics(p.run_dir, "describe", {**result.metrics, "tokens": tokens, "summaries": summaries})
     return lengths, fig, tokens

@@ -41,6 +41,8 @@ def run(p: Params, ds: Dataset | None = None, descriptions: list[dict] | None = 
         descriptions, result = None, None
         records = import_captions_top5(p.import_captions, ds, run_dir=run_dir)
     metrics = matching_metrics(result if result is not None else records, descriptions, ds.split(p.split).table, k=p.k)
+    if result is not None and result.summaries:  # summarize="extractive"/"llm": how many fell back, and why
+        metrics["summaries"] = result.summaries
     update_metrics(run_dir, "matching", metrics)
     if p.export_captions:
         export_captions_top5(records, run_dir / "captions_top5.json")
