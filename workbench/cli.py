@@ -7,7 +7,7 @@ import sys
 from . import config as C
 from . import pipeline
 from .cache import cache_root, cache_usage, clear_cache
-from .runs import RunBusyError, run_lock
+from .runs import RunBusyError, read_metrics, run_lock
 
 
 def _run(args) -> int:
@@ -45,6 +45,10 @@ def _execute(plan: pipeline.RunPlan) -> int:
     except pipeline.StageFailed as e:
         print(f"workbench run: {e}", file=sys.stderr)
         return 1
+    if "finetune" in plan.stages:  # collapsed or unmoved runs: said here too, not only in the report
+        for r in read_metrics(plan.run_dir).get("finetune", {}).get("runs", []):
+            if r.get("warning"):
+                print(f"workbench run: warning: {r['warning']}", file=sys.stderr)
     print(f"done: {plan.run_dir}")
     return 0
 

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, parse_set, stage_params
-from ..runs import RunBusyError, run_lock
+from ..runs import RunBusyError, read_metrics, run_lock
+from .plots import run_name
 from .stage import run
 from .trainer import rank_world
 
@@ -64,6 +65,10 @@ def main(argv=None) -> int:
             rows = run(p)
             if rank_world()[0] == 0:
                 print(json.dumps(rows, indent=1))
+                names = {run_name(r["method"], r["shots"], r["seed"]) for r in rows}
+                for r in read_metrics(a.run_dir).get("finetune", {}).get("runs", []):
+                    if r["run"] in names and r.get("warning"):  # collapsed or unmoved: say so, not just exit 0
+                        print(f"workbench.finetune: warning: {r['run']}: {r['warning']}", file=sys.stderr)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -23,6 +23,7 @@ from ..params import Params
 from ..runs import FINETUNE_METHODS as METHODS
 from ..runs import MATCHES, TRAIN_LOG, read_matches, run_lock, update_index, update_metrics
 from .config import FinetuneConfig
+from .health import run_warnings
 from .plots import run_name
 from .trainer import rank_world, train_run
 from .validate import validate
@@ -138,6 +139,9 @@ def _record(run_dir: Path, results: list[dict], model, pretrained, dev, train_op
     for r in results:
         s = {k: v for k, v in r.items() if k != "history"}
         s["start_val_top1"] = r["history"][0]["val_top1"] if r["history"] else None
+        warning = run_warnings(s)
+        if warning:  # a collapsed or unmoved run must not pass as a result
+            s["warning"] = warning
         summary.append(s)
     update_metrics(run_dir, "finetune", {
         "model": model, "pretrained": pretrained, "device": str(dev), "world_size": rank_world()[1],
