@@ -123,6 +123,21 @@ def test_lock_from_another_host_is_reported_and_force_breaks_it(tmp_path, monkey
     assert (run_dir / "ran").exists() and not (run_dir / LOCK).exists()
 
 
+def test_lock_where_the_file_system_has_no_hard_links(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.delenv(LOCK_ENV, raising=False)
+    with run_lock(tmp_path / "run"):
+        assert lock_holder(tmp_path / "run")["pid"] == os.getpid()
+        monkeypatch.delenv(LOCK_ENV)  # as another process of this host would see it
+        with pytest.raises(RunBusyError, match=f"PID {os.getpid()}"):
+            with run_lock(tmp_path / "run"):
+                pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no lock and no temporary file left
+
+
 def test_a_live_holder_on_this_host_is_never_broken_even_with_force(tmp_path):
     with held_by_another_process(tmp_path / "run") as proc:
         with pytest.raises(RunBusyError, match=f"PID {proc.pid} .*this process is alive"):

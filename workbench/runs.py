@@ -313,15 +313,27 @@ def _acquire(run_dir: Path, force: bool) -> str | None:
                "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python",
                "pid_start": _proc_start(os.getpid()), "token": token}
-        tmp = run_dir / f".{LOCK}.{token}"
-        tmp.write_text(json.dumps(rec) + "\n")
         try:
-            os.link(tmp, path)  # atomic: fails when another host took the lock in the meantime
-        except FileExistsError:
+            _create(path, json.dumps(rec) + "\n")
+        except FileExistsError:  # another host took the lock in the meantime
             raise _busy(path, lock_holder(run_dir) or {}) from None
-        finally:
-            tmp.unlink(missing_ok=True)
     return token
+
+
+def _create(path: Path, text: str) -> None:
+    """Create ``path`` holding ``text``, failing if it exists, and never visible half-written: a
+    complete temporary file is hard-linked into place (an exclusive create where links are unsupported)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this file system (some FUSE/SMB mounts)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as f:
+            f.write(text)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _release(run_dir: Path, token: str) -> None:
