@@ -136,7 +136,10 @@ def _extractive(classname: str, text: str, count, limit: int, budget: int) -> tu
     ``foreign_words`` (a word not in the description: its own first words instead)."""
     if count(_join(classname, [])) > limit:
         raise ValueError(f"class name {classname!r} alone takes more than {limit} tokens")
-    clauses = list({c.lower(): c for c in reversed(split_clauses(classname, text))}.values())[::-1]
+    first: dict[str, str] = {}
+    for c in split_clauses(classname, text):
+        first.setdefault(c.lower(), c)  # a clause said twice is kept once, where it came first
+    clauses = list(first.values())
     if not clauses:
         return _join(classname, []), "no_clause"
     ranked = sorted(range(len(clauses)), key=lambda i: (-informativeness(clauses[i], classname), i))
