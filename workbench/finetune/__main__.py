@@ -68,7 +68,7 @@ def main(argv=None) -> int:
                 names = {run_name(r["method"], r["shots"], r["seed"]) for r in rows}
                 for r in read_metrics(a.run_dir).get("finetune", {}).get("runs", []):
                     if r["run"] in names and r.get("warning"):  # collapsed or unmoved: say so, not just exit 0
-                        print(f"workbench.finetune: warning: {r['run']}: {r['warning']}", file=sys.stderr)
+                        print(f"workbench.finetune: warning: {r['warning']}", file=sys.stderr)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
