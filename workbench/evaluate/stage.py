@@ -8,7 +8,7 @@ from pathlib import Path
 from ..clip import load_clip
 from ..data import Dataset, load_dataset, parse_shots
 from ..params import Params
-from ..runs import DESCRIPTIONS, read_index, update_metrics
+from ..runs import DESCRIPTIONS, locked, read_index, update_metrics
 from .compare import finetuned_rows, probe_rows, zero_shot_rows
 from .draws import check_draws, dataset_features
 from .plots import plot_accuracy, plot_sweep
@@ -61,6 +61,7 @@ def tuned_rows(p: Params, s: Setup) -> tuple[list[dict], list[str]]:
                           progress=p.progress)
 
 
+@locked
 def record(p: Params, rows: list[dict]):
     """Store the rows in ``metrics.json["accuracy"]``; return the accuracy and sweep figures (saved)."""
     update_metrics(p.run_dir, "accuracy", rows)

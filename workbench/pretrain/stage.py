@@ -9,7 +9,7 @@ from ..data import Dataset, load_dataset
 from ..data import synthetic as syn
 from ..params import Params
 from ..plots import save_figure
-from ..runs import update_metrics
+from ..runs import locked, update_metrics
 from .evaluate import evaluate_pretrained
 from .recipe import ARCH, checkpoint_info, synthetic_checkpoint
 
@@ -29,6 +29,7 @@ def samples_figure(p: Params, ds: Dataset):
     return save_figure(fig, Path(p.run_dir) / "figures" / "pretrain_samples.png", dpi=150)
 
 
+@locked
 def run(p: Params, ds: Dataset) -> dict | None:
     """Pretrain (or load the cached weights) and measure them; None when the stage is skipped."""
     if not active(p):
