@@ -1,6 +1,7 @@
 """Summaries "<class>: <short description>" within CLIP's 77 tokens; the GIST CUB sample."""
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from pathlib import Path
@@ -109,7 +110,77 @@ def test_llm_summaries_with_fallbacks(tok, tmp_path):
     assert out[1].startswith("Sooty Albatross: dark sooty brown") and token_counter(tok)(out[1]) <= 77
     assert out[2].startswith("Red Finch: ") and "red crown" in out[2] and "sorry" not in out[2]
     assert stats["llm"] == 1 and stats["fallback"] == 2 and stats["rejected"] == {"refusal": 1}
+    assert stats["method"] == "llm" and stats["reasons"] == {"too_long": 1, "refusal": 1}  # why each fell back
     assert be.calls == 3
     again = summarize(texts, classes, tokenizer=tok, backend=be, cache_path=tmp_path / "sum.jsonl")
     assert again == out and be.calls == 3  # answered from the cache
     assert torch.is_tensor(tok(["x"]))  # the open_clip tokenizer still works as usual
+
+
+# Descriptions that name their class the way people write: plural, possessive, another hyphenation,
+# another case. Removing the class name must remove it whole ("Purple Finch: es have ..." was written).
+VARIANTS = [
+    ("Purple Finch", "Female Purple Finches have a light brownish-olive plumage with heavy streaking below. "
+                     "Their bills are short, thick and conical."),
+    ("Purple Finch", "Purple Finches' heads are washed in raspberry red, brightest on the crown and rump."),
+    ("Boat tailed Grackle", "The Boat-tailed Grackle's tail is long and keel-shaped, held in a V."),
+    ("Boat-tailed Grackle", "Boat tailed grackles are glossy iridescent black with pale yellow eyes."),
+    ("Black footed Albatross", "BLACK-FOOTED ALBATROSSES have dark sooty-brown plumage and a white ring at the bill base."),
+    ("Black-footed Albatross", "the black footed albatross has black feet, a pale face ring and long narrow wings."),
+    ("Canary", "Male Canaries are bright yellow songbirds with a short pointed pink bill."),
+    ("Grasshopper Sparrow", "The juvenile Grasshopper Sparrow's breast is streaked brown, its crown striped buff."),
+    ("Chuck will Widow", "A Chuck-will's-widow has mottled brown plumage, a huge gape and rufous tones."),
+    ("Bewick Wren", "Bewick's Wrens show a long white eyebrow, a grey-brown back and a barred tail."),
+]
+
+
+@pytest.mark.parametrize("classname,text", VARIANTS, ids=[f"{c}|{t[:24]}" for c, t in VARIANTS])
+def test_class_name_variants_leave_no_word_fragments(tok, classname, text):
+    s = extractive_summary(classname, text, tok)
+    assert s.startswith(classname + ": ")
+    _assert_whole_words(s, classname, text)
+    body = s.split(": ", 1)[1]
+    first = body.split()[0].strip(",.").lower()
+    assert first not in {"es", "s", "'s", "ies", "footed", "tailed", "albatross", "grackle", "finch"}, s
+    assert len(body.split()) >= 3, s  # the description's content is kept
+
+
+def test_every_extractive_word_comes_from_the_description_or_it_falls_back(tok, monkeypatch):
+    """The rule holds even when clause splitting goes wrong: a summary with a word that is not in the
+    description is replaced by the description's own first words, and counted."""
+    S = importlib.import_module("workbench.describe.summarize")  # the package exports a function of that name
+
+    text = "The Purple Finch has a raspberry red head and a streaked brown back."
+    monkeypatch.setattr(S, "split_clauses", lambda c, t: ["es have a raspberry red head"])
+    stats = {}
+    [s] = summarize([text], ["Purple Finch"], tokenizer=tok, stats=stats)
+    assert s == "Purple Finch: The Purple Finch has a raspberry red head and a streaked brown back."
+    assert S.foreign_words("Purple Finch: es have a red head.", "Purple Finch", "Purple Finches have a red head") == ["es"]
+    assert stats["method"] == "extractive" and stats["summaries"] == 1
+    assert stats["fallback"] == 1 and stats["reasons"] == {"foreign_words": 1}
+
+
+def test_fallback_counts_and_reasons(tok):
+    texts = ["The Red Finch has a red crown and a short grey bill.",
+             "Red Finches.",  # nothing but the subject
+             "The Red Finch has " + " ".join(f"feather{i}" for i in range(80)) + "."]  # no clause fits
+    stats = {}
+    summarize(texts, ["Red Finch"] * 3, tokenizer=tok, stats=stats)
+    assert stats["fallback"] == 2 and stats["reasons"] == {"no_clause": 1, "clause_cut": 1}
+    assert stats["extractive"] == 3 and stats["llm"] == 0
+
+
+def test_describe_stage_records_summary_fallbacks_in_metrics(tmp_path):
+    """metrics.json["describe"]["summaries"]: how many of the describe stage's (extractive) summaries fell
+    back, and why."""
+    from workbench import config, describe
+    from workbench.describe.generate import DescribeResult
+    from workbench.io import read_json
+
+    records = [{"class": "Purple Finch", "text": t} for t in (VARIANTS[0][1], "Purple Finches.")]
+    p = config.stage_params("describe", run_dir=str(tmp_path), progress=False)
+    describe.token_report(p, DescribeResult(records, {"backend": "test"}))
+    m = read_json(tmp_path / "metrics.json")["describe"]
+    assert m["backend"] == "test"
+    assert m["summaries"]["method"] == "extractive" and m["summaries"]["summaries"] == 2
+    assert m["summaries"]["fallback"] == 1 and m["summaries"]["reasons"] == {"no_clause": 1}

@@ -557,3 +557,79 @@ def test_filip_towers_leave_the_model_as_they_found_it():
     assert clip.visual.output_tokens is False
     with torch.no_grad():
         assert clip.encode_image(x).shape == (2, out["image"].shape[1])
+
+
+# ------------------------------------------------------------------ runs that learned nothing
+def test_run_warnings_say_which_run_and_why():
+    healthy = {"run": "gist-full-s0", "status": "done", "steps": 30, "batch_size": 128, "best_epoch": 3,
+               "loss_first_epoch": 4.1, "loss_last_epoch": 2.2, "loss_chance": math.log(128), "start_val_top1": 40.0}
+    assert ft.run_warnings(healthy) is None
+    collapsed = {**healthy, "loss_last_epoch": math.log(128) - 0.01}
+    w = ft.run_warnings(collapsed)
+    assert w.startswith("run gist-full-s0 collapsed") and f"{math.log(128):.3f}" in w and "unmoved" not in w
+    assert "collapsed" in ft.run_warnings({**healthy, "loss_last_epoch": 9.0})  # diverged above chance
+    unmoved = ft.run_warnings({**healthy, "best_epoch": 0})
+    assert unmoved.startswith("run gist-full-s0 unmoved") and "40.0%" in unmoved
+    both = ft.run_warnings({**collapsed, "best_epoch": 0})
+    assert "collapsed" in both and "unmoved" in both
+    # metrics.json rows of older runs (no loss figures): ln(batch_size) stands in, missing checks are skipped
+    old = {"run": "r", "status": "done", "steps": 4, "batch_size": 8, "best_epoch": 2, "val_top1": 50.0}
+    assert ft.run_warnings(old) is None and "collapsed" in ft.run_warnings({**old, "loss_last_epoch": math.log(8)})
+    assert ft.run_warnings({**healthy, "best_epoch": 0, "status": "interrupted"}) is None  # stopped, not done
+    note = ft.warnings_note([healthy, {**healthy, "run": "x", "best_epoch": 0}], runs=["x", "gist-full-s0"])
+    assert note.count("**Warning:**") == 1 and "run x unmoved" in note
+
+
+def test_a_collapsed_run_is_flagged_in_metrics(toy, tmp_path, monkeypatch):
+    """Scores that cannot tell captions apart (logit scale 0) keep the loss at ln(batch) exactly and the
+    weights still: the run used to pass silently; now its metrics row says collapsed and unmoved."""
+    orig = trainer.compute_loss
+    monkeypatch.setattr(trainer, "compute_loss",
+                        lambda cfg, out, *a, **kw: orig(cfg, {**out, "logit_scale": out["logit_scale"] * 0}, *a, **kw))
+    ft.finetune_all(tmp_path, toy, model="tiny", pretrained=None, methods=["finetune-classname"], shots=["full"],
+                    seeds=[0], epochs=2, batch_size=6, weight_decay=0.0, device="cpu", progress=False)
+    [r] = read_json(tmp_path / "metrics.json")["finetune"]["runs"]
+    assert r["loss_chance"] == pytest.approx(math.log(r["batch_size"]))
+    assert r["loss_first_epoch"] == pytest.approx(r["loss_chance"], rel=1e-5)
+    assert r["loss_last_epoch"] == pytest.approx(r["loss_chance"], rel=1e-5)
+    assert r["best_epoch"] == 0
+    assert r["warning"] == ft.run_warnings(r)
+    assert r["warning"].startswith("run finetune-classname-full-s0 collapsed") and "unmoved" in r["warning"]
+
+
+def test_torchrun_entry_warns_about_an_unmoved_run(tmp_path):
+    """Through `python -m workbench.finetune` (what torchrun starts): a learning rate too small to move
+    any weight leaves the starting weights best; the run exits 0 but says so, and metrics.json keeps it."""
+    import subprocess
+
+    run = tmp_path / "run"
+    sets = ["methods=[finetune-classname]", "shots=[full]", "seeds=[0]", "epochs=1", "batch_size=8", "lr=1e-12",
+            "pretrained=null", "device=cpu", "progress=false",
+            "dataset_options={n_species: 3, n_train: 2, n_val: 1, n_test: 1, seed: 3}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-m", "workbench.finetune", "--run-dir", str(run),
+                          *sum((["--set", s] for s in sets), [])], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    [r] = read_json(run / "metrics.json")["finetune"]["runs"]
+    assert r["best_epoch"] == 0 and "unmoved" in r["warning"]
+    assert f"workbench.finetune: warning: {r['warning']}" in out.stderr and r["warning"].startswith(f"run {r['run']} ")
+
+
+def test_notebook_shows_the_warning(tmp_path):
+    """03_finetune shows an unmoved run's warning (the sentence comes from the package)."""
+    import nbformat
+
+    from workbench.pipeline import run_notebook
+
+    run = tmp_path / "run"
+    run.mkdir()
+    params = dict(run_dir=str(run), dataset_options=dict(n_species=3, seed=3, n_train=2, n_val=1, n_test=1),
+                  pretrained=None, methods=["finetune-classname"], shots=["full"], seeds=[0], epochs=1,
+                  batch_size=8, lr=1e-12, progress=False)
+    run_notebook(Path(__file__).parents[1] / "notebooks" / "03_finetune.ipynb", run / "03_finetune.ipynb", params,
+                 cwd=run, html=False)
+    [r] = read_json(run / "metrics.json")["finetune"]["runs"]
+    shown = [o["data"]["text/markdown"] for c in nbformat.read(run / "03_finetune.ipynb", 4).cells
+             if c.cell_type == "code" for o in c.get("outputs", []) if "text/markdown" in o.get("data", {})]
+    assert f"- **Warning:** {r['warning']}" in shown and "unmoved" in r["warning"]

@@ -358,6 +358,22 @@ def test_extractive_summaries_from_the_describe_stage(bundle, toy):
         assert all(c.startswith(r["class"] + ": ") and count_tokens(bundle.tokenizer, c) <= 77 for c in r["captions"])
 
 
+def test_match_stage_records_how_many_summaries_fell_back(toy, tmp_path):
+    """summarize="extractive" in the match stage: its counts go to metrics.json["matching"]["summaries"]
+    (the captions it trains on; the describe stage records its own under "describe")."""
+    from workbench import config, match
+
+    descs = make_descriptions()
+    descs[5]["text"] = "Red finches."  # nothing but the subject: the summary falls back
+    p = config.stage_params("match", run_dir=str(tmp_path), pretrained=None, device="cpu", k=6,
+                            summarize="extractive", progress=False, export_captions=False)
+    m = match.run(p, toy, descs)
+    got = read_json(tmp_path / "metrics.json")["matching"]["summaries"]
+    assert got == m.metrics["summaries"] == m.result.summaries
+    assert got["method"] == "extractive" and got["summaries"] == len(descs)  # k=6: every description is used
+    assert got["fallback"] == 1 and got["reasons"] == {"no_clause": 1}
+
+
 def test_variant_precision_against_hand_count():
     table = pd.DataFrame({"filename": ["a", "b", "c", "d"], "variant": ["male", "female", "male", None]})
     descs = [{"id": "m1", "class": "X", "text": "", "variant": "male"},

@@ -9,6 +9,7 @@ import sys
 from . import config as C
 from . import pipeline
 from .cache import cache_root, cache_usage, clear_cache
+from .runs import RunBusyError, read_metrics, run_lock
 
 
 def _run(args) -> int:
@@ -23,6 +24,19 @@ def _run(args) -> int:
     try:
         plan = pipeline.plan(args.target, args.set or [], name=args.name, stages=stages or None,
                              reports=args.reports)
+    except (C.ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"workbench run: {e}", file=sys.stderr)
+        return 2
+    try:
+        with run_lock(plan.run_dir, force=args.force):  # a busy run name is refused before any work
+            return _execute(plan)
+    except RunBusyError as e:
+        print(f"workbench run: {e}", file=sys.stderr)
+        return 2
+
+
+def _execute(plan: pipeline.RunPlan) -> int:
+    try:
         pipeline.check_dataset(plan.config)
     except (C.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"workbench run: {e}", file=sys.stderr)
@@ -33,6 +47,10 @@ def _run(args) -> int:
     except pipeline.StageFailed as e:
         print(f"workbench run: {e}", file=sys.stderr)
         return 1
+    if "finetune" in plan.stages:  # collapsed or unmoved runs: said here too, not only in the report
+        for r in read_metrics(plan.run_dir).get("finetune", {}).get("runs", []):
+            if r.get("warning"):
+                print(f"workbench run: warning: {r['warning']}", file=sys.stderr)
     print(f"done: {plan.run_dir}")
     return 0
 
@@ -98,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--stages", action="append", help="stages to run, e.g. --stages describe,match")
     r.add_argument("--reports", default="reports", help="folder that holds run directories")
     r.add_argument("--list", action="store_true", help="list presets and exit")
+    r.add_argument("--force", action="store_true",
+                   help="break the run folder's lock when its holder, on another host, cannot be checked")
     r.set_defaults(fn=_run)
     p = sub.add_parser("params", help="print a stage's parameters")
     p.add_argument("stage")

@@ -27,7 +27,7 @@ from . import __version__
 from . import config as C
 from .data import load_dataset
 from .io import atomic_write_text
-from .runs import PARAMS, update_metrics
+from .runs import PARAMS, run_lock, update_metrics
 
 KERNEL_NAME = "gist-workbench"
 
@@ -201,17 +201,18 @@ def check_dataset(cfg: dict):
 
 
 def execute(p: RunPlan, log=print) -> Path:
-    """Write ``params.yaml`` and run the planned stages in order; raises :class:`StageFailed`."""
-    p.run_dir.mkdir(parents=True, exist_ok=True)
-    header = (f"# Resolved configuration of run {p.name!r}: workbench {__version__}, "
-              f"commit {_git_commit()}, {_dt.datetime.now().isoformat(timespec='seconds')}\n")
-    atomic_write_text(p.run_dir / PARAMS, header + C.dump(p.config))
-    for stage, nb in p.stages.items():
-        params = {"run_dir": str(p.run_dir), **C.stage_parameters(p.config, stage, p.schema)}
-        log(f"[{stage}] {nb.name} -> {p.run_dir / nb.name}")
-        t0 = time.perf_counter()
-        run_notebook(nb, p.run_dir / nb.name, params, cwd=p.run_dir, stage=stage)
-        dt = time.perf_counter() - t0
-        update_metrics(p.run_dir, "timing", {f"{stage}_s": round(dt, 2)})
-        log(f"[{stage}] done in {dt:.1f} s")
+    """Write ``params.yaml`` and run the planned stages in order, holding the run folder's lock (its
+    stage kernels inherit it); raises :class:`StageFailed`, or :class:`RunBusyError` at once."""
+    with run_lock(p.run_dir):
+        header = (f"# Resolved configuration of run {p.name!r}: workbench {__version__}, "
+                  f"commit {_git_commit()}, {_dt.datetime.now().isoformat(timespec='seconds')}\n")
+        atomic_write_text(p.run_dir / PARAMS, header + C.dump(p.config))
+        for stage, nb in p.stages.items():
+            params = {"run_dir": str(p.run_dir), **C.stage_parameters(p.config, stage, p.schema)}
+            log(f"[{stage}] {nb.name} -> {p.run_dir / nb.name}")
+            t0 = time.perf_counter()
+            run_notebook(nb, p.run_dir / nb.name, params, cwd=p.run_dir, stage=stage)
+            dt = time.perf_counter() - t0
+            update_metrics(p.run_dir, "timing", {f"{stage}_s": round(dt, 2)})
+            log(f"[{stage}] done in {dt:.1f} s")
     return p.run_dir

@@ -12,6 +12,7 @@ from ..clip import image_size
 from ..data import Dataset, load_dataset
 from ..data.images import image_cache
 from ..params import Params
+from ..runs import locked
 from . import plots, report
 from .pointing import PartItem, check_methods
 from .regions import part_items
@@ -68,6 +69,7 @@ def examples(p: Params, s: Setup) -> list[Path]:
     return paths
 
 
+@locked
 def pointing(p: Params, s: Setup) -> tuple[dict, Path]:
     """The pointing game for every model, stored in ``metrics.json["alignment"]``; returns the results
     and the saved figure."""

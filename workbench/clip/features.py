@@ -2,8 +2,8 @@
 
 Image features are stored raw (unnormalised, float32) and keyed by the model name and tag, a digest
 of the weights themselves (random-init models share a name but not their weights), the device type
-(GPU encoding runs under bf16 autocast), the input geometry and preprocessing, and the files'
-identity. Matching reads them L2-normalised, the linear probes raw: one entry serves both.
+(GPU encoding runs under bf16 autocast), the input geometry, preprocessing and image decoding, and
+the files' identity. Matching reads them L2-normalised, the linear probes raw: one entry serves both.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cache import cached_tensors, file_fingerprint
-from ..data.images import image_cache
+from ..data.images import DECODE_VERSION, image_cache
 from ..io import hash_key
 from .encode import encode_texts, encode_uint8, model_device
 from .load import image_size
@@ -45,7 +45,7 @@ def image_features(bundle, paths: Sequence, batch_size: int | None = None, norma
     model = bundle.model
     size = image_size(model)
     pre = {k: v for k, v in open_clip.get_model_preprocess_cfg(model).items() if k != "size"}
-    key = hash_key("image-features-v2", *_model_key(bundle), size, pre, GEOMETRY, file_fingerprint(paths))
+    key = hash_key("image-features-v2", *_model_key(bundle), size, pre, GEOMETRY, DECODE_VERSION, file_fingerprint(paths))
 
     def compute():
         images = image_cache(paths, size, progress=progress)

@@ -1,4 +1,10 @@
-"""Image decoding: validate files, decode each once into a uint8 tensor cache."""
+"""Image decoding: validate files, decode each once into a uint8 tensor cache.
+
+Files are decoded as a photo viewer shows them (:func:`to_rgb`): EXIF orientation applied, 16-bit
+samples scaled to 8 bits, CMYK and palette images converted, and transparency composited over
+:data:`BACKGROUND`. :data:`DECODE_VERSION` is part of every cache key built on decoded pixels, so a
+change here never reuses images (or features) decoded the old way.
+"""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -6,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ..cache import cached_tensors, file_fingerprint
@@ -26,11 +32,41 @@ class BadImagesError(ValueError):
         )
 
 
+# Bump when decoding changes what pixels a file gives: it keys the image, check and feature caches.
+# 1: Image.convert("RGB") only; 2: to_rgb (EXIF orientation, 16-bit scaling, alpha over BACKGROUND).
+DECODE_VERSION = 2
+# Transparent pixels are composited over white, as viewers and browsers show them on a page; a fixed
+# colour keeps the decode deterministic (PIL's plain convert("RGB") drops alpha, exposing whatever
+# colour the transparent pixels happen to store).
+BACKGROUND = (255, 255, 255)
+_WIDE = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale (PNG, TIFF) opens as these
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB, the way a photo viewer shows it.
+
+    EXIF orientation is applied (phone photos stand upright); 16-bit greyscale is scaled by 1/257
+    (PIL's convert clips it, so a 16-bit PNG came out white); CMYK, palette (with its transparency),
+    LA and RGBA become RGB, transparency composited over :data:`BACKGROUND`.
+    """
+    im = ImageOps.exif_transpose(im)
+    if im.mode in _WIDE:
+        wide = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("LA", "La", "PA", "RGBa") or (im.mode in ("L", "RGB") and "transparency" in im.info):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        return Image.alpha_composite(Image.new("RGBA", im.size, BACKGROUND + (255,)), im).convert("RGB")
+    return im.convert("RGB")
+
+
 def _decode(path: str, size: int) -> np.ndarray:
     # A square cache (short side resized, centre crop) keeps batches stackable; random crops
     # happen later on the device.
     with Image.open(path) as im:
-        im = resize_crop_pil(im.convert("RGB"), size)
+        im = resize_crop_pil(to_rgb(im), size)
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
@@ -74,7 +110,7 @@ def decode_images(paths, size: int, workers: int = 8, progress: bool = False) ->
 
 
 def _image_cache_key(paths: list[str], size: int) -> str:
-    return hash_key("images-v1", size, file_fingerprint(paths))
+    return hash_key("images", DECODE_VERSION, size, file_fingerprint(paths))
 
 
 def image_cache(paths, size: int, progress: bool = False, images: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,7 +139,7 @@ def check_images(paths: list[str], size: int, keep_partial: bool = True) -> list
     paths = [str(p) for p in paths]
     if not all(Path(p).is_file() for p in paths):  # fingerprints need stat(); missing files are rare
         return decode_checked(paths, size)[1]  # names the missing ones; nothing to key a cache on
-    key = hash_key("image-check-v1", file_fingerprint(paths))
+    key = hash_key("image-check", DECODE_VERSION, file_fingerprint(paths))
     path = cache_root() / "image_checks" / f"{key}.json"
     if path.exists():
         return [tuple(x) for x in read_json(path)]

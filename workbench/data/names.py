@@ -56,8 +56,26 @@ def match_names(keys, classnames) -> tuple[dict[str, str], list[str]]:
     return mapping, unmatched
 
 
+_SEP = r"[\s\-_'’]*"  # between the words of a name: "Black-footed", "Black footed", "Black_footed"
+
+
 def name_regex(classname: str) -> str:
     """A regular expression for the class name in running text: its words in order, separated by any
     run of spaces, hyphens, underscores or apostrophes ("Black-footed" and "Black footed" alike)."""
     words = re.findall(r"[0-9A-Za-z]+", classname)
-    return r"[\s\-_']*".join(re.escape(w) for w in words)
+    return _SEP.join(re.escape(w) for w in words)
+
+
+def mention_regex(classname: str) -> str:
+    """A regular expression (use it case-insensitively) for a mention of the class in running text:
+    :func:`name_regex` as whole words only, its last word also plural ("Purple Finches", "Canaries")
+    and possessive ("Grackle's", "Finches'"), so removing a mention never leaves a fragment ("es")."""
+    words = re.findall(r"[0-9A-Za-z]+", classname)
+    if not words:
+        return ""
+    *head, last = words
+    forms = [re.escape(last) + "(?:e?s)?"]
+    if len(last) > 1 and last[-1] in "yY":
+        forms.append(re.escape(last[:-1]) + "ies")
+    body = _SEP.join([*map(re.escape, head), "(?:" + "|".join(forms) + ")"])
+    return r"(?<![0-9A-Za-z])" + body + r"(?:['’]s?)?(?![0-9A-Za-z])"

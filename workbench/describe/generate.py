@@ -25,7 +25,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..io import append_jsonl, hash_key, iter_jsonl, write_jsonl
-from ..runs import DESCRIPTIONS, update_metrics
+from ..runs import DESCRIPTIONS, dedupe_jsonl, update_metrics
 from .backend import BackendError, ChatBackend, ChatRequest, RecordBackend, make_backend
 from .cache import ResponseCache, now, repair_jsonl, request_key
 from .prompts import PromptSet, Variant, get_prompt_set
@@ -141,7 +141,7 @@ def generate_descriptions(
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         repair_jsonl(out_path)
-    existing = list(iter_jsonl(out_path)) if out_path is not None else []
+    existing = dedupe_jsonl(out_path) if out_path is not None else []  # heals a file two runs wrote at once
     validator = Validator(classnames, ignore_names=ignore_names)
     t0 = time.time()
 
@@ -206,13 +206,7 @@ def _check_stale(existing: list[dict], plan_ids: set[str], out_path: Path | None
             f"{out_path.name}: moved {len(stale)} descriptions of another configuration "
             f"((backend, model, prompts): {dict(what)}) to {aside.name}"
         )
-    # a killed run can leave the same id twice only if it was appended twice; keep the first
-    seen, unique = set(), []
-    for r in keep:
-        if r["id"] not in seen:
-            seen.add(r["id"])
-            unique.append(r)
-    return unique
+    return keep
 
 
 class _ChatRun:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..clip.text import get_tokenizer, token_lengths
 from ..plots import save_figure
-from .summarize import extractive_summary
+from .summarize import summarize
 
 
 def counts_table(records: Sequence[dict], classnames: Sequence[str]) -> pd.DataFrame:
@@ -44,11 +44,12 @@ def examples(records: Sequence[dict], per_class: int = 2, classes: int = 5) -> p
     return df[["class", "prompt_id", "text"]].reset_index(drop=True)
 
 
-def length_stats(records: Sequence[dict], tokenizer="tiny") -> pd.DataFrame:
-    """Token lengths (CLIP tokenizer, start/end included) of each description and of its extractive summary."""
+def length_stats(records: Sequence[dict], tokenizer="tiny", stats: dict | None = None) -> pd.DataFrame:
+    """Token lengths (CLIP tokenizer, start/end included) of each description and of its extractive
+    summary; ``stats`` receives :func:`~workbench.describe.summarize.summarize`'s counts (fallbacks, why)."""
     tok = get_tokenizer(tokenizer)
     texts = [r["text"] for r in records]
-    summaries = [extractive_summary(r["class"], r["text"], tok) for r in records]
+    summaries = summarize(texts, [r["class"] for r in records], tokenizer=tok, stats=stats)
     return pd.DataFrame({
         "class": [r["class"] for r in records],
         "description_tokens": token_lengths(texts, tok),

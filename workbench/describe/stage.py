@@ -7,7 +7,7 @@ from pathlib import Path
 from ..clip.text import context_length, get_tokenizer
 from ..data import Dataset, load_dataset
 from ..params import Params
-from ..runs import update_metrics
+from ..runs import locked, update_metrics
 from . import report
 from .backend import ChatBackend, RecordBackend, make_backend
 from .generate import DescribeResult, generate_descriptions
@@ -31,6 +31,7 @@ def backend_from_params(p: Params) -> ChatBackend | RecordBackend:
     return make_backend(p.backend)
 
 
+@locked
 def run(p: Params, ds: Dataset | None = None) -> DescribeResult:
     """Generate (or resume) the run's descriptions with the configured backend and prompts."""
     ds = ds if ds is not None else load_dataset(p.dataset, p.data_root, **p.dataset_options)
@@ -40,13 +41,17 @@ def run(p: Params, ds: Dataset | None = None) -> DescribeResult:
     )
 
 
+@locked
 def token_report(p: Params, result: DescribeResult):
     """Description and summary lengths in the CLIP tokens of ``p.model``: ``(table, figure, summary)``;
-    the figure goes to ``figures/describe_token_lengths.png``, the summary to ``metrics.json``."""
+    the figure goes to ``figures/describe_token_lengths.png``, the summary to ``metrics.json``, with
+    ``summaries``: how many extractive summaries fell back from whole clauses, and why. (The captions
+    the match stage summarizes are counted in ``metrics.json["matching"]["summaries"]``.)"""
     tok = get_tokenizer(p.model)
-    lengths = report.length_stats(result.records, tok)
+    summaries: dict = {}
+    lengths = report.length_stats(result.records, tok, stats=summaries)
     limit = context_length(tok)
     fig = report.plot_token_lengths(lengths, limit=limit, path=Path(p.run_dir) / "figures" / "describe_token_lengths.png")
     tokens = report.token_summary(lengths, limit)
-    update_metrics(p.run_dir, "describe", {**result.metrics, "tokens": tokens})
+    update_metrics(p.run_dir, "describe", {**result.metrics, "tokens": tokens, "summaries": summaries})
     return lengths, fig, tokens

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..clip import load_clip
 from ..data import Dataset, load_dataset, parse_shots
 from ..params import Params
-from ..runs import DESCRIPTIONS, read_index, update_metrics
+from ..runs import DESCRIPTIONS, locked, read_index, update_metrics
 from .compare import finetuned_rows, probe_rows, zero_shot_rows
 from .draws import check_draws, dataset_features
 from .paired import comparisons
@@ -62,6 +62,7 @@ def tuned_rows(p: Params, s: Setup) -> tuple[list[dict], list[str]]:
                           progress=p.progress)
 
 
+@locked
 def record(p: Params, rows: list[dict]):
     """Store the rows in ``metrics.json["accuracy"]`` and the figures; return the figures."""
     update_metrics(p.run_dir, "accuracy", [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])

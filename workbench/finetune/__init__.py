@@ -3,9 +3,11 @@
 Modules: ``config`` (one run's settings), ``trainer`` (the one training loop, shared with pretraining),
 ``losses`` (CLIP, class-aware, multi-positive, FILIP), ``augment`` (crops on the device),
 ``checkpoint``, ``attention`` (GPU kernel choice), ``validate`` (checkpoint selection on val),
-``plots``, ``stage`` (what notebook 03_finetune calls), ``__main__`` (``torchrun -m workbench.finetune``).
+``health`` (``run_warnings``: collapsed or unmoved runs, in words), ``plots``, ``stage`` (what
+notebook 03_finetune calls), ``__main__`` (``torchrun -m workbench.finetune``).
 """
 from .config import ATTENTION, METHODS, FinetuneConfig
+from .health import run_warnings, warnings_note
 from .plots import plot_training, run_name, summary_table
 from .stage import CLASSNAME_TEMPLATE, build_pairs, finetune_all, plan_runs, run, train_options
 from .trainer import NonFiniteLossError, Trainer, TrainStep, compute_loss, lr_at, train_run
@@ -14,5 +16,5 @@ from .validate import ZEROSHOT_TEMPLATES, validate
 __all__ = [
     "ATTENTION", "CLASSNAME_TEMPLATE", "METHODS", "ZEROSHOT_TEMPLATES", "FinetuneConfig", "NonFiniteLossError",
     "TrainStep", "Trainer", "build_pairs", "compute_loss", "finetune_all", "lr_at", "plan_runs", "plot_training",
-    "run", "run_name", "summary_table", "train_options", "train_run", "validate",
+    "run", "run_name", "run_warnings", "summary_table", "train_options", "train_run", "validate", "warnings_note",
 ]

@@ -12,14 +12,34 @@ import argparse
 import json
 import os
 import sys
+from contextlib import ExitStack
 
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, parse_set, stage_params
+from ..runs import RunBusyError, read_metrics, run_lock
 from .distributed import abort_on_error, ddp_timeout, init_distributed
+from .plots import run_name
 from .stage import run
 from .trainer import rank_world
+
+
+def _lock_for_all_ranks(stack: ExitStack, run_dir: str) -> str | None:
+    """Rank 0 takes the run folder's lock for the whole group and tells every rank whether it got it,
+    so a busy folder stops all ranks at once (none waits at a barrier for a rank that left)."""
+    rank, world = rank_world()
+    refusal = None
+    if rank == 0:
+        try:
+            stack.enter_context(run_lock(run_dir))
+        except RunBusyError as e:
+            refusal = str(e)
+    if world > 1:
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    return refusal
 
 
 def main(argv=None) -> int:
@@ -41,10 +61,20 @@ def main(argv=None) -> int:
             return 2
         init_distributed(torch.cuda.is_available() and p.device != "cpu", timeout)
     try:
-        with abort_on_error():
-            rows = run(p)
-        if rank_world()[0] == 0:
-            print(json.dumps(rows, indent=1))
+        with ExitStack() as stack:
+            refusal = _lock_for_all_ranks(stack, a.run_dir)
+            if refusal is not None:
+                if rank_world()[0] == 0:
+                    print(f"workbench.finetune: {refusal}", file=sys.stderr)
+                return 2
+            with abort_on_error():
+                rows = run(p)
+            if rank_world()[0] == 0:
+                print(json.dumps(rows, indent=1))
+                names = {run_name(r["method"], r["shots"], r["seed"]) for r in rows}
+                for r in read_metrics(a.run_dir).get("finetune", {}).get("runs", []):
+                    if r["run"] in names and r.get("warning"):  # collapsed or unmoved: say so, not just exit 0
+                        print(f"workbench.finetune: warning: {r['warning']}", file=sys.stderr)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -8,6 +8,7 @@ Run directory outputs: ``checkpoints/<run>/best.safetensors`` (+ ``resume.safete
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from ..data import Dataset, few_shot, load_dataset, parse_shots
 from ..data.images import image_cache
 from ..params import Params
 from ..runs import FINETUNE_METHODS as METHODS
-from ..runs import MATCHES, TRAIN_LOG, read_matches, update_index, update_metrics
+from ..runs import MATCHES, TRAIN_LOG, read_matches, run_lock, update_index, update_metrics
 from .config import FinetuneConfig
+from .health import run_warnings
 from .plots import run_name
 from .trainer import rank_world, train_run
 from .validate import validate
@@ -138,6 +140,9 @@ def _record(run_dir: Path, results: list[dict], model, pretrained, dev, train_op
     for r in results:
         s = {k: v for k, v in r.items() if k != "history"}
         s["start_val_top1"] = r["history"][0]["val_top1"] if r["history"] else None
+        warning = run_warnings(s)
+        if warning:  # a collapsed or unmoved run must not pass as a result
+            s["warning"] = warning
         summary.append(s)
     update_metrics(run_dir, "finetune", {
         "model": model, "pretrained": pretrained, "device": str(dev), "world_size": rank_world()[1],
@@ -159,33 +164,34 @@ def finetune_all(run_dir: str | Path, dataset="synthetic", data_root: str | None
     """
     run_dir = Path(run_dir)
     lead = rank_world()[0] == 0
-    methods = [methods] if isinstance(methods, str) else list(methods)
-    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-    _check(methods, seeds, train_options)
-    shots = parse_shots(shots)
-    ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, data_root, **(dataset_options or {}))
-    if "gist" in methods and not (run_dir / MATCHES).exists():
-        raise FileNotFoundError(f"{run_dir / MATCHES} not found: method 'gist' trains on matched captions; "
-                                "run the match stage first")
-    matches = read_matches(run_dir) if "gist" in methods else None
-    for k in shots:
-        if k != "full":
-            few_shot(ds, k, seeds[0])  # raises early when a class has fewer than k images
-    dev = _device(device, rank_world()[1])
-    caches = _image_caches(model, pretrained, ds.split("train"), ds.split("val"), progress)
-    results, index_rows = [], []
-    for method, k, seed in tqdm(plan_runs(methods, shots, seeds), desc="runs", disable=not (progress and lead)):
-        r = _train_one(run_dir, ds, method, k, seed, caches, matches, model, pretrained, dev, resume, progress,
-                       train_options)
-        results.append(r)
-        row = {"method": method, "shots": k, "seed": seed, "path": str(Path(r["path"]).relative_to(run_dir)),
-               "model": model, "pretrained": pretrained, "epoch": r["best_epoch"], "val_top1": r["val_top1"]}
-        index_rows.append(row)
+    with run_lock(run_dir) if lead else nullcontext():  # rank 0 holds the folder for all ranks
+        methods = [methods] if isinstance(methods, str) else list(methods)
+        seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+        _check(methods, seeds, train_options)
+        shots = parse_shots(shots)
+        ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, data_root, **(dataset_options or {}))
+        if "gist" in methods and not (run_dir / MATCHES).exists():
+            raise FileNotFoundError(f"{run_dir / MATCHES} not found: method 'gist' trains on matched captions; "
+                                    "run the match stage first")
+        matches = read_matches(run_dir) if "gist" in methods else None
+        for k in shots:
+            if k != "full":
+                few_shot(ds, k, seeds[0])  # raises early when a class has fewer than k images
+        dev = _device(device, rank_world()[1])
+        caches = _image_caches(model, pretrained, ds.split("train"), ds.split("val"), progress)
+        results, index_rows = [], []
+        for method, k, seed in tqdm(plan_runs(methods, shots, seeds), desc="runs", disable=not (progress and lead)):
+            r = _train_one(run_dir, ds, method, k, seed, caches, matches, model, pretrained, dev, resume, progress,
+                           train_options)
+            results.append(r)
+            row = {"method": method, "shots": k, "seed": seed, "path": str(Path(r["path"]).relative_to(run_dir)),
+                   "model": model, "pretrained": pretrained, "epoch": r["best_epoch"], "val_top1": r["val_top1"]}
+            index_rows.append(row)
+            if lead:
+                update_index(run_dir, [row])  # after every run: an interrupted stage keeps what finished
         if lead:
-            update_index(run_dir, [row])  # after every run: an interrupted stage keeps what finished
-    if lead:
-        _record(run_dir, results, model, pretrained, dev, train_options)
-    return index_rows
+            _record(run_dir, results, model, pretrained, dev, train_options)
+        return index_rows
 
 
 def train_options(p: Params) -> dict:

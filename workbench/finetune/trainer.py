@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..clip import autocast, image_size, output_tokens, text_forward, token_mask, uses_bf16
-from ..io import append_jsonl
+from ..io import append_jsonl, iter_jsonl
 from . import losses
 from .attention import attention_context
 from .augment import apply_crops, crop_params
@@ -320,6 +320,7 @@ class TrainRun:
         self.progress = progress
         self.step0, self.history, self.best = 0, [], {"epoch": None, "val_top1": -1.0}
         self.pending: list = []  # (step, epoch, lr, loss, grad norm) not yet checked: flushed with one sync
+        self.epoch_loss: dict[int, list[float]] = {}  # epoch -> [sum, count] of logged losses (collapse check)
         self.bar = None
 
     def restore(self, resume: bool) -> None:
@@ -338,6 +339,7 @@ class TrainRun:
             restore_rng(st["rng"], tr.rank, tr.device)
             if self.lead:
                 rewrite_log(self.log_path, self.run_name, self.step0)
+                self.count_losses(r for r in iter_jsonl(self.log_path) if r.get("run") == self.run_name and "loss" in r)
         elif self.lead:
             rewrite_log(self.log_path, self.run_name, -1)
 
@@ -384,9 +386,16 @@ class TrainRun:
                 self._stop_nonfinite(s, e, loss, gnorm)
             rows.append({"run": self.run_name, "epoch": e, "step": s, "loss": loss, "lr": lr, "grad_norm": gnorm})
         self.pending.clear()
+        self.count_losses(rows)
         if self.lead and self.log_path:
             append_jsonl(self.log_path, rows)
         self.bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}")
+
+    def count_losses(self, rows) -> None:
+        for r in rows:
+            acc = self.epoch_loss.setdefault(r["epoch"], [0.0, 0])
+            acc[0] += r["loss"]
+            acc[1] += 1
 
     def _stop_nonfinite(self, step: int, epoch: int, loss: float, gnorm: float):
         last = "none written yet"
@@ -441,6 +450,7 @@ class TrainRun:
 
     def summary(self, done: int, interrupted: bool, t_train: float) -> dict:
         tr, best = self.tr, self.best
+        losses = [s / n for _, (s, n) in sorted(self.epoch_loss.items()) if n]
         if best["epoch"] is None:  # no validation: the last weights are the result
             best.update(epoch=done // tr.steps_per_epoch, step=done, val_top1=None)
             if self.lead and self.best_path is not None and not interrupted:
@@ -456,6 +466,11 @@ class TrainRun:
             "val_top1": best.get("val_top1"),
             "val_zeroshot_top1": best.get("val_zeroshot_top1"),
             "history": self.history,
+            # mean loss of the first and the last epoch trained, and of uniform scores (ln batch): a
+            # last epoch still at chance is a collapsed run (workbench.finetune.health)
+            "loss_first_epoch": losses[0] if losses else None,
+            "loss_last_epoch": losses[-1] if losses else None,
+            "loss_chance": math.log(tr.B),
             "train_s": t_train,
             "pairs_per_s": (done - self.step0) * tr.B / t_train if t_train > 0 else None,
             "path": str(self.best_path) if self.best_path else None,

@@ -44,7 +44,7 @@ SUMMARIZE_METHODS = ("truncate", "extractive", "llm")
 
 
 def summarize_texts(classes: Sequence[str], texts: Sequence[str], summarize: str | Summarizer | None, tokenizer,
-                    options: dict | None = None, progress: bool = False) -> list[str]:
+                    options: dict | None = None, progress: bool = False, stats: dict | None = None) -> list[str]:
     """Captions ``"<class>: <short description>"`` for (class, description) pairs, each within the
     tokenizer's context.
 
@@ -52,6 +52,8 @@ def summarize_texts(classes: Sequence[str], texts: Sequence[str], summarize: str
     ``"extractive"`` keeps its most informative clauses (offline); ``"llm"`` asks a chat backend
     (``options``: ``backend`` plus :func:`workbench.describe.summarize` keywords such as ``cache_path``);
     or a callable ``(classname, text) -> caption``. Whatever comes back is cut to fit if it overruns.
+    ``stats``: for "extractive" and "llm", receives how many summaries fell back, and why
+    (:func:`workbench.describe.summarize`).
     """
     classes, texts = list(classes), list(texts)
     options = dict(options or {})
@@ -63,7 +65,7 @@ def summarize_texts(classes: Sequence[str], texts: Sequence[str], summarize: str
     else:
         if summarize == "extractive":
             options["backend"] = None
-        caps = list(describe_summarize(texts, classes, tokenizer=tokenizer, progress=progress, **options))
+        caps = list(describe_summarize(texts, classes, tokenizer=tokenizer, progress=progress, stats=stats, **options))
     limit = context_length(tokenizer)
     out = []
     if len(caps) != len(classes):

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
+from ..data.images import to_rgb
 from ..plots import save_figure
 from .diagnostics import class_table, margins, usage_table
 
@@ -103,7 +104,7 @@ def plot_match_examples(records: Sequence[dict], root: str | Path, n: int = 8, k
     for ax, f in zip(axes.ravel(), images):
         r = by_image[f]
         with Image.open(Path(root) / f) as im:
-            ax.imshow(im.convert("RGB"), interpolation="nearest" if max(im.size) < 128 else "antialiased")
+            ax.imshow(to_rgb(im), interpolation="nearest" if max(im.size) < 128 else "antialiased")
         lines = [f"[{r['class']}] {Path(f).name}"]
         for j, cap in enumerate(r["captions"][:k]):
             sc = f"{r['scores'][j]:.3f} " if r.get("scores") else ""

@@ -79,6 +79,7 @@ class MatchResult:
     root: Path
     bad_images: list[dict] = field(default_factory=list)
     timing: dict = field(default_factory=dict)
+    summaries: dict = field(default_factory=dict)  # extractive/LLM summaries: how many fell back, and why
 
 
 def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int | None = None, summarize=None,
@@ -135,8 +136,9 @@ def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int | None =
     t_match = time.perf_counter()
 
     used = sorted(set(indices[indices >= 0].tolist()))  # summarize each matched description once
+    summaries: dict = {}
     caps = summarize_texts([descs[j]["class"] for j in used], [descs[j]["text"] for j in used], summarize,
-                           bundle.tokenizer, options=summarize_options, progress=progress)
+                           bundle.tokenizer, options=summarize_options, progress=progress, stats=summaries)
     caption_of = dict(zip(used, caps))
     t_sum = time.perf_counter()
 
@@ -156,6 +158,6 @@ def match_dataset(ds, descriptions, bundle, k: int = 5, batch_size: int | None =
               "match_s": t_match - t_img, "summarize_s": t_sum - t_match, "n_images": len(records)}
     if run_dir is not None:
         write_matches(run_dir, records)
-    return MatchResult(records, descs, indices, scores, probs, table, Path(part.root), bad_records, timing)
+    return MatchResult(records, descs, indices, scores, probs, table, Path(part.root), bad_records, timing, summaries)
 
 

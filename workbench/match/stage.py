@@ -8,7 +8,7 @@ from pathlib import Path
 from ..clip import load_clip
 from ..data import Dataset, load_dataset
 from ..params import Params
-from ..runs import read_descriptions, update_metrics
+from ..runs import locked, read_descriptions, update_metrics
 from .captions import export_captions_top5, import_captions_top5
 from .diagnostics import matching_metrics
 from .score import MatchResult, match_dataset
@@ -23,6 +23,7 @@ class MatchRun:
     metrics: dict  # metrics.json["matching"]
 
 
+@locked
 def run(p: Params, ds: Dataset | None = None, descriptions: list[dict] | None = None) -> MatchRun:
     """Match the split's images to their own class's descriptions (``descriptions``: the run's, read
     here when not given) or import GIST captions; then record the diagnostics and export GIST's
@@ -40,6 +41,8 @@ def run(p: Params, ds: Dataset | None = None, descriptions: list[dict] | None = 
         descriptions, result = None, None
         records = import_captions_top5(p.import_captions, ds, run_dir=run_dir)
     metrics = matching_metrics(result if result is not None else records, descriptions, ds.split(p.split).table, k=p.k)
+    if result is not None and result.summaries:  # summarize="extractive"/"llm": how many fell back, and why
+        metrics["summaries"] = result.summaries
     update_metrics(run_dir, "matching", metrics)
     if p.export_captions:
         export_captions_top5(records, run_dir / "captions_top5.json")

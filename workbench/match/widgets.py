@@ -8,6 +8,8 @@ from typing import Sequence
 
 from PIL import Image
 
+from ..data.images import to_rgb
+
 
 def caption_table_html(record: dict) -> str:
     """An HTML table of one image's matched captions: rank, cosine, probability, caption, raw text."""
@@ -27,7 +29,7 @@ def caption_table_html(record: dict) -> str:
 
 def _png(path: Path, size: int = 256) -> bytes:
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = to_rgb(im)  # as the model sees it: upright, 16-bit scaled, alpha over the background
         scale = size / max(im.size)
         if scale > 1:  # small synthetic images: enlarge so they can be seen, keep pixels crisp
             im = im.resize((round(im.width * scale), round(im.height * scale)), Image.NEAREST)

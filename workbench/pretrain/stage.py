@@ -11,7 +11,7 @@ from ..data import Dataset, load_dataset
 from ..data import synthetic as syn
 from ..params import Params
 from ..plots import save_figure
-from ..runs import update_metrics
+from ..runs import locked, update_metrics
 from .evaluate import evaluate_pretrained
 from .recipe import ARCH
 
@@ -31,6 +31,7 @@ def samples_figure(p: Params, ds: Dataset):
     return save_figure(fig, Path(p.run_dir) / "figures" / "pretrain_samples.png", dpi=150)
 
 
+@locked
 def run(p: Params, ds: Dataset) -> dict | None:
     """Measure the shipped weights; None when the stage is skipped."""
     if not active(p):
