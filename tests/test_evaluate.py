@@ -362,7 +362,8 @@ def test_notebook_runs_all_four_methods(tmp_path, monkeypatch):
     sd = load_clip("tiny", device="cpu").model.state_dict()
     save_file({k: v.contiguous() for k, v in sd.items()}, str(run / "checkpoints" / "a.safetensors"))
     index = [{"method": m, "shots": s, "seed": 0, "path": "checkpoints/a.safetensors", "model": "tiny",
-              "pretrained": None, "epoch": 1, "val_top1": 0.0} for m in ("gist", "finetune-classname") for s in ("full", 1)]
+              "pretrained": None, "epoch": 0 if (m, s) == ("gist", 1) else 1, "val_top1": 0.0}
+             for m in ("gist", "finetune-classname") for s in ("full", 1)]
     (run / "checkpoints" / "index.json").write_text(json.dumps(index))
     run_notebook(nb, run / "04_evaluate.ipynb", params, cwd=run, html=False)
     rows = read_json(run / "metrics.json")["accuracy"]
@@ -381,6 +382,12 @@ def test_notebook_runs_all_four_methods(tmp_path, monkeypatch):
                   for o in c.get("outputs", []))
     assert "GIST vs FLYP-style at full shot: +0.0 points [+0.0, +0.0], p = 1.00" in out
     assert "no difference can be claimed" in out
+    # a checkpoint that is its starting weights (epoch 0) is flagged: the sentence, and † in the table
+    gist1 = next(r for r in rows if (r["method"], str(r["shots"])) == ("gist", "1"))
+    assert gist1["warning"].startswith("run gist-1-s0 unmoved:")
+    assert all("warning" not in r for r in rows if r is not gist1)
+    html = (run / "04_evaluate.ipynb").read_text(encoding="utf-8")
+    assert "**Warning:** run gist-1-s0 unmoved" in html and "†1" in html
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

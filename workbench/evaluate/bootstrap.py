@@ -60,5 +60,6 @@ def seed_summary(rows: list[dict], keys=("method", "shots"), values=("top1", "to
         if len(rs) == 1 and rs[0].get("ci95") is not None:
             s["ci95"] = list(rs[0]["ci95"])
         s["zero_shot"] = bool(rs[0].get("zero_shot", False))
+        s["warned"] = sum(1 for r in rs if r.get("warning"))
         out.append(s)
     return out

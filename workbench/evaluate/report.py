@@ -22,6 +22,8 @@ def accuracy_table(rows: list[dict], metric: str = "top1") -> pd.DataFrame:
 
     Several seeds: ``mean ± std (n=…)`` (sample std over seeds). One run: ``value [lo, hi]`` with
     its 95% bootstrap interval (top-1 only). Zero-shot cells read ``value (0-shot)``; ``—`` = not run.
+    A cell with fine-tuning runs that collapsed or kept their starting weights (``warning``, see
+    :func:`workbench.finetune.run_warnings`) ends in ``†k`` (k of its runs).
     """
     shots, methods = _shots_order(rows), _method_order(rows)
     table = pd.DataFrame("—", index=pd.Index(methods, name="method"), columns=pd.Index(shots, name="shots"))
@@ -36,7 +38,7 @@ def accuracy_table(rows: list[dict], metric: str = "top1") -> pd.DataFrame:
             cell = f"{mean:.1f} [{lo:.1f}, {hi:.1f}]"
         else:
             cell = f"{mean:.1f}"
-        table.loc[s["method"], str(s["shots"])] = cell
+        table.loc[s["method"], str(s["shots"])] = cell + (f" †{s['warned']}" if s.get("warned") else "")
     return table
 
 
@@ -51,5 +53,7 @@ def runs_table(rows: list[dict]) -> pd.DataFrame:
         for k in ("n_train", "weight_decay", "val_top1", "desc_top1"):
             if r.get(k) is not None:
                 d[k] = round(r[k], 2) if k.endswith("top1") else r[k]
+        if r.get("warning"):  # the kinds only; the sentence is in metrics.json and the note above the table
+            d["warning"] = ", ".join(k for k in ("collapsed", "unmoved") if f"{k}:" in r["warning"])
         out.append(d)
     return pd.DataFrame(out)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from ..clip import load_clip
 from ..data import Dataset, load_dataset, parse_shots
+from ..finetune import run_name, run_warnings
 from ..params import Params
-from ..runs import DESCRIPTIONS, locked, read_index, update_metrics
+from ..runs import DESCRIPTIONS, locked, read_index, read_metrics, update_metrics
 from .compare import finetuned_rows, probe_rows, zero_shot_rows
 from .draws import check_draws, dataset_features
 from .paired import comparisons
@@ -55,11 +56,20 @@ def frozen_rows(p: Params, s: Setup) -> list[dict]:
 
 
 def tuned_rows(p: Params, s: Setup) -> tuple[list[dict], list[str]]:
-    """Linear probes on every fine-tuned encoder of the index: ``(rows, notes on what is missing)``."""
-    return finetuned_rows(p.run_dir, s.ds, s.shots, index=s.index, shot_files=p.shot_files,
-                          weight_decays=p.weight_decays, use_trainval=p.use_trainval, device=p.device,
-                          bootstrap_n=p.bootstrap_n, bootstrap_seed=p.seed, batch_size=p.batch_size,
-                          progress=p.progress)
+    """Linear probes on every fine-tuned encoder of the index: ``(rows, notes on what is missing)``. A row
+    whose run collapsed or kept its starting weights carries the fine-tuning stage's ``warning``."""
+    rows, notes = finetuned_rows(p.run_dir, s.ds, s.shots, index=s.index, shot_files=p.shot_files,
+                                 weight_decays=p.weight_decays, use_trainval=p.use_trainval, device=p.device,
+                                 bootstrap_n=p.bootstrap_n, bootstrap_seed=p.seed, batch_size=p.batch_size,
+                                 progress=p.progress)
+    summaries = {r["run"]: r for r in read_metrics(p.run_dir).get("finetune", {}).get("runs", [])}
+    for r in rows:
+        r["run"] = run_name(r["method"], r["shots"], r["seed"])
+        summary = summaries.get(r["run"]) or {"run": r["run"], "best_epoch": r.get("checkpoint_epoch"), "steps": 1}
+        warning = run_warnings(summary)
+        if warning:
+            r["warning"] = warning
+    return rows, notes
 
 
 @locked
@@ -70,6 +80,7 @@ def record(p: Params, rows: list[dict]):
     return plot_accuracy(rows, figures / "evaluate_accuracy.png"), plot_sweep(rows, figures / "evaluate_probe_sweep.png")
 
 
+@locked
 def compare(p: Params, rows: list[dict]) -> tuple[list[dict], object]:
     """Paired comparisons of the methods at every shots setting, in ``metrics.json["comparisons"]``;
     returns them and their forest plot (saved)."""
