@@ -126,6 +126,9 @@ class _Handler(BaseHTTPRequestHandler):
             if fault == "429ms":  # OpenAI's millisecond header, without Retry-After
                 return self._send(429, b'{"error": {"message": "rate limited"}}', {"retry-after-ms": "2500"})
             if fault == "timeout":
+                with srv.lock:  # the client gives up on this one at its timeout and sends the retry while this
+                    srv.in_flight -= 1  # thread still sleeps: not in flight from the client's side
+                    fault = "abandoned"
                 time.sleep(CLIENT_TIMEOUT * 2)
                 try:
                     self._send(200, b'{"choices": []}')
@@ -156,8 +159,9 @@ class _Handler(BaseHTTPRequestHandler):
                 srv.ok.append(fp)
             self._send(200, json.dumps(out).encode())
         finally:
-            with srv.lock:
-                srv.in_flight -= 1
+            if fault != "abandoned":
+                with srv.lock:
+                    srv.in_flight -= 1
 
 
 class _KeepAliveHandler(_Handler):
