@@ -75,7 +75,7 @@ def tuned_rows(p: Params, s: Setup) -> tuple[list[dict], list[str]]:
 @locked
 def record(p: Params, rows: list[dict]):
     """Store the rows in ``metrics.json["accuracy"]`` and the figures; return the figures."""
-    update_metrics(p.run_dir, "accuracy", [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
+    update_metrics(p.run_dir, "accuracy", rows)
     figures = Path(p.run_dir) / "figures"
     return plot_accuracy(rows, figures / "evaluate_accuracy.png"), plot_sweep(rows, figures / "evaluate_probe_sweep.png")
 
