@@ -185,3 +185,19 @@ def test_filip_bad_mask_shape():
     x, y, ids = _filip_inputs()
     with pytest.raises(ValueError, match="text_mask"):
         filip_scores(x, y, text_token_mask(ids)[:, :3])
+
+
+def test_hard_negative_captions_take_part_in_the_image_to_text_softmax_only():
+    """A caption true of no image in the batch (a pretraining hard negative) lowers the score of the
+    image->text targets but has no text->image term of its own (it has no target to point at)."""
+    from workbench.finetune.losses import soft_infonce
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 5, generator=g, dtype=D)
+    pos = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=D)  # captions 3, 4: no image
+    i2t = torch.stack([-(logits[i].log_softmax(0) * pos[i] / pos[i].sum()).sum() for i in range(3)]).mean()
+    cols = [0, 1, 2]
+    t2i = torch.stack([-(logits[:, j].log_softmax(0) * pos[:, j] / pos[:, j].sum()).sum() for j in cols]).mean()
+    assert torch.allclose(soft_infonce(logits, pos), (i2t + t2i) / 2, atol=1e-12)
+    more = torch.cat([logits, torch.full((3, 1), 5.0, dtype=D)], 1)  # a strong negative makes the loss larger
+    assert soft_infonce(more, torch.cat([pos, torch.zeros(3, 1, dtype=D)], 1)) > soft_infonce(logits, pos)

@@ -42,17 +42,41 @@ def test_loss_with_several_captions_per_image():
     assert torch.allclose(got, (i2t + t2i) / 2, atol=1e-6)
 
 
-def test_captions_are_true_and_never_name_species():
+def test_captions_are_true_never_name_species_and_come_with_a_hard_negative():
+    """Every pretraining caption names one attribute; the first of each pair is true of its image, the
+    second names another value of that attribute; no word of any species name is in the vocabulary;
+    shape attributes are named more often (WEIGHTS), and every value of every attribute occurs."""
+    from collections import Counter
+
     rng = np.random.default_rng(0)
     vocab = P.caption_vocabulary()
-    for _ in range(200):
+    named, seen = Counter(), set()
+    for _ in range(600):
         attrs = {a: str(rng.choice(v)) for a, v in syn.ATTRIBUTE_VALUES.items()}
-        cap, keys = P.attribute_caption(attrs, rng)
-        assert set(cap.replace(",", " ").replace(".", " ").split()) <= vocab
-        for k in keys:
-            assert attrs[k] in cap
+        caps = P.training_captions(attrs, rng, 4)
+        assert len(caps) == 8
+        for (pos_text, pos_d), (neg_text, neg_d) in zip(caps[::2], caps[1::2]):
+            (a, v), = pos_d.items()
+            (b, w), = neg_d.items()
+            assert a == b and v == attrs[a] and w != v and w in syn.ATTRIBUTE_VALUES[a]
+            assert pos_text.replace(v, w, 1) == neg_text  # the value word is the only difference
+            for t in (pos_text, neg_text):
+                assert set(t.replace(".", " ").split()) <= vocab
+            named[a] += 1
+            seen |= {(a, v), (a, w)}
     names = syn.make_species(syn.MAX_SPECIES)["species"]
     assert not {w for n in names for w in n.replace("-", " ").split()} & vocab
+    assert named["tail_size"] > 2 * named["crown_color"] and named["beak_shape"] > 1.5 * named["wing_color"]
+    assert seen == {(a, v) for a, vals in syn.ATTRIBUTE_VALUES.items() for v in vals}
+
+
+def test_truth_table_marks_every_image_a_caption_is_true_of():
+    attrs = [{"crown_color": "red", "tail_size": "long"}, {"crown_color": "red", "tail_size": "short"},
+             {"crown_color": "blue", "tail_size": "long"}]
+    full = [{a: (r.get(a) or syn.ATTRIBUTE_VALUES[a][0]) for a in syn.ATTRIBUTES} for r in attrs]
+    codes = np.array([[syn.ATTRIBUTE_VALUES[a].index(r[a]) for a in syn.ATTRIBUTES] for r in full])
+    pos = P.truth_table(codes, [{"crown_color": "red"}, {"tail_size": "long"}, {"crown_color": "yellow"}])
+    assert pos.tolist() == [[True, True, False], [True, False, False], [False, True, False]]
 
 
 def test_trimmed_token_table_roundtrip(tmp_path):

@@ -22,6 +22,7 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.pretrained import get_pretrained_cfg
 
+from .tiny import adapt
 from .weights import load_into, package_weights
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -173,6 +174,7 @@ def _create(arch: str, name: str, pretrained: str | None, checkpoint: Path | Non
     finally:
         if quiet:
             logging.getLogger().removeFilter(quiet)
+    adapt(arch, model)  # the workbench's own architectures (wb-tiny's conv stem), before any weights load
     if checkpoint is not None:
         try:
             open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)

@@ -83,7 +83,7 @@ _MARK = ["capped", "throated", "backed", "billed", "naped", "rumped", "masked", 
 _NOUN = ["warbler", "finch", "tanager", "vireo", "sparrow", "thrush", "wren", "flycatcher", "bunting",
          "grosbeak", "oriole", "kinglet", "siskin", "pipit", "shrike", "starling"]
 
-DEFAULTS = dict(n_species=12, seed=0, size=64, n_train=30, n_val=10, n_test=10, occlusion=0.3, noise=6.0)
+DEFAULTS = dict(n_species=12, seed=0, size=64, n_train=30, n_val=10, n_test=100, occlusion=0.3, noise=6.0)
 MAX_SPECIES = 60
 
 _BACKGROUNDS = [(170, 200, 230), (180, 210, 160), (220, 205, 170), (190, 190, 190), (200, 175, 195), (150, 185, 170)]

@@ -97,11 +97,14 @@ def soft_targets(
 
 def soft_infonce(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE against soft targets: ``weights[i, j] >= 0`` says how much caption ``j`` is a
-    positive of image ``i``. Image i's target is row i normalised, caption j's is column j normalised;
-    every row and column needs a positive. With ``weights = eye`` this is the CLIP loss."""
+    positive of image ``i``. Image i's target is row i normalised, caption j's is column j normalised.
+    Every image needs a positive; a caption true of no image (a hard negative) takes part in the
+    image->text softmax only. With ``weights = eye`` this is the CLIP loss."""
     w = weights.to(logits.dtype)
     i2t = -(w / w.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
-    t2i = -(w.T / w.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+    has = w.sum(0) > 0
+    wt, lt = w.T[has], logits.T[has]
+    t2i = -(wt / wt.sum(1, keepdim=True) * lt.log_softmax(1)).sum(1).mean()
     return (i2t + t2i) / 2
 
 

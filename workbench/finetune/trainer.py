@@ -65,14 +65,24 @@ def _text_params(clip):
     return [p for n, p in clip.named_parameters() if not n.startswith("visual.") and n != "logit_scale"]
 
 
-def param_groups(clip, weight_decay: float):
+def _decays(name: str, p) -> bool:
     """No weight decay on gains, biases, 1-d params and the logit scale (as open_clip trains)."""
-    decay, no_decay = [], []
+    return not (p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name)
+
+
+def _tower(name: str) -> str:
+    return "image" if name.startswith("visual.") else "shared" if name == "logit_scale" else "text"
+
+
+def param_groups(clip, weight_decay: float):
+    """One optimizer group per (tower, decay): the towers' learning rates can be scaled apart
+    (:class:`TrainStep`'s ``lr_scale``); decay as :func:`_decays` says."""
+    groups: dict[tuple, list] = {}
     for n, p in clip.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "ln" in n or "bias" in n or "logit_scale" in n else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad:
+            groups.setdefault((_tower(n), _decays(n, p)), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "tower": tower}
+            for (tower, decay), ps in groups.items()]
 
 
 def prepare_model(clip, cfg: FinetuneConfig, device: torch.device):
@@ -159,7 +169,7 @@ class TrainStep:
     sync, so consecutive steps queue up on the GPU."""
 
     def __init__(self, clip, cfg: FinetuneConfig, device, total_steps: int, tokens: bool = False,
-                 distributed: bool = True):
+                 distributed: bool = True, lr_scale: Callable[[int, str], float] | None = None):
         self.clip, self.cfg, self.device, self.total = clip, cfg, torch.device(device), total_steps
         self.rank, self.world = rank_world() if distributed else (0, 1)
         if self.device.type == "cuda" and self.device.index is None:
@@ -171,7 +181,11 @@ class TrainStep:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.towers, device_ids=ids)
         self.opt = make_optimizer(clip, cfg, self.device)
-        self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        # the gradient norm over decayed parameters first, then the others (the order it was summed in before
+        # the groups were split by tower: same order, same rounding)
+        named = [(n, p) for n, p in clip.named_parameters() if p.requires_grad]
+        self.params = [p for n, p in named if _decays(n, p)] + [p for n, p in named if not _decays(n, p)]
+        self.lr_scale = lr_scale  # (step, tower) -> multiplier of the scheduled learning rate
         self.attention_ctx, self.attention = attention_context(clip, cfg, self.device)
 
     def step(self, step: int, images: torch.Tensor, text: torch.Tensor | None, loss_fn: Callable) -> tuple:
@@ -180,7 +194,7 @@ class TrainStep:
         cfg = self.cfg
         lr = lr_at(step, self.total, cfg.lr, cfg.warmup)
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * (self.lr_scale(step, g["tower"]) if self.lr_scale is not None else 1.0)
         with self.attention_ctx():
             with autocast(self.device, cfg.precision):
                 out = self.net(images, text)

@@ -5,7 +5,7 @@ Modules: ``captions`` (attribute captions and their truth table), ``recipe`` (th
 fine-tuning's ``TrainStep``, and :func:`build`, which writes the weights the package ships; the command
 is ``workbench pretrain``), ``evaluate`` (zero-shot figures), ``stage`` (what notebook 00_pretrain calls).
 """
-from .captions import attribute_caption, attribute_prompts, caption_vocabulary, truth_table
+from .captions import WEIGHTS, attribute_prompts, caption_vocabulary, training_captions, truth_table
 from .evaluate import evaluate_pretrained, plot_zero_shot
 from .recipe import (
     ARCH,
@@ -21,7 +21,7 @@ from .recipe import (
 from .stage import active, benchmark, run, samples_figure
 
 __all__ = [
-    "ARCH", "DEFAULTS", "PRETRAIN_VERSION", "active", "attribute_caption", "attribute_prompts", "benchmark", "build",
+    "ARCH", "DEFAULTS", "PRETRAIN_VERSION", "WEIGHTS", "active", "attribute_prompts", "benchmark", "build",
     "caption_vocabulary", "default_threads", "evaluate_pretrained", "plot_zero_shot", "pretrain_config",
-    "pretrain_images", "run", "samples_figure", "train", "trained_tokens", "truth_table",
+    "pretrain_images", "run", "text_lr_scale", "samples_figure", "train", "trained_tokens", "training_captions", "truth_table",
 ]

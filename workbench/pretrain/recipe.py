@@ -30,25 +30,24 @@ from ..finetune.config import FinetuneConfig
 from ..finetune.losses import multi_positive_loss
 from ..finetune.trainer import TrainStep, lr_at
 from ..io import atomic_write_bytes, hash_key
-from .captions import attribute_caption, attribute_prompts, caption_vocabulary, truth_table
+from .captions import attribute_prompts, caption_vocabulary, training_captions, truth_table
 
-PRETRAIN_VERSION = 2  # 2: trained by the shared TrainStep (open_clip's decay groups, warm-up + cosine)
+PRETRAIN_VERSION = 3  # 3: conv stem, one-attribute captions with hard negatives, text tower frozen at first
 ARCH = "wb-tiny"
 DEFAULTS = dict(
     n_images=4096,  # random birds; rendered once into a uint8 cache
     data_seed=1_000_003,  # not any demo dataset seed: the pretraining images are its own draw
     size=64,
-    steps=300,
-    batch_size=64,
-    captions_per_image=3,  # random captions (1-4 attributes each) per image
-    patch_dropout=0.5,  # FLIP-style: train on a random half of the patches, ~1.6x cheaper
+    steps=3000,
+    batch_size=32,
+    captions_per_image=4,  # one-attribute captions per image, each with its hard negative
+    patch_dropout=0.0,  # dropping patches drops the beak the caption names
     lr=1e-3,
     weight_decay=0.05,
-    warmup=20,
+    warmup=100,
+    text_freeze=600,  # steps the text tower stays at its random init (then warms up again)
     seed=0,
 )
-
-
 def pretrain_config(**overrides) -> dict:
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
@@ -98,8 +97,8 @@ def default_threads() -> int:
 
 
 class CaptionSource:
-    """The pretraining batches: random images of the cache, each with fresh random captions, and the
-    truth table of which caption holds for which image."""
+    """The pretraining batches: random images of the cache, each with fresh one-attribute captions and
+    their hard negatives, and the truth table of which caption holds for which image."""
 
     def __init__(self, images: torch.Tensor, attrs: list[dict], tokenizer, config: dict):
         self.images, self.attrs, self.tokenizer, self.config = images, attrs, tokenizer, config
@@ -109,14 +108,26 @@ class CaptionSource:
 
     def batch(self, model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(model input images, caption ids cut after the last EOT, truth table)``."""
-        bs = self.config["batch_size"]
-        idx = self.rng.choice(len(self.images), size=bs, replace=False)
-        # Several captions per image: text is cheap next to the image tower, and each adds signal.
-        owner = np.repeat(np.arange(bs), self.config["captions_per_image"])
-        caps = [attribute_caption(self.attrs[idx[o]], self.rng) for o in owner]
-        pos = truth_table(self.codes[idx], owner, [keys for _, keys in caps])
+        idx = self.rng.choice(len(self.images), size=self.config["batch_size"], replace=False)
+        caps = [c for i in idx for c in training_captions(self.attrs[i], self.rng, self.config["captions_per_image"])]
+        pos = truth_table(self.codes[idx], [d for _, d in caps])
         x = normalize_images(_augment(self.images[idx], self.gen), model)
-        return x, trim(self.tokenizer([c for c, _ in caps])), pos
+        return x, trim(self.tokenizer([t for t, _ in caps])), pos
+
+
+def text_lr_scale(config: dict):
+    """The text tower's learning-rate multiplier: 0 for the first ``text_freeze`` steps, then a warm-up.
+    While the image tower cannot yet tell beaks apart, the best text embedding for "short/long/hooked
+    beak" is one vector; once the text tower has learned that, the image tower gets no gradient to tell
+    them apart either. Holding the random text tower still for a while breaks that deadlock."""
+    freeze, warm = config["text_freeze"], max(1, config["warmup"])
+
+    def scale(step: int, tower: str) -> float:
+        if tower != "text" or not freeze:
+            return 1.0
+        return 0.0 if step < freeze else min(1.0, (step - freeze + 1) / warm)
+
+    return scale
 
 
 def _loss(pos: torch.Tensor):
@@ -134,11 +145,12 @@ def _fit(config: dict, progress: bool, log) -> tuple[torch.nn.Module, list[float
     t_data = time.time() - t0
     torch.manual_seed(config["seed"])
     model, _, tokenizer = load_clip("tiny", pretrained=None, device="cpu")
-    model.visual.patch_dropout = PatchDropout(config["patch_dropout"])  # active in train mode only
+    if config["patch_dropout"]:
+        model.visual.patch_dropout = PatchDropout(config["patch_dropout"])  # active in train mode only
     cfg = FinetuneConfig(batch_size=config["batch_size"], lr=config["lr"], weight_decay=config["weight_decay"],
                          warmup=config["warmup"], grad_clip=1.0, precision="fp32")
     steps = config["steps"]
-    trainer = TrainStep(model, cfg, "cpu", steps, distributed=False)
+    trainer = TrainStep(model, cfg, "cpu", steps, distributed=False, lr_scale=text_lr_scale(config))
     source = CaptionSource(images, attrs, tokenizer, config)
     losses = []
     for step in tqdm(range(steps), disable=not progress, desc="pretrain tiny CLIP"):
@@ -188,7 +200,7 @@ def trained_tokens(tokenizer, config: dict, n_captions: int = 4000) -> set[int]:
     that training moves; the others stay at their random initialisation."""
     rng = np.random.default_rng(0)
     attrs = [{a: str(rng.choice(v)) for a, v in syn.ATTRIBUTE_VALUES.items()} for _ in range(n_captions)]
-    texts = [attribute_caption(a, rng)[0] for a in attrs] + [" ".join(sorted(caption_vocabulary()))]
+    texts = [t for a in attrs for t, _ in training_captions(a, rng, 1)] + [" ".join(sorted(caption_vocabulary()))]
     texts += [t for a in syn.ATTRIBUTES for t in attribute_prompts(a)]
     ids = tokenizer(texts)
     return set(ids[token_mask(ids)].tolist())
