@@ -176,3 +176,24 @@ def test_feature_cache_tells_random_init_models_apart(tmp_path, monkeypatch):
                                             normalize=False), atol=1e-6)
     assert torch.equal(image_features(b, paths), fb)  # from the cache
     assert len(list((tmp_path / "cache" / "features").glob("*.safetensors"))) == 2
+
+
+def test_weights_digest_is_exact_and_thread_independent():
+    """The feature cache's key: the same on any thread count (a float sum of the weights was not, so a
+    cache written by a 2-thread run missed in a 1-thread one), and changed by one changed weight."""
+    from workbench.clip import weights_digest
+
+    torch.manual_seed(3)
+    m = load_clip("tiny", device="cpu").model
+    saved = torch.get_num_threads()
+    try:
+        digests = set()
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            digests.add(weights_digest(m))
+    finally:
+        torch.set_num_threads(saved)
+    assert len(digests) == 1
+    with torch.no_grad():
+        m.visual.proj[0, 0] += 1e-3
+    assert weights_digest(m) not in digests

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from workbench.clip import load_clip
 from workbench.clip.features import weights_digest
 from workbench.clip.load import _CONFIG_DIR
+from workbench.clip.tiny import adapt
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_REPO = "wb-test/tiny-clip"
@@ -34,9 +35,10 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def _tiny_repo_files(seed: int) -> tuple[dict[str, bytes], str]:
-    """The hub layout of a tiny open_clip model (config + safetensors) and its weights digest."""
+    """The hub layout of a tiny open_clip model (config + safetensors) and its weights digest: a plain
+    open_clip ViT, as a hub repo holds (the workbench's conv stem is wb-tiny's own, not the config's)."""
     torch.manual_seed(seed)
-    model = load_clip("tiny", device="cpu").model
+    model = open_clip.create_model("wb-tiny")
     cfg = {"model_cfg": json.loads((_CONFIG_DIR / "wb-tiny.json").read_text()), "preprocess_cfg": {}}
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     files = {"open_clip_config.json": json.dumps(cfg).encode(), "open_clip_model.safetensors": save_bytes(sd)}
@@ -128,7 +130,7 @@ def test_weights_from_a_mirror_through_a_proxy_and_offline(mirror, tmp_path):
 
     direct = _load_in_subprocess(tmp_path, {"HF_ENDPOINT": mirror.url, "HF_HOME": hf_home},
                                  f"hf-hub:{HUB_REPO}", f"hf-hub:{HUB_REPO}|{ckpt}", "hf-hub:wb-test/missing")
-    assert direct[0]["digest"] == mirror.digest
+    assert direct[0]["digest"] == mirror.digest, (direct, mirror.digest)
     assert direct[1]["digest"] == other_digest  # a local checkpoint of a hub architecture loads over its weights
     assert "'hf-hub:wb-test/missing'" in direct[2]["error"] and "local path" in direct[2]["error"]
     asked = {(m, p.rsplit("/", 1)[-1]) for m, host, p in mirror.seen if HUB_REPO in p}
@@ -156,6 +158,7 @@ def test_local_files_load_through_open_clip(tmp_path):
     ``local-dir:``."""
     torch.manual_seed(0)
     big = open_clip.create_model("wb-tiny", force_image_size=96)  # a 12 x 12 patch grid instead of 8 x 8
+    adapt("wb-tiny", big)  # the workbench's wb-tiny (conv stem)
     save_file({k: v.contiguous() for k, v in big.state_dict().items()}, str(tmp_path / "at96.safetensors"))
     b = load_clip("tiny", pretrained=str(tmp_path / "at96.safetensors"), device="cpu")
     assert b.model.visual.positional_embedding.shape[0] == 8 * 8 + 1

@@ -1,5 +1,5 @@
-"""`pip install .` without -e: the wheel carries the stage notebooks, and the installed `workbench` runs
-from any directory, its stages in a kernel of the running Python."""
+"""`pip install .` without -e: the wheel carries the stage notebooks and the tiny CLIP's weights, and
+the installed `workbench` runs from any directory, its stages in a kernel of the running Python."""
 from __future__ import annotations
 
 import importlib.util
@@ -49,6 +49,8 @@ def test_wheel_installed_without_editable_runs_a_stage(tmp_path):
     site = tmp_path / "site"
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)], tmp_path, env)
     shutil.rmtree(src)  # nothing may come from the sources now
+    shipped = Path("workbench", "clip", "weights", "wb-tiny-synthetic.safetensors")
+    assert (site / shipped).read_bytes() == (REPO / shipped).read_bytes()  # the demo's tiny CLIP ships too
     assert sorted(p.name for p in (site / "workbench" / "notebooks").glob("*.ipynb"))[0] == "00_pretrain.ipynb"
 
     env = {**env, "PYTHONPATH": str(site), "PATH": f"{site / 'bin'}{os.pathsep}{env.get('PATH', '')}",

@@ -23,12 +23,19 @@ from .load import image_size
 GEOMETRY = "short-side-bicubic-center-crop"  # workbench.data.geometry
 
 
-def weights_digest(model) -> str:
-    """Cheap fingerprint of the weights (per-tensor sum and sum of squares): random-init models share
-    a ``model_id`` but not their weights, and features must never be reused across them."""
+def weights_digest(model, per_tensor: int = 65536) -> str:
+    """Cheap fingerprint of the weights: random-init models share a ``model_id`` but not their weights,
+    and features must never be reused across them. It hashes the exact bytes of an evenly strided sample
+    of each tensor (at most ``per_tensor`` values), so it is the same on every machine and thread count
+    (a float sum is not: its rounding follows the threads' split of the reduction)."""
+    h = hashlib.sha256()
     with torch.no_grad():
-        stats = torch.stack([torch.stack([p.float().sum(), p.float().pow(2).sum()]) for p in model.parameters()])
-    return hashlib.sha256(stats.cpu().numpy().tobytes()).hexdigest()[:16]
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // per_tensor)].float().cpu()
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _model_key(bundle) -> list:

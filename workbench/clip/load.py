@@ -23,7 +23,7 @@ from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS
 from open_clip.pretrained import get_pretrained_cfg
 
 from .tiny import adapt
-from .weights import load_into, package_weights
+from .weights import is_trimmed, load_into, package_weights
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_CONFIG_DIR)
@@ -177,8 +177,11 @@ def _create(arch: str, name: str, pretrained: str | None, checkpoint: Path | Non
     adapt(arch, model)  # the workbench's own architectures (wb-tiny's conv stem), before any weights load
     if checkpoint is not None:
         try:
-            open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
-        except RuntimeError as e:
+            if is_trimmed(checkpoint):  # written by `workbench pretrain --out`
+                load_into(model, checkpoint)
+            else:
+                open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
+        except (RuntimeError, ValueError) as e:
             lines = " ".join(str(e).strip().splitlines()[:3])[:600]
             raise ValueError(f"checkpoint {checkpoint} does not fit {name!r}: {lines}") from e
     return model, preprocess

@@ -53,6 +53,17 @@ def metadata(path: str | Path) -> dict:
     return out
 
 
+def is_trimmed(path: str | Path) -> bool:
+    """Whether ``path`` is a workbench weights file with a trimmed token table (``workbench pretrain --out``)."""
+    if Path(path).suffix != ".safetensors":
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return ROWS in f.keys()
+    except Exception:  # not a safetensors file after all: open_clip's loader says what is wrong with it
+        return False
+
+
 def trim_token_table(state: dict[str, torch.Tensor], rows) -> dict[str, torch.Tensor]:
     """``state`` with only ``rows`` of the token table kept (and listed under ``token_embedding.rows``)."""
     rows = torch.as_tensor(sorted(set(int(r) for r in rows)), dtype=torch.int64)

@@ -6,7 +6,7 @@ fine-tuning's ``TrainStep``, and :func:`build`, which writes the weights the pac
 is ``workbench pretrain``), ``evaluate`` (zero-shot figures), ``stage`` (what notebook 00_pretrain calls).
 """
 from .captions import WEIGHTS, attribute_prompts, caption_vocabulary, training_captions, truth_table
-from .evaluate import evaluate_pretrained, plot_zero_shot
+from .evaluate import evaluate_pretrained, label_permutation_null, plot_zero_shot, species_note
 from .recipe import (
     ARCH,
     DEFAULTS,
@@ -15,6 +15,7 @@ from .recipe import (
     default_threads,
     pretrain_config,
     pretrain_images,
+    text_lr_scale,
     train,
     trained_tokens,
 )
@@ -22,6 +23,6 @@ from .stage import active, benchmark, run, samples_figure
 
 __all__ = [
     "ARCH", "DEFAULTS", "PRETRAIN_VERSION", "WEIGHTS", "active", "attribute_prompts", "benchmark", "build",
-    "caption_vocabulary", "default_threads", "evaluate_pretrained", "plot_zero_shot", "pretrain_config",
-    "pretrain_images", "run", "text_lr_scale", "samples_figure", "train", "trained_tokens", "training_captions", "truth_table",
+    "caption_vocabulary", "default_threads", "evaluate_pretrained", "label_permutation_null", "plot_zero_shot", "pretrain_config",
+    "pretrain_images", "run", "text_lr_scale", "samples_figure", "species_note", "train", "trained_tokens", "training_captions", "truth_table",
 ]
