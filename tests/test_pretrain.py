@@ -177,13 +177,19 @@ def test_shipped_weights_record_how_they_were_made():
     assert set(sd[W.ROWS].tolist()) == P.trained_tokens(tok, P.DEFAULTS)
 
 
-def test_a_short_run_of_the_recipe_learns(tmp_path):
-    """The recipe the package's weights come from, shortened (200 steps on 512 birds, ~40 s on 2 cores):
-    the written file loads as a local checkpoint, its loss falls, and colours are learnt first (measured:
-    wing 0.95, crown 0.24, breast 0.39 on 300 held-out birds; chance 0.17, 0.14, 0.20)."""
+def test_a_short_run_of_the_recipe_learns(tmp_path, capsys):
+    """`workbench pretrain`, the command the package's weights come from, shortened (200 steps on 512 birds,
+    ~40 s on 2 cores): the written file loads as a local checkpoint, its loss falls, and colours are learnt
+    first (measured: wing 0.95, crown 0.24, breast 0.39 on 300 held-out birds; chance 0.17, 0.14, 0.20)."""
+    from workbench.cli import main
     from workbench.clip.weights import metadata
 
-    out = P.build(tmp_path / "short.safetensors", steps=200, n_images=512, text_freeze=50, warmup=20)
+    out = tmp_path / "short.safetensors"
+    assert main(["pretrain", "--out", str(out), "--set", "stepz=3"]) == 2
+    assert "unknown pretraining option(s) ['stepz']" in capsys.readouterr().err and not out.exists()
+    assert main(["pretrain", "--out", str(out), "--set", "steps=200", "--set", "n_images=512",
+                 "--set", "text_freeze=50", "--set", "warmup=20"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
     meta = metadata(out)
     assert meta["recipe"]["steps"] == 200 and meta["recipe"]["lr"] == P.DEFAULTS["lr"]
     assert meta["training"]["loss_last"] < meta["training"]["loss_first"] - 0.1
