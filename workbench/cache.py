@@ -79,9 +79,9 @@ KINDS = {
     "images": "decoded uint8 image caches (one per file set and size)",
     "features": "image and text embeddings (keyed by weights, files, preprocessing)",
     "image_checks": "verdicts of the bad-image check",
-    "pretrained": "the tiny CLIP pretrained on the synthetic benchmark (~2 CPU-minutes to redo)",
+    "pretrained": "tiny CLIPs trained by earlier versions (the weights now ship in the package): nothing reads them",
     "synthetic": "generated synthetic datasets",
-    "synthetic-pretrain": "rendered pretraining birds",
+    "synthetic-pretrain": "rendered pretraining birds (workbench pretrain)",
     "datasets": "parsed dataset tables (e.g. CUB attributes)",
 }
 
