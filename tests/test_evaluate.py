@@ -469,6 +469,22 @@ def test_seeds_widen_the_interval_and_the_difference_is_their_mean():
         paired_difference(a, b[:2])
 
 
+def test_with_several_draws_p_and_interval_tell_the_same_story():
+    """One draw far better, two no different: per-image sign flips with the draws held fixed call that
+    certain (p < 0.001), but the draws' spread does not support it. With several draws p comes from the
+    bootstrap of the interval, so p < 0.05 exactly when the interval excludes zero."""
+    from workbench.evaluate import paired_difference, sign_flip_p
+
+    b = np.stack([_correct(600, 0.5, 10 + s) for s in range(3)])
+    for accs in ((0.75, 0.5, 0.5), (0.7, 0.6, 0.62), (0.62, 0.6, 0.61), (0.5, 0.5, 0.5)):
+        a = np.stack([_correct(600, acc, s) for s, acc in enumerate(accs)])
+        r = paired_difference(a, b, seed=0)
+        lo, hi = r["ci95"]
+        assert (r["p"] < 0.05) == (lo > 0 or hi < 0), (accs, r)
+        if accs == (0.75, 0.5, 0.5):
+            assert sign_flip_p(a.astype(float) - b) < 0.001 and lo < 0 < hi and r["p"] > 0.2
+
+
 def test_comparison_rows_and_findings():
     """Rows pair methods on the same draws; zero-shot (one prediction) pairs with every draw; the
     sentences are computed from the numbers."""
