@@ -505,6 +505,8 @@ def test_comparison_rows_and_findings():
     assert row["seeds"] == [0, 1, 2] and row["n_test"] == 500 and row["ci95"][0] > 0 and row["p"] < 0.01
     zs = next(c for c in comps if (c["a"], c["b"], c["shots"]) == ("linear-probe", "zero-shot", 1))
     assert zs["seeds"] == [0, 1, 2]  # zero-shot's single prediction paired with each draw
+    full_zs = next(c for c in comps if (c["a"], c["b"], c["shots"]) == ("gist", "zero-shot", "full"))
+    assert full_zs["p"] < 0.001 and "], p < 0.001 (500 test images, 1 draw): GIST is better." in " ".join(findings([full_zs]))
     text = findings(comps)
     assert len(text) == len(comps)
     g = next(t for t in text if t.startswith("GIST vs linear probe at 1 shot"))

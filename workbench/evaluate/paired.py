@@ -125,10 +125,10 @@ def findings(comps: list[dict]) -> list[str]:
         lo, hi = c["ci95"]
         verdict = (f"{a} is better" if lo > 0 else f"{b} is better" if hi < 0 else "no difference can be claimed")
         n = len(c["seeds"])
-        out.append(f"{a} vs {b} at {at}: {c['diff']:+.1f} points [{lo:+.1f}, {hi:+.1f}], p = {_p(c['p'])} "
+        out.append(f"{a} vs {b} at {at}: {c['diff']:+.1f} points [{lo:+.1f}, {hi:+.1f}], {_p(c['p'])} "
                    f"({c['n_test']} test images, {n} draw{'s' if n != 1 else ''}): {verdict}.")
     return out
 
 
 def _p(p: float) -> str:
-    return "< 0.001" if p < 0.001 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
