@@ -4,7 +4,7 @@ On the synthetic benchmark (part masks are ground truth): describe + match once,
 fine-tuning with each loss (CLIP, class-aware, FILIP) from the same pretrained tiny CLIP, and the
 pointing game of the pretrained and each fine-tuned model on the same test images. Prints one JSON
 line per loss: per method, the pretrained and fine-tuned score with 95% intervals, the other-parts
-control, and the change. Not part of the demo (it trains three extra runs); a few CPU minutes.
+control, and the change (points, paired over the same queries, with its 95% interval and p-value). Not part of the demo (it trains three extra runs); a few CPU minutes.
 
     python benchmarks/align_losses.py [--epochs 3] [--images 200] [--out reports/align_losses]
 """
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workbench.align.pointing import pointing_game  # noqa: E402
 from workbench.align.regions import part_items  # noqa: E402
+from workbench.align.report import pointing_change  # noqa: E402
 from workbench.clip import image_size, load_clip  # noqa: E402
 from workbench.config import stage_params  # noqa: E402
 from workbench.data import load_dataset  # noqa: E402
@@ -68,8 +69,10 @@ def main(argv=None) -> int:
         out = {"loss": loss, "train_s": round(time.time() - t0, 1), "checkpoint_epoch": rows[0]["epoch"],
                "n": len(items), "images": len(files)}
         for m in methods:
+            change = pointing_change(before[m], after[m])  # paired over the same queries, in points
             out[m] = {"pretrained": _round(before[m]), "finetuned": _round(after[m]),
-                      "change": round(after[m]["score"] - before[m]["score"], 3)}
+                      "change": {"diff": round(change["diff"], 1), "ci95": [round(x, 1) for x in change["ci95"]],
+                                 "p": round(change["p"], 4)}}
         print(json.dumps(out), flush=True)
     return 0
 

@@ -204,6 +204,7 @@ def test_pointing_game_end_to_end_structure(clip, images, monkeypatch):
     # rollout is the same map for every caption: no word-specificity control is computed for it
     assert res["rollout"]["other_parts"] is None and res["rollout"]["word_specific"] is False
     assert res["similarity"]["word_specific"] is True
+    assert res["similarity"]["_hit"].tolist() == [True, False]  # per query, in memory
     monkeypatch.undo()
     res = pointing.pointing_game(model, tok, images, items)
     assert set(res) == set(pointing.METHODS)
@@ -376,7 +377,9 @@ def test_notebook_runs_with_tiny_parameters(tmp_path):
     for by_model in pg.values():
         assert set(by_model) == {"pretrained", "finetuned"}
         for r in by_model.values():
-            assert 0 <= r["score"] <= 1 and 0 < r["chance"] < 1 and r["n"] > 0
+            assert 0 <= r["score"] <= 1 and 0 < r["chance"] < 1 and r["n"] > 0 and "_hit" not in r
+        change = by_model["finetuned"]["change"]
+        assert change["diff"] == pytest.approx(100 * (by_model["finetuned"]["score"] - by_model["pretrained"]["score"]))
     figs = {p.name for p in (run / "figures").glob("align_*.png")}
     assert {"align_words_0.png", "align_argmax_0.png", "align_before_after_0.png", "align_pointing.png"} <= figs
 
@@ -404,3 +407,23 @@ def test_relevance_on_the_shipped_model_points_at_the_named_part(tmp_path, monke
     r = pointing.pointing_game(model, tok, s.images, s.items, ["relevance"])["relevance"]
     assert r["n"] >= 150 and r["word_specific"]
     assert r["score"] >= 0.45 and r["score"] >= 2 * r["other_parts"] and r["score"] >= 3 * r["chance"], r
+
+
+def test_pointing_change_is_paired_and_never_written_per_query(tmp_path):
+    """The change fine-tuning makes to a score is the mean of paired per-query differences, with an interval
+    that contains it; the per-query hits stay in memory (metrics.json gets the summary only)."""
+    from workbench.runs import read_metrics, update_metrics
+
+    rng = np.random.default_rng(0)
+    before = rng.random(400) < 0.5
+    after = before.copy()
+    after[rng.choice(400, 60, replace=False)] = True  # fine-tuning adds hits on some queries
+    c = report.pointing_change({"_hit": before}, {"_hit": after})
+    assert c["diff"] == pytest.approx(100 * (after.mean() - before.mean()))
+    assert 0 < c["ci95"][0] < c["diff"] < c["ci95"][1] and c["p"] < 0.001
+    same = report.pointing_change({"_hit": before}, {"_hit": before})
+    assert same == {"diff": 0.0, "ci95": [0.0, 0.0], "p": 1.0}
+    update_metrics(tmp_path, "alignment", {"pointing_game": {"relevance": {"finetuned": {"score": 0.6, "_hit": after,
+                                                                                        "change": c}}}})
+    stored = read_metrics(tmp_path)["alignment"]["pointing_game"]["relevance"]["finetuned"]
+    assert stored == {"score": 0.6, "change": c}

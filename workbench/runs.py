@@ -86,13 +86,20 @@ def read_metrics(run_dir: str | Path) -> dict:
 
 def update_metrics(run_dir: str | Path, section: str, value: Any) -> dict:
     """Merge ``value`` into ``metrics.json[section]`` by the one rule (:data:`MERGE`); atomic write. Keys of
-    rows that start with "_" (per-image outcomes a stage keeps in memory) are not written."""
-    if isinstance(value, list):
-        value = [{k: v for k, v in r.items() if not str(k).startswith("_")} if isinstance(r, dict) else r for r in value]
+    that start with "_", at any depth (per-image outcomes a stage keeps in memory), are not written."""
+    value = _public(value)
     metrics = read_metrics(run_dir)
     metrics[section] = _merge(section, metrics[section], value) if section in metrics else value
     write_json(Path(run_dir) / METRICS, metrics)
     return metrics
+
+
+def _public(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    return value
 
 
 # ----------------------------------------------------------------------------- descriptions

@@ -154,7 +154,7 @@ def pointing_game(
     """Run the pointing game; ``images[item.index]`` is the (uint8, model-size) image of each item.
 
     Returns ``{method: {score, score_ci95, chance, area, other_parts, word_specific, n, per_part: {part:
-    {score, chance, n}}}}``. ``other_parts`` is a control: how often the same hottest patch lands in one
+    {score, chance, n}}, _hit}}`` (``_hit``: per-query hits, in memory only). ``other_parts`` is a control: how often the same hottest patch lands in one
     of the image's *other* parts (averaged over them). A map that finds the bird but not the part scores
     as high there as on ``score``; a part-specific map scores lower. Caption-independent methods
     (rollout, :data:`WORD_SPECIFIC`) get ``other_parts = None``: they cannot be word-specific.
@@ -188,5 +188,6 @@ def pointing_game(
             "word_specific": WORD_SPECIFIC[method],
             "n": len(items),
             "per_part": per_part,
+            "_hit": res["hit"].bool().numpy(),  # per query, for paired comparisons; never written to metrics.json
         }
     return out

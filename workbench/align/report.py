@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from ..clip import load_clip
+from ..evaluate.paired import paired_difference
 from ..runs import INDEX, MATCHES, read_index, read_matches, update_metrics
 from . import plots
 from .attention import image_rollout, pair_relevance
@@ -98,12 +99,16 @@ def run_pointing(
     progress: bool = False,
 ) -> dict:
     """Pointing game for each model in ``bundles``; stored as ``metrics.json["alignment"]``:
-    ``{"pointing_game": {method: {"pretrained": {score, chance, area, n, per_part}, "finetuned": {...}}}, ...}``."""
+    ``{"pointing_game": {method: {"pretrained": {score, chance, area, n, per_part}, "finetuned": {..., change}}}, ...}``
+    (``change``: :func:`pointing_change`)."""
     results: dict[str, dict] = {m: {} for m in methods}
     for name, b in bundles.items():
         model, _, tok = b
         for method, r in pointing_game(model, tok, images, items, methods, batch_size, progress=progress).items():
             results[method][name] = r
+    for by_model in results.values():
+        if {"pretrained", "finetuned"} <= set(by_model):
+            by_model["finetuned"]["change"] = pointing_change(by_model["pretrained"], by_model["finetuned"])
     section = {"pointing_game": results, "note": note,
                "models": {k: {"model": b.name, "weights": b.pretrained} for k, b in bundles.items()}}
     section.update(extra or {})
@@ -111,16 +116,25 @@ def run_pointing(
     return results
 
 
+def pointing_change(before: dict, after: dict) -> dict:
+    """How fine-tuning moved a method's score, paired over the same queries: ``{diff, ci95, p}`` in points
+    (:func:`workbench.evaluate.paired_difference`: bootstrap interval, sign-flip p-value)."""
+    r = paired_difference(after["_hit"], before["_hit"])
+    return {"diff": r["diff"], "ci95": r["ci95"], "p": r["p"]}
+
+
 def pointing_table(results: dict) -> pd.DataFrame:
     """Long table: method, model, score with its 95% interval, chance, the other-parts control (None for
-    caption-independent methods), area, n."""
+    caption-independent methods), area, n, and for the fine-tuned model the paired change in points."""
     rows = []
     for method, by_model in results.items():
         for model, r in by_model.items():
             lo, hi = r.get("score_ci95") or (None, None)
             rows.append({"method": method, "model": model, "score": r["score"], "score_lo": lo, "score_hi": hi,
                          "chance": r["chance"], "other_parts": r.get("other_parts"),
-                         "word_specific": r.get("word_specific"), "area": r.get("area"), "n": r["n"]})
+                         "word_specific": r.get("word_specific"), "area": r.get("area"), "n": r["n"],
+                         "change": (r.get("change") or {}).get("diff"),
+                         "change_ci95": (r.get("change") or {}).get("ci95")})
     return pd.DataFrame(rows)
 
 
