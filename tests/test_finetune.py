@@ -164,6 +164,28 @@ def test_resume_continues_exactly(toy, tmp_path):
     assert state["step"] == 6 and set(state) >= {"model", "optimizer", "scheduler", "rng"}
 
 
+def test_resume_state_of_another_optimizer_layout_is_refused_clearly(toy, tmp_path, monkeypatch):
+    """A resume state written when the optimizer had two groups (before they were split by tower) cannot
+    be loaded into today's: the run says so and how to start over, instead of torch's bare ValueError."""
+    tr, images, rows, texts, labels = _run_inputs(toy)
+    cfg = dict(epochs=2, batch_size=8, lr=1e-3, validate=False, log_every=1)
+
+    def two_groups(clip, weight_decay):
+        ps = [p for p in clip.parameters() if p.requires_grad]
+        return [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": weight_decay, "tower": "all"},
+                {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0, "tower": "all"}]
+
+    monkeypatch.setattr(trainer, "param_groups", two_groups)
+    m = _tiny()
+    part = ft.train_run(m.model, m.tokenizer, ft.FinetuneConfig(**cfg, max_steps=2, checkpoint_every=2), images, rows,
+                        texts, labels, out_dir=tmp_path / "b", run="b")
+    assert part["status"] == "interrupted"
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="does not fit this version's optimizer.*resume=False"):
+        ft.train_run(m.model, m.tokenizer, ft.FinetuneConfig(**cfg), images, rows, texts, labels,
+                     out_dir=tmp_path / "b", run="b")
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(toy, tmp_path, monkeypatch):
     tr, images, rows, texts, labels = _run_inputs(toy)
     calls = {"n": 0}

@@ -348,7 +348,11 @@ class TrainRun:
                     f"{st['pairs']} pairs); pass resume=False to start over, or use another run directory"
                 )
             tr.clip.load_state_dict(st["model"])
-            tr.opt.load_state_dict(st["optimizer"])
+            try:
+                tr.opt.load_state_dict(st["optimizer"])
+            except ValueError as e:  # e.g. written before the optimizer's groups were split by tower
+                raise ValueError(f"run {self.run_name}: the optimizer state in {self.state_path} does not fit this "
+                                 f"version's optimizer ({e}); pass resume=False to start the run over") from e
             self.step0, self.history, self.best = st["step"], json.loads(st["history"]), json.loads(st["best"])
             restore_rng(st["rng"], tr.rank, tr.device)
             if self.lead:
