@@ -517,3 +517,22 @@ def test_comparison_rows_and_findings():
     rows[-1]["_test"] = {"rows": test[::-1], "correct": rows[-1]["_test"]["correct"]}
     with pytest.raises(ValueError, match="different test images"):
         comparisons(rows)
+
+
+def test_forest_plot_keeps_zero_shot_pairs_off_the_trained_methods_axis(tmp_path):
+    """Differences against zero-shot (tens of points) get their own panel, so the axis of the trained
+    methods' differences (a point or two) stays readable; without zero-shot rows there is one panel."""
+    from workbench.evaluate.plots import plot_comparisons
+
+    def row(a, b, diff):
+        return {"a": a, "b": b, "shots": "full", "diff": diff, "ci95": [diff - 1, diff + 1], "p": 0.5,
+                "n_test": 100, "seeds": [0]}
+
+    comps = [row("gist", "linear-probe", 0.5), row("gist", "zero-shot", 80.0)]
+    fig = plot_comparisons(comps, tmp_path / "f.png")
+    trained, zs = fig.axes
+    assert trained.get_xlim()[1] < 5 and zs.get_xlim()[1] > 80
+    assert "between trained methods" in trained.get_title() and (tmp_path / "f.png").exists()
+    assert len(plot_comparisons(comps[:1]).axes) == 1
+    with pytest.raises(ValueError, match="no comparisons"):
+        plot_comparisons([])

@@ -84,13 +84,28 @@ def plot_sweep(rows: list[dict], path: str | Path | None = None):
 
 def plot_comparisons(comps: list[dict], path: str | Path | None = None):
     """Forest plot of the paired differences: one line per (shots, pair), the difference in top-1 with its
-    95% interval, zero marked; intervals clear of zero are drawn dark."""
-    from .paired import LABELS
-
+    95% interval, zero marked; intervals clear of zero are drawn dark. Pairs against zero-shot get a
+    panel of their own: on one axis their tens of points would squash the differences between the
+    trained methods, which are the ones the paper's claims are about."""
     if not comps:
         raise ValueError("no comparisons to plot")
+    panels = [("between trained methods", [c for c in comps if c["b"] != "zero-shot"]),
+              ("against zero-shot", [c for c in comps if c["b"] == "zero-shot"])]
+    panels = [(t, cs) for t, cs in panels if cs]
+    rows = [len(cs) for _, cs in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7.5, 0.3 * sum(rows) + 1.1 * len(panels)), squeeze=False,
+                             gridspec_kw={"height_ratios": rows})
+    for ax, (title, cs) in zip(axes[:, 0], panels):
+        _forest(ax, cs, f"paired comparisons {title} (dark: interval clear of zero)")
+    axes[-1, 0].set_xlabel("difference in test top-1 (points), paired 95% bootstrap interval")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _forest(ax, comps: list[dict], title: str) -> None:
+    from .paired import LABELS
+
     order = sorted(comps, key=lambda c: (str(c["shots"]) != "full", int(c["shots"]) if c["shots"] != "full" else 0))
-    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(order) + 1.2))
     y = np.arange(len(order))[::-1]
     for yi, c in zip(y, order):
         lo, hi = c["ci95"]
@@ -102,8 +117,5 @@ def plot_comparisons(comps: list[dict], path: str | Path | None = None):
     ax.set_yticks(y, [f"{s}: {LABELS.get(c['a'], c['a'])} − {LABELS.get(c['b'], c['b'])}" for s, c in zip(shots, order)],
                   fontsize=7)
     ax.axvline(0, color="k", lw=0.8)
-    ax.set_xlabel("difference in test top-1 (points), paired 95% bootstrap interval")
-    ax.set_title("paired comparisons (dark: interval clear of zero)", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    return save_figure(fig, path)
