@@ -2,8 +2,8 @@
 few-shot draws over seeds, bootstrap intervals, and the methods x shots comparison.
 
 Modules: ``probe`` (probes), ``zeroshot``, ``bootstrap``, ``draws`` (dataset features, training-set
-draws), ``compare`` (accuracy rows), ``paired`` (paired comparisons of methods), ``report`` (tables), ``plots`` (figures), ``stage`` (what
-notebook 04_evaluate calls).
+draws), ``compare`` (accuracy rows), ``paired`` (paired comparisons of methods), ``report`` (tables),
+``plots`` (figures), ``stage`` (what notebook 04_evaluate calls).
 """
 from .bootstrap import bootstrap_ci, seed_summary
 from .compare import FINETUNED, METHODS, finetuned_rows, probe_draw, probe_rows, zero_shot_rows
@@ -22,8 +22,9 @@ from .zeroshot import (
 )
 
 __all__ = [
-    "DEFAULT_WEIGHT_DECAYS", "Draw", "FINETUNED", "METHODS", "PAIRS", "ProbeResult", "Setup", "TEMPLATES", "accuracy_table",
-    "bootstrap_ci", "check_draws", "compare", "comparisons", "findings", "paired_difference", "sign_flip_p", "classname_classifier", "classname_scores", "dataset_features",
+    "DEFAULT_WEIGHT_DECAYS", "Draw", "FINETUNED", "METHODS", "PAIRS", "ProbeResult", "Setup", "TEMPLATES",
+    "accuracy_table", "bootstrap_ci", "check_draws", "classname_classifier", "classname_scores", "compare",
+    "comparisons", "dataset_features", "findings", "paired_difference", "sign_flip_p",
     "description_scores", "description_texts", "finetuned_rows", "fit_logreg", "frozen_rows", "linear_probe",
     "load_descriptions", "make_draw", "prepare", "probe_draw", "probe_rows", "record", "reference_probe", "rows_in",
     "runs_table", "seed_summary", "topk_correct", "tuned_rows", "zero_shot_rows",

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..plots import save_figure
 from .bootstrap import seed_summary
+from .paired import LABELS
 from .report import _method_order, _shots_order
 
 COLORS = {"zero-shot": "#9e9e9e", "linear-probe": "#4c72b0", "finetune-classname": "#dd8452", "gist": "#55a868"}
@@ -103,8 +104,6 @@ def plot_comparisons(comps: list[dict], path: str | Path | None = None):
 
 
 def _forest(ax, comps: list[dict], title: str) -> None:
-    from .paired import LABELS
-
     order = sorted(comps, key=lambda c: (str(c["shots"]) != "full", int(c["shots"]) if c["shots"] != "full" else 0))
     y = np.arange(len(order))[::-1]
     for yi, c in zip(y, order):
