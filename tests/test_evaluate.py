@@ -2,6 +2,7 @@
 and the comparison end to end on a tiny image dataset with fabricated fine-tuned checkpoints."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workbench.data import Dataset, few_shot
+from workbench.data import Dataset, DrawSpec, few_shot
 from workbench.evaluate import (
     accuracy_table,
     bootstrap_ci,
@@ -161,7 +162,8 @@ def test_few_shot_draws_deterministic_and_split_files(tiny_ds, tmp_path):
     keep = table[table["split"] == "train"].groupby("label").head(1)
     csv = tmp_path / "metadata_1shot.csv"
     pd.concat([keep, table[table["split"] != "train"]]).to_csv(csv)
-    d0, d5 = make_draw(tiny_ds, 1, seed=0, shot_file=csv), make_draw(tiny_ds, 1, seed=5, shot_file=csv)
+    spec = DrawSpec({1: str(csv)})
+    d0, d5 = make_draw(tiny_ds, 1, seed=0, spec=spec), make_draw(tiny_ds, 1, seed=5, spec=spec)
     assert sorted(table["filename"][d0.train]) == sorted(keep["filename"])
     assert d0.train.tolist() == d5.train.tolist() and d0.source == str(csv)
     with pytest.raises(ValueError, match="exactly 3 training images per class; species 0 has 1"):
@@ -169,11 +171,11 @@ def test_few_shot_draws_deterministic_and_split_files(tiny_ds, tmp_path):
     with pytest.raises(ValueError, match="these classes have fewer"):
         make_draw(tiny_ds, 6, seed=0)
     # Everything the evaluation will draw is checked up front.
-    assert len(check_draws(tiny_ds, ["full", 1, 3], [0, 1], {1: csv})) == 6
+    assert len(check_draws(tiny_ds, ["full", 1, 3], [0, 1], spec)) == 4  # the fixed 1-shot draw: one seed
     with pytest.raises(ValueError, match="these classes have fewer"):
         check_draws(tiny_ds, ["full", 6], [0])
-    with pytest.raises(ValueError, match=r"not in shots"):
-        check_draws(tiny_ds, ["full"], [0], {5: csv})
+    with pytest.raises(ValueError, match="k-shot draws, not 'full'"):
+        DrawSpec({"full": str(csv)})
 
 
 # ---------------------------------------------------------------- zero-shot
@@ -301,16 +303,20 @@ def test_comparison_end_to_end(tiny_ds, tmp_path, monkeypatch):
         sd = load_clip("tiny", device="cpu").model.state_dict()
         rel = f"checkpoints/{method}-{s}-s{seed}.safetensors"
         save_file({k: v.contiguous() for k, v in sd.items()}, str(run / rel))
+        train = few_shot(tiny_ds, s, seed).table if s != "full" else tiny_ds.table  # what fine-tuning trained on
+        names = sorted(train.loc[train["split"] == "train", "filename"])
         index.append({"method": method, "shots": s, "seed": seed, "path": rel, "model": "tiny", "pretrained": None,
-                      "epoch": 1, "val_top1": 50.0})
+                      "epoch": 1, "val_top1": 50.0, "train_images": len(names),
+                      "train_images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()})
     (run / "checkpoints" / "index.json").write_text(json.dumps(index))
-    ft, notes = finetuned_rows(run, tiny_ds, shots, device="cpu", weight_decays=wds, bootstrap_n=100)
+    ft, notes = finetuned_rows(run, tiny_ds, shots, seeds=seeds, device="cpu", weight_decays=wds, bootstrap_n=100)
     assert [(r["method"], r["shots"], r["seed"]) for r in ft] == [
         ("finetune-classname", 1, 0), ("gist", 1, 0), ("gist", 1, 1), ("gist", "full", 0)]
     assert "no checkpoint for finetune-classname at shots=full" in notes
-    # A fine-tuned k-shot run is probed on its own seed's draw: same training rows as linear-probe's.
+    # A fine-tuned k-shot run is probed on its own seed's draw: the same training images as linear-probe's.
     lp = {(r["shots"], r["seed"]): r for r in rows if r["method"] == "linear-probe"}
-    assert all(r["n_train"] == lp[(r["shots"], r["seed"])]["n_train"] for r in ft)
+    assert all(r["train_images_sha256"] == lp[(r["shots"], r["seed"])]["train_images_sha256"] for r in ft)
+    assert lp[(1, 0)]["train_images_sha256"] != lp[(1, 1)]["train_images_sha256"]
     rows += ft
 
     for r in rows:
@@ -361,8 +367,12 @@ def test_notebook_runs_all_four_methods(tmp_path, monkeypatch):
     (run / "checkpoints").mkdir()
     sd = load_clip("tiny", device="cpu").model.state_dict()
     save_file({k: v.contiguous() for k, v in sd.items()}, str(run / "checkpoints" / "a.safetensors"))
+    from workbench.data import DrawSpec, load_dataset, train_images_sha256
+
+    ds = load_dataset("synthetic", **params["dataset_options"])
     index = [{"method": m, "shots": s, "seed": 0, "path": "checkpoints/a.safetensors", "model": "tiny",
-              "pretrained": None, "epoch": 0 if (m, s) == ("gist", 1) else 1, "val_top1": 0.0}
+              "pretrained": None, "epoch": 0 if (m, s) == ("gist", 1) else 1, "val_top1": 0.0,
+              "train_images_sha256": train_images_sha256(DrawSpec().subset(ds, s, 0))}
              for m in ("gist", "finetune-classname") for s in ("full", 1)]
     (run / "checkpoints" / "index.json").write_text(json.dumps(index))
     run_notebook(nb, run / "04_evaluate.ipynb", params, cwd=run, html=False)

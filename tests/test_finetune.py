@@ -235,7 +235,9 @@ def test_finetune_all_writes_index_log_metrics(toy, tmp_path):
     assert got == sorted([(m, s, sd) for m in ("gist", "finetune-classname") for s, sd in
                           (("full", 0), ("1", 0), ("1", 1))])
     for r in index:
-        assert set(r) == {"method", "shots", "seed", "path", "model", "pretrained", "epoch", "val_top1"}
+        assert set(r) == {"method", "shots", "seed", "path", "model", "pretrained", "epoch", "val_top1", "loss",
+                          "train_images", "train_images_sha256", "val_policy", "identity_digest", "identity"}
+        assert r["train_images"] == (3 if r["shots"] == 1 else len(toy.split("train").table))
         assert r["path"].endswith(".safetensors") and (tmp_path / r["path"]).exists()
         assert r["epoch"] in (0, 1) and 0 <= r["val_top1"] <= 100
     load_clip("tiny", pretrained=str(tmp_path / index[0]["path"]), device="cpu")  # loads through the contract
@@ -255,7 +257,9 @@ def test_finetune_all_writes_index_log_metrics(toy, tmp_path):
     ft.finetune_all(tmp_path, toy, model="tiny", pretrained=None, methods=["gist"], shots=["full"], seeds=[0],
                     epochs=1, batch_size=8, captions_per_image=2, device="cpu", progress=False)
     assert len(read_jsonl(tmp_path / "train_log.jsonl")) == n_log
-    assert len(read_json(tmp_path / "checkpoints" / "index.json")) == 6
+    # the index holds this configuration's runs; the others' entries move aside (their files stay)
+    assert [r["method"] for r in read_json(tmp_path / "checkpoints" / "index.json")] == ["gist"]
+    assert len(read_json(tmp_path / "checkpoints" / "index.stale.json")) == 5
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -35,10 +35,14 @@ COMMON: dict[str, tuple[str, Any]] = {
     "data_root": ("Optional[str]", None),
     "dataset_options": ("dict", {}),
     "seed": ("int", 0),
+    "shot_files": ("dict", {}),  # k -> GIST metadata_<k>shot.csv: one fixed draw for fine-tuning and evaluation
+    "val_policy": ("str", "full"),  # how k-shot runs choose checkpoints and probe weight decay (full | k_shot)
     "device": ("str", "auto"),
     "progress": ("bool", True),
     "interactive": ("bool", False),
 }
+# Values a common key may take (checked before any notebook runs; the stages check again).
+CHOICES: dict[str, tuple] = {"val_policy": ("full", "k_shot")}
 # Top-level keys that are not passed to notebooks.
 META: dict[str, tuple[str, Any]] = {
     "stages": ("Optional[list]", None),  # stages to run, in pipeline order (None: all)
@@ -311,6 +315,9 @@ def validate(cfg: dict, schema: dict[str, dict[str, dict]]) -> None:
     for key, (ann, _) in {**COMMON, **META}.items():
         if not type_ok(cfg.get(key), ann):
             bad.append(f"{key}={cfg.get(key)!r} (expected {ann})")
+    for key, allowed in CHOICES.items():
+        if cfg.get(key) not in allowed:
+            bad.append(f"{key}={cfg.get(key)!r} (expected one of {list(allowed)})")
     if cfg.get("stages"):
         unknown = [s for s in cfg["stages"] if s not in schema]
         if unknown:

@@ -55,27 +55,39 @@ def stage_file(run_dir_or_path: str | Path, name: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- metrics.json
-# How a section merges into what metrics.json holds. A list of rows with declared key fields: new rows
-# replace old rows with the same key, other old rows stay. "keys": a dict merged key by key. A dotted
-# name applies to one key of a dict section. Everything else is replaced whole.
+# How a section merges into what metrics.json holds. A list of rows with declared key fields is the
+# current configuration's rows, whole: it replaces the old list, and old rows whose key is not among the
+# new ones (a method, shots value or seed no longer configured) move to ``metrics["stale"][section]``
+# with the time they left, so no table or plot of this run shows them. "keys": a dict merged key by key.
+# A dotted name applies to one key of a dict section. Everything else is replaced whole.
 MERGE: dict[str, Any] = {
     "accuracy": ("method", "shots", "seed"),
     "comparisons": ("a", "b", "shots"),
     "finetune.runs": ("run",),
     "timing": "keys",
 }
+STALE = "stale"
 
 
-def _merge(path: str, old: Any, new: Any) -> Any:
+def _row_key(how: tuple, r: dict) -> tuple:
+    return tuple(str(r.get(k)) for k in how)
+
+
+def _merge(path: str, old: Any, new: Any, stale: dict) -> Any:
     how = MERGE.get(path)
     if how == "keys" and isinstance(old, dict) and isinstance(new, dict):
         return {**old, **new}
     if isinstance(how, tuple) and isinstance(old, list) and isinstance(new, list):
-        key = lambda r: tuple(str(r.get(k)) for k in how)  # noqa: E731
-        fresh = {key(r) for r in new}
-        return [r for r in old if key(r) not in fresh] + list(new)
+        fresh = {_row_key(how, r) for r in new}
+        gone = [r for r in old if _row_key(how, r) not in fresh]
+        kept = [r for r in stale.get(path, []) if _row_key(how, r) not in fresh]  # back in the configuration
+        when = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        stale[path] = kept + [{**r, "stale_since": when} for r in gone]
+        if not stale[path]:
+            stale.pop(path)
+        return list(new)
     if isinstance(old, dict) and isinstance(new, dict):
-        return {k: _merge(f"{path}.{k}", old[k], v) if k in old else v for k, v in new.items()}
+        return {k: _merge(f"{path}.{k}", old[k], v, stale) if k in old else v for k, v in new.items()}
     return new
 
 
@@ -85,11 +97,15 @@ def read_metrics(run_dir: str | Path) -> dict:
 
 
 def update_metrics(run_dir: str | Path, section: str, value: Any) -> dict:
-    """Merge ``value`` into ``metrics.json[section]`` by the one rule (:data:`MERGE`); atomic write. Keys of
+    """Merge ``value`` into ``metrics.json[section]`` by the one rule (:data:`MERGE`: row lists are the
+    current configuration's, earlier rows no longer in it move to ``metrics["stale"]``); atomic write. Keys
     that start with "_", at any depth (per-image outcomes a stage keeps in memory), are not written."""
     value = _public(value)
     metrics = read_metrics(run_dir)
-    metrics[section] = _merge(section, metrics[section], value) if section in metrics else value
+    stale = metrics.pop(STALE, {})
+    metrics[section] = _merge(section, metrics[section], value, stale) if section in metrics else value
+    if stale:
+        metrics[STALE] = stale
     write_json(Path(run_dir) / METRICS, metrics)
     return metrics
 
@@ -212,9 +228,30 @@ def update_index(run_dir: str | Path, rows: Sequence[dict]) -> None:
     """Merge rows into ``checkpoints/index.json``: rows of the same (method, shots, seed) are replaced."""
     path = Path(run_dir) / INDEX
     old = read_json(path) if path.exists() else []
-    key = lambda r: (r["method"], str(r["shots"]), int(r["seed"]))  # noqa: E731
-    new = {key(r) for r in rows}
-    write_json(path, [r for r in old if key(r) not in new] + list(rows))
+    new = {_index_key(r) for r in rows}
+    write_json(path, [r for r in old if _index_key(r) not in new] + list(rows))
+
+
+def _index_key(r: dict) -> tuple:
+    return r["method"], str(r["shots"]), int(r["seed"])
+
+
+def retire_index(run_dir: str | Path, planned: Sequence[tuple]) -> list[dict]:
+    """Move the index entries of runs not in ``planned`` ((method, shots, seed) of the current configuration)
+    to ``checkpoints/index.stale.json``, so evaluation never probes them; their files stay. Returns them."""
+    path = Path(run_dir) / INDEX
+    if not path.exists():
+        return []
+    keep = {(m, str(k), int(s)) for m, k, s in planned}
+    entries = read_json(path)
+    gone = [e for e in entries if _index_key(e) not in keep]
+    if gone:
+        stale_path = path.with_name("index.stale.json")
+        old = read_json(stale_path) if stale_path.exists() else []
+        fresh = {_index_key(e) for e in gone}
+        write_json(stale_path, [e for e in old if _index_key(e) not in fresh] + gone)
+        write_json(path, [e for e in entries if _index_key(e) in keep])
+    return gone
 
 
 def read_train_log(run_dir: str | Path) -> list[dict]:

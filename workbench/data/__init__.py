@@ -13,7 +13,7 @@ import inspect
 from pathlib import Path
 
 from .dataset import REQUIRED_COLUMNS, SPLITS, Dataset
-from .shots import few_shot, parse_shots
+from .shots import VAL_POLICIES, DrawSpec, draw_seed, few_shot, parse_shots, train_images_sha256
 
 # name -> "module:function"; each loader takes (root, **options) and returns a Dataset.
 LOADERS: dict[str, str] = {
@@ -42,4 +42,5 @@ def load_dataset(name: str, root: str | Path | None = None, **options) -> Datase
     return loader(root, **options)
 
 
-__all__ = ["LOADERS", "REQUIRED_COLUMNS", "SPLITS", "Dataset", "few_shot", "load_dataset", "parse_shots"]
+__all__ = ["LOADERS", "REQUIRED_COLUMNS", "SPLITS", "VAL_POLICIES", "Dataset", "DrawSpec", "draw_seed", "few_shot",
+           "load_dataset", "parse_shots", "train_images_sha256"]

@@ -10,7 +10,7 @@ from .compare import FINETUNED, METHODS, finetuned_rows, probe_draw, probe_rows,
 from .draws import Draw, check_draws, dataset_features, make_draw, rows_in
 from .paired import PAIRS, comparisons, findings, paired_difference, sign_flip_p
 from .probe import DEFAULT_WEIGHT_DECAYS, ProbeResult, fit_logreg, linear_probe, reference_probe, topk_correct
-from .report import accuracy_table, runs_table
+from .report import accuracy_table, runs_table, val_note
 from .stage import Setup, compare, frozen_rows, prepare, record, tuned_rows
 from .zeroshot import (
     TEMPLATES,
@@ -27,5 +27,5 @@ __all__ = [
     "comparisons", "dataset_features", "findings", "paired_difference", "sign_flip_p",
     "description_scores", "description_texts", "finetuned_rows", "fit_logreg", "frozen_rows", "linear_probe",
     "load_descriptions", "make_draw", "prepare", "probe_draw", "probe_rows", "record", "reference_probe", "rows_in",
-    "runs_table", "seed_summary", "topk_correct", "tuned_rows", "zero_shot_rows",
+    "runs_table", "seed_summary", "topk_correct", "tuned_rows", "val_note", "zero_shot_rows",
 ]

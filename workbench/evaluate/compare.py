@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..clip import encode_texts, load_clip
-from ..data import Dataset, parse_shots
+from ..data import Dataset, DrawSpec, parse_shots
+from ..identity import table_sha256
 from ..runs import FINETUNE_METHODS, INDEX, read_index
 from .bootstrap import bootstrap_ci
 from .draws import Draw, dataset_features, make_draw
@@ -74,33 +75,29 @@ def probe_draw(
     logits = res.logits(X[draw.test])
     yt = y[draw.test].to(logits.device)
     m = _score_rows(topk_correct(logits, yt, 1), topk_correct(logits, yt, 3), bootstrap_n, bootstrap_seed, draw.test)
-    m.update(n_train=int(len(draw.train)), weight_decay=res.weight_decay, val_top1=res.val_top1, fit_on=res.fit_on,
-             draw=draw.source, sweep=[{"weight_decay": w["weight_decay"], "val_top1": round(w["val_top1"], 3),
+    m.update(n_train=int(len(draw.train)), n_val=int(len(draw.val)), val_policy=draw.val_policy,
+             weight_decay=res.weight_decay, val_top1=res.val_top1, fit_on=res.fit_on,
+             draw=draw.source, train_images_sha256=draw.train_sha256, sweep=[{"weight_decay": w["weight_decay"], "val_top1": round(w["val_top1"], 3),
                                        "val_loss": round(w["val_loss"], 5)} for w in res.sweep])
     return m, res
 
 
 def probe_rows(
-    method: str, features: torch.Tensor, ds: Dataset, shots, seeds, *, shot_files: dict | None = None,
+    method: str, features: torch.Tensor, ds: Dataset, shots, seeds, *, spec: DrawSpec | None = None,
     weight_decays=DEFAULT_WEIGHT_DECAYS, use_trainval: bool = False, device="auto", bootstrap_n: int = 1000,
     bootstrap_seed: int = 0, extra: dict | None = None, progress: bool = False,
 ) -> list[dict]:
-    """Linear-probe rows for one encoder's features over ``shots`` x ``seeds``.
+    """Linear-probe rows for one encoder's features over ``shots`` x ``seeds``, drawn by ``spec``.
 
     Full shot and split-file draws are deterministic: one row each (first seed).
     """
-    shots, seeds = parse_shots(shots), [int(s) for s in seeds]
+    shots, seeds, spec = parse_shots(shots), [int(s) for s in seeds], spec or DrawSpec()
     if not seeds:
         raise ValueError("seeds is empty")
-    shot_files = {str(k): v for k, v in (shot_files or {}).items()}
-    jobs = []
-    for s in shots:
-        fixed = s == "full" or str(s) in shot_files
-        for seed in seeds[:1] if fixed else seeds:
-            jobs.append((s, seed))
+    jobs = [(s, seed) for s in shots for seed in spec.seeds_for(s, seeds)]
     rows = []
     for s, seed in tqdm(jobs, disable=not progress, desc=f"{method} probes"):
-        draw = make_draw(ds, s, seed, shot_files.get(str(s)))
+        draw = make_draw(ds, s, seed, spec)
         m, _ = probe_draw(features, ds.labels, draw, ds.num_classes, weight_decays=weight_decays,
                           use_trainval=use_trainval, device=device, bootstrap_n=bootstrap_n, bootstrap_seed=bootstrap_seed)
         rows.append({"method": method, "shots": s, "seed": seed, **m, **(extra or {})})
@@ -139,36 +136,67 @@ def zero_shot_rows(
     return [{"method": "zero-shot", "shots": s, "seed": seed, **m, **extra} for s in shots]
 
 
-def finetuned_rows(
-    run_dir: str | Path, ds: Dataset, shots, *, index: list[dict] | None = None, shot_files: dict | None = None,
-    weight_decays=DEFAULT_WEIGHT_DECAYS, use_trainval: bool = False, device="auto", bootstrap_n: int = 1000,
-    bootstrap_seed: int = 0, batch_size: int | None = None, progress: bool = False,
-) -> tuple[list[dict], list[str]]:
-    """Probe every fine-tuned checkpoint of the index whose shots are requested: ``(rows, notes)``.
+def _chosen(index: list[dict], shots, seeds, spec: DrawSpec) -> dict[tuple, dict]:
+    """The index entries this evaluation probes: requested shots, and the seeds it draws for them."""
+    chosen: dict[tuple, dict] = {}
+    for e in index:  # a later entry for the same run replaces an earlier one
+        s = str(e["shots"])
+        if s in map(str, shots) and int(e["seed"]) in spec.seeds_for(_shots_value(s), seeds):
+            chosen[(e["method"], s, int(e["seed"]))] = e
+    return chosen
 
-    Each checkpoint (method, shots, seed) is probed on the draw of its own seed. ``notes`` name the
+
+def check_checkpoint(e: dict, ds: Dataset, draw: Draw, index_path) -> None:
+    """Refuse to probe a checkpoint trained on other images than this evaluation's draw, or on another
+    dataset: fine-tuning and evaluation must draw by the same rule (``shot_files``, ``seed``, options)."""
+    run = f"{e['method']} shots={e['shots']} seed={e['seed']}"
+    how = ("Fine-tuning and evaluation must use the same dataset, dataset_options, shot_files and seed: rerun "
+           "the fine-tuning stage with this configuration (`--stages finetune,evaluate`).")
+    ident = e.get("identity") or {}
+    if ident.get("dataset_sha256") and ident["dataset_sha256"] != table_sha256(ds.table):
+        raise ValueError(f"{index_path}: checkpoint {run} was trained on another dataset table (dataset "
+                         f"{ident.get('dataset')!r}, options {ident.get('dataset_options')}) than this "
+                         f"evaluation's. {how}")
+    if "train_images_sha256" not in e:
+        raise ValueError(f"{index_path}: checkpoint {run} does not record its training images "
+                         "(train_images_sha256; written before run identities were recorded). Rerun the "
+                         "fine-tuning stage with resume=false to retrain it.")
+    if e["train_images_sha256"] != draw.train_sha256:
+        raise ValueError(f"{index_path}: checkpoint {run} was trained on other images than this evaluation's draw "
+                         f"({e.get('train_images')} images, train_images_sha256 {e['train_images_sha256'][:12]}...; "
+                         f"the draw: {len(draw.train)} images, {draw.train_sha256[:12]}..., from {draw.source}). {how}")
+
+
+def finetuned_rows(
+    run_dir: str | Path, ds: Dataset, shots, *, seeds=(0,), index: list[dict] | None = None,
+    spec: DrawSpec | None = None, weight_decays=DEFAULT_WEIGHT_DECAYS, use_trainval: bool = False, device="auto",
+    bootstrap_n: int = 1000, bootstrap_seed: int = 0, batch_size: int | None = None, progress: bool = False,
+) -> tuple[list[dict], list[str]]:
+    """Probe every fine-tuned checkpoint of the index whose shots and seed are requested: ``(rows, notes)``.
+
+    Each checkpoint (method, shots, seed) is probed on the draw of its own seed, which must be the draw it
+    was trained on (:func:`check_checkpoint`, checked for all before any model loads). ``notes`` name the
     requested (method, shots) pairs that have no checkpoint.
     """
-    shots = parse_shots(shots)
+    shots, spec = parse_shots(shots), spec or DrawSpec()
     index = read_index(run_dir, required=False) if index is None else index
     if index is None:
         return [], [f"no {Path(run_dir) / INDEX}: fine-tuned methods not evaluated"]
-    chosen: dict[tuple, dict] = {}
-    for e in index:  # a later entry for the same run replaces an earlier one
-        if str(e["shots"]) in map(str, shots):
-            chosen[(e["method"], str(e["shots"]), e["seed"])] = e
+    chosen = _chosen(index, shots, [int(s) for s in seeds], spec)
     notes = [f"no checkpoint for {m} at shots={s}" for m in FINETUNED for s in shots
              if not any(k[0] == m and k[1] == str(s) for k in chosen)]
-    shot_files = {str(k): v for k, v in (shot_files or {}).items()}
+    jobs = sorted(chosen.items(), key=lambda kv: (FINETUNED.index(kv[0][0]), kv[0][1], kv[0][2]))
+    draws = {key: make_draw(ds, _shots_value(key[1]), key[2], spec) for key, _ in jobs}
+    for key, e in jobs:
+        check_checkpoint(e, ds, draws[key], Path(run_dir) / INDEX)
     rows = []
-    for (method, s, seed), e in sorted(chosen.items(), key=lambda kv: (FINETUNED.index(kv[0][0]), kv[0][1], kv[0][2])):
+    for (method, s, seed), e in jobs:
         bundle = load_clip(e["model"], pretrained=e["abspath"], device=device)
         feats = dataset_features(bundle, ds, batch_size=batch_size, progress=progress)
         del bundle
-        shots_v = _shots_value(s)
-        draw = make_draw(ds, shots_v, seed, shot_files.get(str(shots_v)))
-        m, _ = probe_draw(feats, ds.labels, draw, ds.num_classes, weight_decays=weight_decays,
+        m, _ = probe_draw(feats, ds.labels, draws[(method, s, seed)], ds.num_classes, weight_decays=weight_decays,
                           use_trainval=use_trainval, device=device, bootstrap_n=bootstrap_n, bootstrap_seed=bootstrap_seed)
-        rows.append({"method": method, "shots": shots_v, "seed": seed, **m, "model": e["model"],
-                     "checkpoint": e["path"], "checkpoint_val_top1": e.get("val_top1"), "checkpoint_epoch": e.get("epoch")})
+        rows.append({"method": method, "shots": _shots_value(s), "seed": seed, **m, "model": e["model"],
+                     "checkpoint": e["path"], "checkpoint_val_top1": e.get("val_top1"),
+                     "checkpoint_epoch": e.get("epoch"), "checkpoint_identity": e.get("identity_digest")})
     return rows, notes

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
 from ..clip import image_features
-from ..data import Dataset, few_shot, parse_shots
+from ..data import Dataset, DrawSpec, parse_shots, train_images_sha256
 
 
 def dataset_features(bundle, ds: Dataset, batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
@@ -45,14 +44,16 @@ class Draw:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+    val_policy: str = "full"
+    train_sha256: str = ""  # workbench.data.train_images_sha256 of the training rows
 
 
-def make_draw(ds: Dataset, shots, seed: int = 0, shot_file: str | Path | None = None) -> Draw:
-    """The training set for ``shots`` (``"full"`` or k) and ``seed``; a ``shot_file`` fixes the draw."""
-    if shots == "full":
-        sub, source = ds, "all"
-    else:
-        sub, source = few_shot(ds, int(shots), seed, shot_file), str(shot_file) if shot_file is not None else "seed"
+def make_draw(ds: Dataset, shots, seed: int = 0, spec: DrawSpec | None = None) -> Draw:
+    """The training set for ``shots`` (``"full"`` or k) and ``seed``, drawn by ``spec`` (the rule
+    fine-tuning draws by: shot files, validation policy, base seed)."""
+    spec = spec or DrawSpec()
+    sub = spec.subset(ds, shots, seed)
+    source = "all" if shots == "full" else str(spec.shot_file(ds, shots) or "seed")
     pos = rows_in(ds, sub)
     split = sub.table["split"].to_numpy()
     parts = {s: pos[split == s] for s in ("train", "val", "test")}
@@ -61,16 +62,14 @@ def make_draw(ds: Dataset, shots, seed: int = 0, shot_file: str | Path | None = 
             raise ValueError(f"dataset {ds.name!r} has no {s} images")
     if len(parts["val"]) == 0:
         raise ValueError(f"dataset {ds.name!r} has no val images: the probe's weight decay is chosen on val")
-    return Draw(shots, seed, source, parts["train"], parts["val"], parts["test"])
+    policy = "full" if shots == "full" else spec.val_policy
+    return Draw(shots, seed, source, parts["train"], parts["val"], parts["test"], policy, train_images_sha256(sub))
 
 
-def check_draws(ds: Dataset, shots, seeds, shot_files: dict | None = None) -> list[Draw]:
+def check_draws(ds: Dataset, shots, seeds, spec: DrawSpec | None = None) -> list[Draw]:
     """Build every draw the evaluation will use, so a k larger than a class has, a missing or wrong
     split file, or an empty split fails before any model loads."""
-    shot_files = {str(k): v for k, v in (shot_files or {}).items()}
-    unknown = sorted(set(shot_files) - {str(s) for s in parse_shots(shots)})
-    if unknown:
-        raise ValueError(f"shot_files has entries for shots {unknown} that are not in shots {list(shots)}")
+    spec = spec or DrawSpec()  # shot files of shots not evaluated here are not read (fine-tuning may use them)
     if not seeds:
         raise ValueError("seeds is empty")
-    return [make_draw(ds, s, int(seed), shot_files.get(str(s))) for s in parse_shots(shots) for seed in seeds]
+    return [make_draw(ds, s, int(seed), spec) for s in parse_shots(shots) for seed in spec.seeds_for(s, seeds)]

@@ -50,6 +50,8 @@ def runs_table(rows: list[dict]) -> pd.DataFrame:
     for r in sorted(rows, key=lambda r: (order[r["method"]], shots[str(r["shots"])], r.get("seed") or 0)):
         d = {"method": r["method"], "shots": str(r["shots"]), "seed": r.get("seed"), "top1": round(r["top1"], 2),
              "top1 95% CI": "[{:.1f}, {:.1f}]".format(*r["ci95"]) if r.get("ci95") else "", "top3": round(r["top3"], 2)}
+        if r.get("val_policy") and not r.get("zero_shot"):  # what chose the weight decay (and the epoch)
+            d["val"] = f"{r['val_policy']} ({r['n_val']})" if r.get("n_val") is not None else r["val_policy"]
         for k in ("n_train", "weight_decay", "val_top1", "desc_top1"):
             if r.get(k) is not None:
                 d[k] = round(r[k], 2) if k.endswith("top1") else r[k]
@@ -57,3 +59,17 @@ def runs_table(rows: list[dict]) -> pd.DataFrame:
             d["warning"] = ", ".join(k for k in ("collapsed", "unmoved") if f"{k}:" in r["warning"])
         out.append(d)
     return pd.DataFrame(out)
+
+
+def val_note(rows: list[dict]) -> str:
+    """One sentence on what the k-shot rows chose their weight decay and checkpoints on (``val_policy``)."""
+    k = [r for r in rows if str(r.get("shots")) != "full" and not r.get("zero_shot") and r.get("val_policy")]
+    if not k:
+        return ""
+    policies = sorted({r["val_policy"] for r in k})
+    n_val = sorted({r["n_val"] for r in k if r.get("n_val") is not None})
+    what = {"full": "the whole validation split (val_policy=full, GIST's protocol)",
+            "k_shot": "at most k validation images per class, drawn like the training images (val_policy=k_shot)"}
+    return ("k-shot figures chose the probe's weight decay and the fine-tuned checkpoints on "
+            + " and ".join(what.get(p, p) for p in policies)
+            + (f": {', '.join(map(str, n_val))} validation images." if n_val else "."))

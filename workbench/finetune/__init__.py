@@ -9,12 +9,13 @@ notebook 03_finetune calls), ``__main__`` (``torchrun -m workbench.finetune``).
 from .config import ATTENTION, METHODS, FinetuneConfig
 from .health import run_warnings, warnings_note
 from .plots import plot_training, run_name, summary_table
-from .stage import CLASSNAME_TEMPLATE, build_pairs, finetune_all, plan_runs, run, train_options
+from .stage import CLASSNAME_TEMPLATE, build_pairs, finetune_all, plan_runs, planned_runs, run, train_options
 from .trainer import NonFiniteLossError, Trainer, TrainStep, compute_loss, lr_at, train_run
 from .validate import ZEROSHOT_TEMPLATES, validate
 
 __all__ = [
     "ATTENTION", "CLASSNAME_TEMPLATE", "METHODS", "ZEROSHOT_TEMPLATES", "FinetuneConfig", "NonFiniteLossError",
-    "TrainStep", "Trainer", "build_pairs", "compute_loss", "finetune_all", "lr_at", "plan_runs", "plot_training",
+    "TrainStep", "Trainer", "build_pairs", "compute_loss", "finetune_all", "lr_at", "plan_runs", "planned_runs",
+    "plot_training",
     "run", "run_name", "run_warnings", "summary_table", "train_options", "train_run", "validate", "warnings_note",
 ]

@@ -103,9 +103,11 @@ def restore_rng(rng: dict[str, list[torch.Tensor]], rank: int, device: torch.dev
         torch.cuda.set_rng_state(own(rng["cuda"]), device)
 
 
-def resume_state(clip, opt, cfg, step: int, pairs: int, total: int, history: list, best: dict, rng: dict) -> dict:
-    """Everything a resumed run needs to continue exactly as if it had not stopped. Tensors stay where
-    they are: :func:`save_state` copies them to the host one at a time."""
+def resume_state(clip, opt, cfg, step: int, pairs: int, total: int, history: list, best: dict, rng: dict,
+                 identity: dict | None = None) -> dict:
+    """Everything a resumed run needs to continue exactly as if it had not stopped, and the identity of what
+    it trains on (``workbench.identity``; None when the caller keeps none). Tensors stay where they are:
+    :func:`save_state` copies them to the host one at a time."""
     return {
         "model": clip.state_dict(),
         "optimizer": opt.state_dict(),
@@ -116,6 +118,7 @@ def resume_state(clip, opt, cfg, step: int, pairs: int, total: int, history: lis
         "config": json.dumps(asdict(cfg)),
         "history": json.dumps(history),
         "best": json.dumps(best),
+        "identity": json.dumps(identity),
         "rng": rng,
     }
 

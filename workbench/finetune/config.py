@@ -69,8 +69,13 @@ class FinetuneConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{**{k: v for k, v in p.items() if k in names}, **overrides})
 
+    # settings that do not change what a run computes: outside its identity and its resume fingerprint
+    OUTPUT_NEUTRAL = ("checkpoint_every", "log_every", "max_steps", "compile", "grad_checkpointing", "attention")
+
+    def settings(self) -> dict:
+        """The settings a run's result depends on (everything but :attr:`OUTPUT_NEUTRAL`)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.OUTPUT_NEUTRAL}
+
     def fingerprint(self) -> str:
         """What must match for a checkpoint to resume this run exactly."""
-        skip = {"validate", "checkpoint_every", "log_every", "max_steps", "compile", "grad_checkpointing", "attention"}
-        d = {k: v for k, v in asdict(self).items() if k not in skip}
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.settings(), sort_keys=True, default=str).encode()).hexdigest()[:16]

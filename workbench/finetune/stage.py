@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -17,11 +17,31 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..clip import auto_device, image_size, load_clip
-from ..data import Dataset, few_shot, load_dataset, parse_shots
+from ..data import Dataset, DrawSpec, draw_seed, load_dataset, parse_shots, train_images_sha256
 from ..data.images import image_cache
+from ..identity import (
+    dataset_identity,
+    descriptions_sha256,
+    digest,
+    mismatch,
+    texts_sha256,
+    weights_identity,
+    with_version,
+)
 from ..params import Params
+from ..runs import (
+    DESCRIPTIONS,
+    MATCHES,
+    TRAIN_LOG,
+    read_descriptions,
+    read_matches,
+    read_metrics,
+    retire_index,
+    run_lock,
+    update_index,
+    update_metrics,
+)
 from ..runs import FINETUNE_METHODS as METHODS
-from ..runs import MATCHES, TRAIN_LOG, read_matches, run_lock, update_index, update_metrics
 from .config import FinetuneConfig
 from .health import run_warnings
 from .plots import run_name
@@ -62,12 +82,14 @@ def build_pairs(train, method: str, captions_per_image: int, matches: list[dict]
     return torch.tensor(rows), texts, torch.tensor(ys)
 
 
-def plan_runs(methods, shots, seeds) -> list[tuple[str, str | int, int]]:
-    """(method, shots, seed) of every run, in training order; "full" runs use the first seed only."""
+def plan_runs(methods, shots, seeds, spec: DrawSpec | None = None) -> list[tuple[str, str | int, int]]:
+    """(method, shots, seed) of every run, in training order; a draw that no seed changes ("full", a shot
+    file of ``spec``) uses the first seed only."""
     shots = parse_shots(shots)
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     methods = [methods] if isinstance(methods, str) else list(methods)
-    return [(m, k, sd) for m in methods for k in shots for sd in (seeds[:1] if k == "full" else seeds)]
+    spec = spec or DrawSpec()
+    return [(m, k, sd) for m in methods for k in shots for sd in spec.seeds_for(k, seeds)]
 
 
 def _check(methods, seeds, train_options) -> None:
@@ -107,59 +129,142 @@ def _image_caches(model: str, pretrained, train_all: Dataset, val_ds: Dataset, p
     return train_cache, val_cache
 
 
-def _train_one(run_dir: Path, ds: Dataset, method: str, k, seed: int, caches, matches, model, pretrained, dev,
-               resume: bool, progress: bool, train_options: dict) -> dict:
-    """One (method, shots, seed) run: its pairs, fresh weights, :func:`train_run`; returns its summary."""
-    train_cache, val_cache = caches
-    name = run_name(method, k, seed)
-    cfg = FinetuneConfig(method=method, seed=seed, **train_options)
-    train_all, val_ds = ds.split("train"), ds.split("val")
-    row_of = {f: i for i, f in enumerate(train_all.table["filename"])}
-    sub = few_shot(ds, k, seed).split("train")
-    images = train_cache[torch.tensor([row_of[f] for f in sub.table["filename"]])]
-    pair_rows, texts, pair_labels = build_pairs(sub, method, cfg.captions_per_image, matches)
-    torch.manual_seed(seed)  # random-init models (pretrained=None) depend on it
-    bundle = load_clip(model, pretrained, "cpu")
+@dataclass
+class Context:
+    """What every run of one stage invocation shares: the data, its draws, the weights, the caches."""
+
+    run_dir: Path
+    ds: Dataset
+    spec: DrawSpec
+    caches: tuple
+    matches: list[dict] | None
+    model: str
+    pretrained: str | None
+    device: torch.device
+    resume: bool
+    progress: bool
+    train_options: dict
+    identity: dict  # of the weights and the dataset, shared by every run
+
+
+def run_identity(ctx: Context, cfg: FinetuneConfig, k, seed: int, sub: Dataset, texts: list[str]) -> dict:
+    """Everything a (method, shots, seed) run's checkpoint depends on (``workbench.identity``)."""
+    val_names = sorted(sub.table.loc[sub.table["split"] == "val", "filename"].astype(str))
+    return with_version({
+        **ctx.identity, **ctx.spec.identity(ctx.ds, k), "method": cfg.method, "shots": k, "seed": seed,
+        "train_images": int((sub.table["split"] == "train").sum()), "train_images_sha256": train_images_sha256(sub),
+        "val_images_sha256": texts_sha256(val_names), "captions_sha256": texts_sha256(texts),
+        "settings": cfg.settings(),
+    })
+
+
+def _train_one(ctx: Context, method: str, k, seed: int) -> dict:
+    """One (method, shots, seed) run: its draw and pairs, fresh weights, :func:`train_run`; returns its
+    summary with its identity."""
+    train_cache, val_cache = ctx.caches
+    ds, name = ctx.ds, run_name(method, k, seed)
+    cfg = FinetuneConfig(method=method, seed=draw_seed(ctx.spec.base_seed, seed), **ctx.train_options)
+    train_all, val_all = ds.split("train"), ds.split("val")
+    drawn = ctx.spec.subset(ds, k, seed)
+    sub, val_ds = drawn.split("train"), drawn.split("val")
+    images = train_cache[torch.tensor(_rows(train_all, sub))]
+    val_images = val_cache if len(val_ds.table) == len(val_all.table) else val_cache[torch.tensor(_rows(val_all, val_ds))]
+    pair_rows, texts, pair_labels = build_pairs(sub, method, cfg.captions_per_image, ctx.matches)
+    identity = run_identity(ctx, cfg, k, seed, drawn, texts)
+    torch.manual_seed(cfg.seed)  # random-init models (pretrained=None) depend on it
+    bundle = load_clip(ctx.model, ctx.pretrained, "cpu")
     labels_sub, labels_val = torch.tensor(sub.labels), torch.tensor(val_ds.labels)
 
     def val_fn(clip):
-        return validate(clip, bundle.tokenizer, ds.classnames, images, labels_sub, val_cache, labels_val,
+        return validate(clip, bundle.tokenizer, ds.classnames, images, labels_sub, val_images, labels_val,
                         precision=cfg.precision)
 
-    meta = {"model": model, "pretrained": pretrained, "method": method, "shots": k, "seed": seed}
+    meta = {"model": ctx.model, "pretrained": ctx.pretrained, "method": method, "shots": k, "seed": seed,
+            "identity": digest(identity)}
     r = train_run(bundle.model, bundle.tokenizer, cfg, images, pair_rows, texts, pair_labels, validate=val_fn,
-                  out_dir=run_dir / "checkpoints" / name, log_path=run_dir / TRAIN_LOG, run=name, device=dev,
-                  resume=resume, progress=progress, meta=meta)
-    r.update(method=method, shots=k, seed=seed)
+                  out_dir=ctx.run_dir / "checkpoints" / name, log_path=ctx.run_dir / TRAIN_LOG, run=name,
+                  device=ctx.device, resume=ctx.resume, progress=ctx.progress, meta=meta, identity=identity)
+    r.update(method=method, shots=k, seed=seed, identity=identity)
     return r
 
 
-def _record(run_dir: Path, results: list[dict], model, pretrained, dev, train_options: dict) -> None:
-    """``metrics.json["finetune"]``: the configuration and one summary per run (merged by run name)."""
+def _rows(full: Dataset, part: Dataset) -> list[int]:
+    """Positions in ``full.table`` of ``part``'s rows (by filename)."""
+    row_of = {f: i for i, f in enumerate(full.table["filename"])}
+    return [row_of[f] for f in part.table["filename"]]
+
+
+def _record(ctx: Context, results: list[dict]) -> None:
+    """``metrics.json["finetune"]``: the configuration and one summary per run of this configuration (runs
+    of earlier configurations move to ``metrics["stale"]``)."""
     summary = []
     for r in results:
-        s = {k: v for k, v in r.items() if k != "history"}
+        s = {k: v for k, v in r.items() if k not in ("history", "identity")}
+        s["identity"] = digest(r["identity"])
         s["start_val_top1"] = r["history"][0]["val_top1"] if r["history"] else None
         warning = run_warnings(s)
         if warning:  # a collapsed or unmoved run must not pass as a result
             s["warning"] = warning
         summary.append(s)
-    update_metrics(run_dir, "finetune", {
-        "model": model, "pretrained": pretrained, "device": str(dev), "world_size": rank_world()[1],
-        "config": {k: v for k, v in asdict(FinetuneConfig(**train_options)).items() if k not in ("method", "seed")},
+    config = {k: v for k, v in asdict(FinetuneConfig(**ctx.train_options)).items() if k not in ("method", "seed")}
+    update_metrics(ctx.run_dir, "finetune", {
+        "model": ctx.model, "pretrained": ctx.pretrained, "device": str(ctx.device), "world_size": rank_world()[1],
+        "config": config, "draws": {"shot_files": ctx.spec.shot_files, "val_policy": ctx.spec.val_policy,
+                                    "seed": ctx.spec.base_seed},
         "runs": summary,
     })
+
+
+def _index_row(ctx: Context, r: dict) -> dict:
+    ident = r["identity"]
+    return {"method": r["method"], "shots": r["shots"], "seed": r["seed"],
+            "path": str(Path(r["path"]).relative_to(ctx.run_dir)), "model": ctx.model, "pretrained": ctx.pretrained,
+            "epoch": r["best_epoch"], "val_top1": r["val_top1"], "loss": ctx.train_options.get("loss", "clip"),
+            "train_images": ident["train_images"], "train_images_sha256": ident["train_images_sha256"],
+            "val_policy": ident["val_policy"], "identity_digest": digest(ident), "identity": ident}
+
+
+def _context(run_dir: Path, dataset, data_root, dataset_options, model, pretrained, spec, device, resume, progress,
+             methods, train_options) -> Context:
+    """Load and check everything the runs share, before any heavy work."""
+    ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, data_root, **(dataset_options or {}))
+    if "gist" in methods and not (run_dir / MATCHES).exists():
+        raise FileNotFoundError(f"{run_dir / MATCHES} not found: method 'gist' trains on matched captions; "
+                                "run the match stage first")
+    matches = read_matches(run_dir) if "gist" in methods else None
+    if matches is not None:
+        check_matches(run_dir)
+    identity = {**weights_identity(model, pretrained), **dataset_identity(ds, dataset, data_root, dataset_options)}
+    dev = _device(device, rank_world()[1])
+    caches = _image_caches(model, pretrained, ds.split("train"), ds.split("val"), progress)
+    return Context(run_dir, ds, spec, caches, matches, model, pretrained, dev, resume, progress, train_options, identity)
+
+
+def check_matches(run_dir: Path) -> None:
+    """``matches.jsonl`` must have been made from the run's current ``descriptions.jsonl``: descriptions
+    regenerated since the match stage ran would otherwise train GIST on captions of the old ones."""
+    made = read_metrics(run_dir).get("matching", {}).get("identity") or {}
+    if not made.get("descriptions_sha256") or not (run_dir / DESCRIPTIONS).exists():
+        return  # imported captions, or matches from before identities were recorded
+    now = descriptions_sha256(read_descriptions(run_dir))
+    if now != made["descriptions_sha256"]:
+        raise mismatch(f"{run_dir / MATCHES}", [("descriptions_sha256", made["descriptions_sha256"], now)],
+                       f"{run_dir / DESCRIPTIONS} changed after the match stage ran: rerun the match stage "
+                       "(`--stages match,finetune`) so GIST trains on captions of the current descriptions.")
 
 
 def finetune_all(run_dir: str | Path, dataset="synthetic", data_root: str | None = None,
                  dataset_options: dict | None = None, model: str = "tiny", pretrained: str | None = "synthetic",
                  methods=("gist", "finetune-classname"), shots=("full", 1, 3, 5), seeds=(0, 1, 2),
-                 device: str = "auto", resume: bool = True, progress: bool = True, **train_options) -> list[dict]:
+                 device: str = "auto", resume: bool = True, progress: bool = True, shot_files: dict | None = None,
+                 val_policy: str = "full", seed: int = 0, **train_options) -> list[dict]:
     """Train every (method, shots, seed) run and record them in ``run_dir``.
 
-    ``dataset``: a name for :func:`workbench.data.load_dataset` or a Dataset. Few-shot runs keep
-    ``workbench.data.few_shot(ds, k, seed)`` training images (and only their matches); ``"full"``
-    uses one seed (the first). ``train_options`` are :class:`FinetuneConfig` fields. Returns the
+    ``dataset``: a name for :func:`workbench.data.load_dataset` or a Dataset. Few-shot runs train on the
+    draws of :class:`workbench.data.DrawSpec` (``shot_files``, ``val_policy``, the base ``seed``), the
+    same the evaluate stage probes on, and only their matches; ``"full"`` uses one seed (the first).
+    ``train_options`` are :class:`FinetuneConfig` fields. Every run records its identity; a finished or
+    interrupted run of another identity is refused, naming what differs. Returns the
     ``checkpoints/index.json`` rows of these runs.
     """
     run_dir = Path(run_dir)
@@ -168,29 +273,23 @@ def finetune_all(run_dir: str | Path, dataset="synthetic", data_root: str | None
         methods = [methods] if isinstance(methods, str) else list(methods)
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
         _check(methods, seeds, train_options)
-        shots = parse_shots(shots)
-        ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, data_root, **(dataset_options or {}))
-        if "gist" in methods and not (run_dir / MATCHES).exists():
-            raise FileNotFoundError(f"{run_dir / MATCHES} not found: method 'gist' trains on matched captions; "
-                                    "run the match stage first")
-        matches = read_matches(run_dir) if "gist" in methods else None
+        spec, shots = DrawSpec(shot_files or {}, val_policy, seed), parse_shots(shots)
+        plan = plan_runs(methods, shots, seeds, spec)
+        ctx = _context(run_dir, dataset, data_root, dataset_options, model, pretrained, spec, device, resume,
+                       progress, methods, train_options)
         for k in shots:
             if k != "full":
-                few_shot(ds, k, seeds[0])  # raises early when a class has fewer than k images
-        dev = _device(device, rank_world()[1])
-        caches = _image_caches(model, pretrained, ds.split("train"), ds.split("val"), progress)
+                spec.subset(ctx.ds, k, seeds[0])  # raises early when a class has fewer than k images
         results, index_rows = [], []
-        for method, k, seed in tqdm(plan_runs(methods, shots, seeds), desc="runs", disable=not (progress and lead)):
-            r = _train_one(run_dir, ds, method, k, seed, caches, matches, model, pretrained, dev, resume, progress,
-                           train_options)
+        for method, k, sd in tqdm(plan, desc="runs", disable=not (progress and lead)):
+            r = _train_one(ctx, method, k, sd)
             results.append(r)
-            row = {"method": method, "shots": k, "seed": seed, "path": str(Path(r["path"]).relative_to(run_dir)),
-                   "model": model, "pretrained": pretrained, "epoch": r["best_epoch"], "val_top1": r["val_top1"]}
-            index_rows.append(row)
+            index_rows.append(_index_row(ctx, r))
             if lead:
-                update_index(run_dir, [row])  # after every run: an interrupted stage keeps what finished
+                update_index(run_dir, index_rows[-1:])  # after every run: an interrupted stage keeps what finished
         if lead:
-            _record(run_dir, results, model, pretrained, dev, train_options)
+            retire_index(run_dir, plan)  # runs of earlier configurations: never probed as this one's
+            _record(ctx, results)
         return index_rows
 
 
@@ -199,8 +298,14 @@ def train_options(p: Params) -> dict:
     return {f.name: p[f.name] for f in fields(FinetuneConfig) if f.name in p and f.name not in ("method", "seed")}
 
 
+def planned_runs(p: Params) -> list[str]:
+    """The names of the runs the ``03_finetune`` parameters plan, in training order."""
+    return [run_name(*r) for r in plan_runs(p.methods, p.shots, p.seeds, DrawSpec.from_params(p))]
+
+
 def run(p: Params) -> list[dict]:
     """Train every run the ``03_finetune`` parameters plan; returns their index rows."""
     return finetune_all(p.run_dir, p.dataset, p.data_root, p.dataset_options, p.model, p.pretrained,
                         methods=p.methods, shots=p.shots, seeds=p.seeds, device=p.device, resume=p.resume,
-                        progress=p.progress, **train_options(p))
+                        progress=p.progress, shot_files=p.shot_files, val_policy=p.val_policy, seed=p.seed,
+                        **train_options(p))

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..clip import autocast, image_size, output_tokens, text_forward, token_mask, uses_bf16
+from ..identity import differences, mismatch
 from ..io import append_jsonl, iter_jsonl
 from . import losses
 from .attention import attention_context
@@ -322,8 +323,9 @@ class TrainRun:
     """One fine-tuning run around a :class:`Trainer`: resume, validate every epoch, keep the best
     weights, write the resume state, log losses (checked finite first) and summarise."""
 
-    def __init__(self, tr: Trainer, validate, out_dir, log_path, run: str, meta: dict | None, progress: bool):
-        self.tr, self.cfg, self.run_name = tr, tr.cfg, run
+    def __init__(self, tr: Trainer, validate, out_dir, log_path, run: str, meta: dict | None, progress: bool,
+                 identity: dict | None = None):
+        self.tr, self.cfg, self.run_name, self.identity = tr, tr.cfg, run, identity
         self.validate_fn = validate if tr.cfg.validate else None
         self.lead = tr.rank == 0
         out_dir = Path(out_dir) if out_dir is not None else None
@@ -342,6 +344,7 @@ class TrainRun:
         tr = self.tr
         if resume and self.state_path is not None and self.state_path.exists():
             st = load_state(self.state_path)
+            self.check_identity(st)
             if st["fingerprint"] != self.cfg.fingerprint() or st["pairs"] != tr.n:
                 raise ValueError(
                     f"run {self.run_name}: {self.state_path} was written with other settings or data ({st['config']}, "
@@ -361,6 +364,23 @@ class TrainRun:
         elif self.lead:
             rewrite_log(self.log_path, self.run_name, -1)
 
+    def check_identity(self, st: dict) -> None:
+        """A resume state made under another identity (weights, data, draw, captions, settings) is never
+        continued or reused: the error names each setting that differs, with both values."""
+        if self.identity is None:
+            return
+        recorded = json.loads(st["identity"]) if isinstance(st.get("identity"), str) else st.get("identity")
+        how = (f"Its checkpoints are kept. To train this run under the new settings, pass resume=False "
+               f"(`--set finetune.resume=false`; it overwrites {self.state_path.parent}), or use another run name "
+               "(--name).")
+        if recorded is None:
+            raise mismatch(f"run {self.run_name}: {self.state_path}", [("identity", None, "recorded")],
+                           "It was written before run identities were recorded, so what it was trained on is "
+                           "unknown. " + how)
+        diffs = differences(recorded, self.identity)
+        if diffs:
+            raise mismatch(f"run {self.run_name}: {self.state_path}", diffs, how)
+
     def save_state(self, step: int) -> None:
         """Write the resume state (rank 0), with every rank's RNG (all ranks take part in gathering it)."""
         if self.state_path is None:
@@ -369,7 +389,7 @@ class TrainRun:
         rng = gather_rng(tr.device, tr.world)
         if self.lead:
             save_state(self.state_path, resume_state(tr.clip, tr.opt, self.cfg, step, tr.n, tr.total, self.history,
-                                                     self.best, rng))
+                                                     self.best, rng, self.identity))
 
     def validate(self, epoch: int, step: int) -> None:
         """Score the model (rank 0); a new best is written to ``best.safetensors`` at once."""
@@ -500,7 +520,7 @@ def train_run(clip, tokenizer, cfg: FinetuneConfig, images: torch.Tensor, pair_r
               pair_labels: torch.Tensor, validate: Callable[[nn.Module], dict] | None = None,
               out_dir: str | Path | None = None, log_path: str | Path | None = None, run: str = "run",
               device: str | torch.device = "cpu", resume: bool = True, progress: bool = False,
-              meta: dict | None = None) -> dict:
+              meta: dict | None = None, identity: dict | None = None) -> dict:
     """Fine-tune ``clip`` on (image, text) pairs; returns the run's summary.
 
     ``images``: uint8 cache (N x 3 x S x S, S = the model's input size); pair i is image
@@ -509,7 +529,8 @@ def train_run(clip, tokenizer, cfg: FinetuneConfig, images: torch.Tensor, pair_r
     weights go to ``out_dir/best.safetensors`` (the starting weights compete too).
     ``out_dir/resume.safetensors`` holds the resume state (model, optimizer, schedule, each rank's RNG,
     step, history), written atomically at every epoch end and every ``cfg.checkpoint_every`` steps, only
-    after the losses up to it were checked finite.
+    after the losses up to it were checked finite. ``identity`` (``workbench.identity``): what the run
+    trains on, recorded in the resume state; a state recorded under another identity is refused.
     """
     tr = Trainer(clip, tokenizer, cfg, images, pair_rows, texts, pair_labels, device)
-    return TrainRun(tr, validate, out_dir, log_path, run, meta, progress).run(resume)
+    return TrainRun(tr, validate, out_dir, log_path, run, meta, progress, identity).run(resume)

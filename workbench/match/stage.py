@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..clip import load_clip
 from ..data import Dataset, load_dataset
+from ..identity import dataset_identity, descriptions_sha256, weights_identity, with_version
 from ..params import Params
 from ..runs import locked, read_descriptions, update_metrics
 from .captions import export_captions_top5, import_captions_top5
@@ -43,7 +44,17 @@ def run(p: Params, ds: Dataset | None = None, descriptions: list[dict] | None = 
     metrics = matching_metrics(result if result is not None else records, descriptions, ds.split(p.split).table, k=p.k)
     if result is not None and result.summaries:  # summarize="extractive"/"llm": how many fell back, and why
         metrics["summaries"] = result.summaries
+    metrics["identity"] = match_identity(p, ds, descriptions)
     update_metrics(run_dir, "matching", metrics)
     if p.export_captions:
         export_captions_top5(records, run_dir / "captions_top5.json")
     return MatchRun(ds, records, result, descriptions, metrics)
+
+
+def match_identity(p: Params, ds: Dataset, descriptions: list[dict] | None) -> dict:
+    """What ``matches.jsonl`` was made from (fine-tuning checks its descriptions are still the run's)."""
+    return with_version({
+        **weights_identity(p.model, p.pretrained), **dataset_identity(ds, p.dataset, p.data_root, p.dataset_options),
+        "descriptions_sha256": descriptions_sha256(descriptions), "import_captions": p.import_captions,
+        "k": p.k, "center": p.center, "summarize": p.summarize, "split": p.split,
+    })
