@@ -90,7 +90,7 @@ def _val_draw(ds: Dataset, k: int, seed: int) -> Dataset:
     keep = []
     for _, idx in sorted(val.groupby("label").groups.items()):
         idx = np.sort(np.asarray(idx))
-        keep.extend(rng.choice(idx, size=min(k, len(idx)), replace=False).tolist() if len(idx) > k else idx.tolist())
+        keep.extend(rng.choice(idx, size=k, replace=False).tolist() if len(idx) > k else idx.tolist())
     others = ds.table.index[ds.table["split"] != "val"].tolist()
     return replace(ds, table=ds.table.loc[sorted(others + keep)].reset_index(drop=True))
 
