@@ -97,6 +97,10 @@ def test_every_loss_and_option_runs_through_workbench_run(tmp_path):
         log = read_jsonl(run_dir / "train_log.jsonl")
         losses = [r["loss"] for r in log if "loss" in r and r["run"].startswith("gist-")]
         assert losses and all(0 < x < 20 for x in losses)
+    # the index holds the last configuration's runs; the first one's moved aside, files kept
     index = json.loads((run_dir / "checkpoints" / "index.json").read_text())
-    assert {(r["method"], str(r["shots"])) for r in index} == {(m, s) for m in ("gist", "finetune-classname")
-                                                                for s in ("full", "1", "3")}
+    assert {(r["method"], str(r["shots"])) for r in index} == {(m, "3") for m in ("gist", "finetune-classname")}
+    stale = json.loads((run_dir / "checkpoints" / "index.stale.json").read_text())
+    assert {(r["method"], str(r["shots"])) for r in stale} == {(m, s) for m in ("gist", "finetune-classname")
+                                                                for s in ("full", "1")}
+    assert all((run_dir / r["path"]).exists() for r in stale)
