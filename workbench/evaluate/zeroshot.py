@@ -1,7 +1,7 @@
-"""Zero-shot classification: class-name prompt ensembles, and scoring by descriptions.
+"""Zero-shot classification: class-name prompt ensembles (:mod:`workbench.clip.zeroshot`, the one
+classifier every stage uses), and scoring by descriptions.
 
-Class names: each class's prompts (``"a photo of a {}."`` ...) are embedded, L2-normalised and
-averaged into one class embedding (the CLIP prompt ensemble). Descriptions: a class's score is the
+Descriptions: a class's score is the
 mean of the image's cosine similarities to that class's descriptions, as in classification by
 description (Menon & Vondrick, 2022); descriptions come from ``descriptions.jsonl``.
 """
@@ -13,45 +13,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..clip import encode_texts
+from ..clip.zeroshot import TEMPLATES, classname_classifier, classname_prompts, classname_scores
 from ..runs import check_descriptions, read_descriptions
 
-# A small ensemble that suits fine-grained photos; pass your own (e.g. "a photo of a {}, a type of bird.").
-TEMPLATES = (
-    "a photo of a {}.",
-    "a photo of the {}.",
-    "a close-up photo of a {}.",
-    "a cropped photo of a {}.",
-    "a good photo of a {}.",
-    "a bright photo of a {}.",
-    "a blurry photo of a {}.",
-    "itap of a {}.",
-)
-
-
-def classname_prompts(classnames: Sequence[str], templates: Sequence[str] = TEMPLATES) -> list[str]:
-    """All prompts, class-major: ``C x T`` strings flattened."""
-    if not templates:
-        raise ValueError("templates is empty")
-    bad = [t for t in templates if t.count("{}") != 1]
-    if bad:
-        raise ValueError(f"each template needs exactly one '{{}}' for the class name; these do not: {bad}")
-    return [t.format(c) for c in classnames for t in templates]
-
-
-def classname_classifier(
-    model, tokenizer, classnames: Sequence[str], templates: Sequence[str] = TEMPLATES, batch_size: int = 1024
-) -> torch.Tensor:
-    """``C x D`` unit class embeddings: the mean of each class's normalised prompt embeddings."""
-    T = len(templates)
-    emb = encode_texts(model, tokenizer, classname_prompts(classnames, templates), batch_size=batch_size, normalize=True)
-    return F.normalize(emb.view(len(classnames), T, -1).mean(1), dim=-1)
-
-
-def classname_scores(image_features: torch.Tensor, class_embeddings: torch.Tensor) -> torch.Tensor:
-    """``N x C`` cosine similarities (features are normalised here; raw features are fine)."""
-    return F.normalize(image_features.float(), dim=-1) @ class_embeddings.to(image_features.device).float().T
-
+__all__ = ["TEMPLATES", "classname_classifier", "classname_prompts", "classname_scores", "description_scores",
+           "description_texts", "load_descriptions"]
 
 def load_descriptions(path: str | Path, classnames: Sequence[str]) -> tuple[list[str], torch.Tensor]:
     """``descriptions.jsonl`` as ``(texts, class indices)``, checked against the dataset: every class

@@ -6,11 +6,14 @@ import numpy as np
 import torch
 
 from ..clip import encode_images, encode_texts, image_size, load_clip
+from ..clip.zeroshot import classname_classifier, classname_scores
 from ..data import load_dataset
 from ..data import synthetic as syn
 from ..data.images import image_cache
 from ..plots import save_figure
 from .captions import attribute_prompts
+
+SPECIES_PROMPT = "a photo of a {}, a type of bird."
 
 
 @torch.no_grad()
@@ -39,10 +42,10 @@ def evaluate_pretrained(bundle=None, dataset=None, n_heldout: int = 600, heldout
     f = encode_images(model, image_cache(ds.paths(), size))
     rows = ds.table.to_dict("records")
     out["dataset_attributes"] = _attribute_scores(model, tok, f, rows)
-    txt = encode_texts(model, tok, [f"a photo of a {c}, a type of bird." for c in ds.classnames])
-    pred = (f @ txt.T).argmax(1).numpy()
+    W = classname_classifier(model, tok, ds.classnames, (SPECIES_PROMPT,))
+    pred = classname_scores(f, W).argmax(1).numpy()
     out["species"] = {"top1": float((pred == ds.labels).mean()), "chance": 1.0 / ds.num_classes, "n": len(ds),
-                      "prompt": "a photo of a {}, a type of bird.", "split": split,
+                      "prompt": SPECIES_PROMPT, "split": split,
                       **label_permutation_null(pred, ds.labels, ds.num_classes)}
     return out
 
