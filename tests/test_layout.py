@@ -4,6 +4,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "workbench"
 STAGES = ("pretrain", "describe", "match", "finetune", "evaluate", "align")
@@ -62,6 +64,57 @@ def test_lower_layers_know_nothing_of_stages_runs_or_notebooks():
     assert not found, found
 
 
+def _absolute_imports(path: Path, src: str) -> set[str]:
+    """Every module a file imports, relative imports resolved (``from .. import match`` -> workbench.match)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out = set()
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            mod = ".".join(x for x in (base, node.module) if x)
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)  # from .. import match
+    return out
+
+
+def _layer_breaches(stage: str, banned: str) -> list[str]:
+    found = []
+    for path, src in _sources().items():
+        if path.relative_to(PKG).parts[0] != stage:
+            continue
+        for mod in _absolute_imports(path, src):
+            if mod == f"workbench.{banned}" or mod.startswith(f"workbench.{banned}."):
+                found.append(f"{path.relative_to(ROOT)} imports {mod}")
+    return sorted(found)
+
+
+def test_layer_check_resolves_relative_imports():
+    path = PKG / "align" / "x.py"
+    src = "from ..match.diagnostics import f\nfrom .. import match\nimport workbench.match\nfrom .match import g\n"
+    assert _absolute_imports(path, src) >= {"workbench.match.diagnostics", "workbench.match", "workbench.align.match"}
+    assert "workbench.match" not in _absolute_imports(path, "from .match import g\n")
+
+
+def test_alignment_does_not_import_matching():
+    """align/ needs no part of the match stage (statistics live in workbench/stats.py)."""
+    assert not _layer_breaches("align", "match")
+
+
+def test_the_lower_layers_do_not_draw():
+    """data/ and clip/ make pixels with PIL; figures are the stages' (plot_samples: pretrain/plots.py)."""
+    found = [f"{p.relative_to(ROOT)} imports {m}" for p, src in _sources().items()
+             if p.relative_to(PKG).parts[0] in LOWER for m in _absolute_imports(p, src) if m.split(".")[0] == "matplotlib"]
+    assert not found, found
+
+
+@pytest.mark.xfail(strict=True, reason="run_name/run_warnings move to runs.py")
+def test_evaluation_does_not_import_finetuning():
+    """evaluate/ reads fine-tuning's results through the run folder (runs.py), never from finetune/."""
+    assert not _layer_breaches("evaluate", "finetune")
+
+
 def test_the_config_layer_does_not_load_torch():
     import subprocess
     import sys
@@ -90,3 +143,7 @@ def test_one_home_for_each_concept():
     assert _defining(r"def update_metrics") == ["runs.py"]
     # figures are saved one way
     assert _defining(r"\.savefig\(") == ["plots.py"]
+    # statistics: bootstrap resampling, intervals, paired differences, p-values
+    for name in ("bootstrap_ci", "paired_difference", "sign_flip_p", "bootstrap_p", "wilson_interval", "holm"):
+        assert _defining(rf"def {name}\(") == ["stats.py"], name
+    assert _defining(r"(?i)\.integers\(0, n\b") == ["stats.py"]  # bootstrap indices are drawn in one place

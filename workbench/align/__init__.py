@@ -15,7 +15,6 @@ from .attention import (
     relevance,
     rollout,
     text_forward,
-    text_rollout,
 )
 from .features import (
     TextTokens,
@@ -38,6 +37,6 @@ __all__ = [
     "METHODS", "PartItem", "TextTokens", "Word", "argmax_token_map", "block_forward", "captions_for",
     "find_phrase", "finetuned_checkpoint", "image_forward", "image_rollout", "image_tokens", "load_models",
     "method_maps", "pair_maps", "pair_relevance", "part_items", "part_regions", "point_hits", "pointing_game",
-    "pointing_table", "relevance", "rollout", "run_pointing", "similarity_maps", "text_forward", "text_rollout", "text_tokens",
+    "pointing_table", "relevance", "rollout", "run_pointing", "similarity_maps", "text_forward", "text_tokens",
     "token_patch_similarity", "tokenize", "word_map", "word_maps",
 ]

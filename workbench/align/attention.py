@@ -155,16 +155,6 @@ def image_rollout(model, images: torch.Tensor) -> torch.Tensor:
     return _patch_row(model, rollout([a.float() for a in attns])).cpu()
 
 
-def text_rollout(model, ids: torch.Tensor) -> torch.Tensor:
-    """Rollout of the (causal) text tower, EOT row over tokens: ``B x L`` (zero past EOT)."""
-    with torch.no_grad():
-        _, attns = text_forward(model, ids)
-    r = rollout([a.float() for a in attns])
-    ids = ids.to(r.device)
-    row = F.pad(r[torch.arange(len(ids)), ids.argmax(-1)], (0, ids.shape[1] - r.shape[-1]))
-    return (row * token_mask(ids)).cpu()
-
-
 def pair_relevance(model, images: torch.Tensor, ids: torch.Tensor, text: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Gradient-weighted relevance for image-text pairs (row i with row i).

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..match.diagnostics import wilson_interval
+from ..stats import wilson_interval
 from .attention import image_rollout, pair_relevance
 from .features import image_tokens, similarity_maps, text_tokens, token_patch_similarity, tokenize, word_map
 

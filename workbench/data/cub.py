@@ -22,12 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from ..cache import cached_tensors, file_fingerprint
 from ..io import hash_key
 from .dataset import Dataset
-from .geometry import map_points
 from .gist import finalize
 from .layout import DatasetLayoutError, check_layout, read_table
 from .names import humanize
@@ -181,18 +179,3 @@ def _parse_attribute_labels(path: Path) -> dict:
     certainty[row, df[1].to_numpy() - 1] = df[3].to_numpy()
     return {"image_ids": torch.from_numpy(image_ids), "present": torch.from_numpy(present),
             "certainty": torch.from_numpy(certainty)}
-
-
-def parts_in_crop(ds: Dataset, filenames, size: int) -> pd.DataFrame:
-    """Part locations of ``filenames`` in the ``size`` x ``size`` frame of ``images.image_cache``
-    (:mod:`workbench.data.geometry`), with ``in_crop`` (the part lies inside the crop)."""
-    if "parts" not in ds.extras:
-        raise DatasetLayoutError(f"{ds.name}: no part locations loaded (parts/parts.txt and parts/part_locs.txt)")
-    parts = ds.extras["parts"]
-    out = parts[parts["filename"].isin(set(filenames))].copy()
-    for f, rows in out.groupby("filename", sort=False).groups.items():
-        with Image.open(ds.root / f) as im:
-            xy = map_points(out.loc[rows, ["x", "y"]].to_numpy(), im.size, size)
-        out.loc[rows, "x"], out.loc[rows, "y"] = xy[:, 0], xy[:, 1]
-    out["in_crop"] = (out["x"] >= 0) & (out["x"] < size) & (out["y"] >= 0) & (out["y"] < size)
-    return out.reset_index(drop=True)

@@ -7,49 +7,31 @@ species has a declared neighbour that differs from it in only those attributes. 
 two variants: males show the species' crown and breast colours, females a brown crown and a buff
 breast, so some descriptions of a species are true of one variant only.
 
-Images are drawn without anti-aliasing, so every pixel of a part mask has exactly the part's
-colour before noise. The per-image label map (``masks/…png``, ids in :data:`PARTS`) marks the
-*visible* pixels of each part (occluders on top). Output bytes are a function of the options.
+Here: the species design (:func:`make_species`, :func:`variant_attributes`), the dataset's files
+(:func:`generate`, :func:`load`) and :func:`random_birds` for pretraining. Drawing one image is
+:mod:`workbench.data.synthetic_render` (:func:`render_bird`, :data:`PARTS`, :data:`COLORS`, re-exported
+here); the figure of samples is :func:`workbench.pretrain.plots.plot_samples`. The per-image label map
+(``masks/…png``, ids in :data:`PARTS`) marks the *visible* pixels of each part (occluders on top).
+Output bytes are a function of the options.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from matplotlib.colors import ListedColormap
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ..io import cache_root, hash_key
 from .dataset import Dataset
+from .synthetic_render import COLORS, PART_ID, PARTS, render_bird, sample_nuisance
 
 GENERATOR_VERSION = 2
-
-PARTS = ["background", "body", "crown", "beak", "eye", "wing", "breast", "tail", "occluder"]
-PART_ID = {p: i for i, p in enumerate(PARTS)}
-
-COLORS = {
-    "red": (200, 30, 30),
-    "orange": (235, 130, 20),
-    "yellow": (235, 210, 40),
-    "green": (40, 150, 50),
-    "blue": (40, 70, 200),
-    "purple": (130, 50, 160),
-    "black": (25, 25, 25),
-    "white": (240, 240, 240),
-    "brown": (120, 75, 35),
-    "buff": (225, 200, 150),
-}
-BODY_COLOR = (165, 150, 125)  # shared by all species: not an attribute
-BEAK_COLOR = (70, 60, 50)
-EYE_COLOR = (10, 10, 10)
 
 # attribute -> values a species may take (male colouring for the variant attributes)
 SPECIES_VALUES = {
@@ -85,9 +67,6 @@ _NOUN = ["warbler", "finch", "tanager", "vireo", "sparrow", "thrush", "wren", "f
 
 DEFAULTS = dict(n_species=12, seed=0, size=64, n_train=30, n_val=10, n_test=100, occlusion=0.3, noise=6.0)
 MAX_SPECIES = 60
-
-_BACKGROUNDS = [(170, 200, 230), (180, 210, 160), (220, 205, 170), (190, 190, 190), (200, 175, 195), (150, 185, 170)]
-_OCCLUDER_COLORS = [(70, 100, 40), (90, 60, 30), (50, 80, 50), (110, 90, 60)]
 
 
 # ---------------------------------------------------------------- species
@@ -152,139 +131,7 @@ def variant_attributes(species_row, variant: str) -> dict:
     return attrs
 
 
-# ---------------------------------------------------------------- rendering
-def _ellipse(cx, cy, rx, ry, rot=0.0, n=28, a0=0.0, a1=2 * math.pi):
-    c, s = math.cos(rot), math.sin(rot)
-    pts = []
-    for k in range(n + 1 if a1 - a0 < 2 * math.pi else n):
-        t = a0 + (a1 - a0) * k / n
-        x, y = rx * math.cos(t), ry * math.sin(t)
-        pts.append((cx + c * x - s * y, cy + s * x + c * y))
-    return pts
-
-
-_BEAKS = {
-    "short": [(0.70, -0.44), (0.88, -0.35), (0.70, -0.26)],
-    "long": [(0.70, -0.40), (1.06, -0.34), (0.70, -0.29)],
-    "hooked": [(0.70, -0.46), (0.88, -0.43), (0.97, -0.32), (0.94, -0.20), (0.88, -0.29), (0.70, -0.25)],
-}
-_TAILS = {
-    "short": [(-0.40, 0.00), (-0.70, -0.08), (-0.72, 0.14), (-0.40, 0.22)],
-    "long": [(-0.40, 0.00), (-1.00, -0.18), (-1.02, 0.20), (-0.40, 0.22)],
-}
-_HEAD = (0.50, -0.36, 0.24)
-
-
-def _bird_shapes(attrs: dict):
-    """(part, colour, polygon in bird units) in drawing order; the bird faces right, y down."""
-    col = {a: COLORS[attrs[a]] for a in ("crown_color", "wing_color", "breast_color")}
-    hx, hy, hr = _HEAD
-    shapes = [
-        ("tail", BODY_COLOR, _TAILS[attrs["tail_size"]]),
-        ("body", BODY_COLOR, _ellipse(0.0, 0.10, 0.55, 0.35)),
-        ("body", BODY_COLOR, _ellipse(hx, hy, hr, hr)),
-        ("breast", col["breast_color"], _ellipse(0.24, 0.22, 0.30, 0.19)),
-    ]
-    dark = tuple(int(c * 0.45) for c in col["breast_color"])
-    if attrs["breast_pattern"] == "streaked":
-        for x in (0.08, 0.20, 0.32):
-            shapes.append(("breast", dark, [(x - 0.025, 0.06), (x + 0.025, 0.06), (x + 0.045, 0.33), (x - 0.005, 0.33)]))
-    elif attrs["breast_pattern"] == "spotted":
-        for x, y in ((0.06, 0.14), (0.20, 0.10), (0.34, 0.15), (0.12, 0.27), (0.27, 0.27), (0.40, 0.24)):
-            shapes.append(("breast", dark, _ellipse(x, y, 0.045, 0.045, n=10)))
-    shapes += [
-        ("wing", col["wing_color"], _ellipse(-0.12, -0.01, 0.40, 0.16, rot=-0.25)),
-        ("crown", col["crown_color"], _ellipse(hx, hy, hr, hr, a0=math.pi * 1.0, a1=math.pi * 2.0, n=16)),
-        ("beak", BEAK_COLOR, _BEAKS[attrs["beak_shape"]]),
-        ("eye", EYE_COLOR, _ellipse(hx + 0.09, hy + 0.02, 0.05, 0.05, n=10)),
-    ]
-    return shapes
-
-
-def sample_nuisance(rng: np.random.Generator, size: int, occlusion: float = 0.3, noise: float = 6.0) -> dict:
-    """Per-image nuisance: position, scale, flip, background, noise, occluder (JSON-able)."""
-    scale = float(rng.uniform(0.38, 0.46))
-    nz = {
-        "scale": round(scale, 4),
-        "x": round(float(0.5 + rng.uniform(-0.05, 0.05)), 4),
-        "y": round(float(0.54 + rng.uniform(-0.06, 0.06)), 4),
-        "flip": bool(rng.random() < 0.5),
-        "background": int(rng.integers(len(_BACKGROUNDS))),
-        "bg_jitter": [int(v) for v in rng.integers(-20, 21, size=3)],
-        "texture": str(rng.choice(["smooth", "stripes", "speckle"])),
-        "texture_seed": int(rng.integers(2**31)),
-        "noise": round(float(rng.uniform(0.5, 1.0) * noise), 3),
-        "noise_seed": int(rng.integers(2**31)),
-        "occluder": None,
-    }
-    if rng.random() < occlusion:
-        kind = str(rng.choice(["branch", "leaf"]))
-        nz["occluder"] = {
-            "kind": kind,
-            "color": int(rng.integers(len(_OCCLUDER_COLORS))),
-            "x": round(float(rng.uniform(0.25, 0.75)), 4),
-            "y": round(float(rng.uniform(0.25, 0.8)), 4),
-            "angle": round(float(rng.uniform(0, math.pi)), 4),
-            "r": round(float(rng.uniform(0.04, 0.09) if kind == "branch" else rng.uniform(0.09, 0.15)), 4),
-        }
-    return nz
-
-
-def _background(nz: dict, size: int) -> np.ndarray:
-    base = np.clip(np.array(_BACKGROUNDS[nz["background"]]) + np.array(nz["bg_jitter"]), 0, 255).astype(np.float32)
-    rng = np.random.default_rng(nz["texture_seed"])
-    if nz["texture"] == "smooth":
-        small = rng.normal(0, 1, (6, 6)).astype(np.float32)
-        lo, hi = small.min(), small.max()
-        im = Image.fromarray(((small - lo) / (hi - lo + 1e-6) * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
-        tex = (np.asarray(im, np.float32) / 255 - 0.5) * 50
-    elif nz["texture"] == "stripes":
-        ang, freq = rng.uniform(0, math.pi), rng.uniform(3, 8)
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-        tex = 14 * np.sin(2 * math.pi * freq * (xx * math.cos(ang) + yy * math.sin(ang)))
-    else:
-        tex = rng.normal(0, 12, (size, size)).astype(np.float32)
-    return base[None, None, :] + tex[..., None]
-
-
-def render_bird(attrs: dict, nuisance: dict, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one image: ``(rgb uint8 H x W x 3, label map uint8 H x W)`` (ids in :data:`PARTS`).
-
-    A pure function of its inputs, so two species rendered with the same nuisance differ only in
-    the pixels of the parts whose attributes differ.
-    """
-    bg = np.clip(_background(nuisance, size), 0, 255).astype(np.uint8)
-    img = Image.fromarray(bg, "RGB")
-    lab = Image.new("L", (size, size), 0)
-    di, dl = ImageDraw.Draw(img), ImageDraw.Draw(lab)
-    s = nuisance["scale"] * size
-    cx, cy = nuisance["x"] * size, nuisance["y"] * size
-    sx = -s if nuisance["flip"] else s
-
-    def tr(pts):
-        return [(cx + sx * x, cy + s * y) for x, y in pts]
-
-    for part, color, pts in _bird_shapes(attrs):
-        q = tr(pts)
-        di.polygon(q, fill=tuple(color))
-        dl.polygon(q, fill=PART_ID[part])
-    occ = nuisance.get("occluder")
-    if occ:
-        ox, oy, r, a = occ["x"] * size, occ["y"] * size, occ["r"] * size, occ["angle"]
-        if occ["kind"] == "branch":  # a bar across the whole image
-            dx, dy, L = math.cos(a), math.sin(a), 2 * size
-            q = [(ox - L * dx - r * dy, oy - L * dy + r * dx), (ox + L * dx - r * dy, oy + L * dy + r * dx),
-                 (ox + L * dx + r * dy, oy + L * dy - r * dx), (ox - L * dx + r * dy, oy - L * dy - r * dx)]
-        else:
-            q = _ellipse(ox, oy, r, r * 0.55, rot=a)
-        di.polygon(q, fill=_OCCLUDER_COLORS[occ["color"]])
-        dl.polygon(q, fill=PART_ID["occluder"])
-    rgb = np.asarray(img, dtype=np.float32)
-    if nuisance["noise"] > 0:
-        rgb = rgb + np.random.default_rng(nuisance["noise_seed"]).normal(0, nuisance["noise"], rgb.shape)
-    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), np.asarray(lab, dtype=np.uint8).copy()
-
-
+# ---------------------------------------------------------------- random birds
 def random_birds(n: int, seed: int, size: int = 64, occlusion: float = 0.3, noise: float = 6.0):
     """``n`` birds with independently random attributes (no species): ``(uint8 N x 3 x S x S, [attrs])``.
 
@@ -456,31 +303,3 @@ def load(root: str | Path | None = None, **options) -> Dataset:
     if clash:
         raise ValueError(f"synthetic dataset at {root} was generated with other options (given, stored): {clash}")
     return _read(root, {k: stored[k] for k in DEFAULTS})
-
-
-# ---------------------------------------------------------------- figure
-def plot_samples(ds: Dataset, n_species: int = 6, per_species: int = 4, split: str = "train"):
-    """Grid of images (rows: species; columns: images, alternating variants) with part outlines."""
-    t = ds.table[ds.table["split"] == split]
-    labels = sorted(t["label"].unique())[:n_species]
-    cmap = ListedColormap(["none", "#999999", "#e41a1c", "#ff7f00", "#000000", "#377eb8", "#4daf4a", "#984ea3", "#a65628"])
-    fig, axes = plt.subplots(len(labels), 2 * per_species, figsize=(2 * per_species * 1.1, len(labels) * 1.2), squeeze=False)
-    for r, lab in enumerate(labels):
-        rows = t[t["label"] == lab].head(per_species)
-        for c, row in enumerate(rows.itertuples()):
-            img = np.asarray(Image.open(ds.root / row.filename))
-            parts = ds.extras["part_mask"](row.filename)
-            axes[r, 2 * c].imshow(img)
-            axes[r, 2 * c].set_title(row.variant, fontsize=6)
-            axes[r, 2 * c + 1].imshow(img, alpha=0.35)
-            axes[r, 2 * c + 1].imshow(np.ma.masked_equal(parts, 0), cmap=cmap, vmin=0, vmax=len(PARTS) - 1,
-                                      interpolation="nearest", alpha=0.8)
-        axes[r, 0].set_ylabel(ds.classnames[lab].replace(" ", "\n"), fontsize=6, rotation=0, ha="right", va="center")
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(1, len(PARTS))]
-    fig.legend(handles, PARTS[1:], loc="lower center", ncol=len(PARTS) - 1, fontsize=7, frameon=False)
-    fig.suptitle("synthetic birds: images and part masks", fontsize=9)
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
-    return fig

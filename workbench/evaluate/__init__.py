@@ -1,16 +1,18 @@
 """Evaluation: linear probes (L-BFGS, weight-decay sweep), zero-shot (prompt ensembles, descriptions),
 few-shot draws over seeds, bootstrap intervals, and the methods x shots comparison.
 
-Modules: ``probe`` (probes), ``zeroshot``, ``bootstrap``, ``draws`` (dataset features, training-set
-draws), ``compare`` (accuracy rows), ``paired`` (paired comparisons of methods), ``report`` (tables),
-``plots`` (figures), ``stage`` (what notebook 04_evaluate calls).
+Modules: ``probe`` (probes), ``zeroshot``, ``draws`` (dataset features, training-set draws), ``compare``
+(accuracy rows), ``paired`` (paired comparisons of methods), ``report`` (tables, mean ± std over seeds),
+``plots`` (figures), ``stage`` (what notebook 04_evaluate calls). The statistics (bootstrap intervals,
+paired differences, p-values) live in :mod:`workbench.stats`; ``bootstrap_ci``, ``paired_difference`` and
+``sign_flip_p`` are re-exported here.
 """
-from .bootstrap import bootstrap_ci, seed_summary
+from ..stats import bootstrap_ci, paired_difference, sign_flip_p
 from .compare import FINETUNED, METHODS, finetuned_rows, probe_draw, probe_rows, zero_shot_rows
 from .draws import Draw, check_draws, dataset_features, make_draw, rows_in
-from .paired import PAIRS, comparisons, findings, paired_difference, sign_flip_p
+from .paired import PAIRS, comparisons, findings
 from .probe import DEFAULT_WEIGHT_DECAYS, ProbeResult, fit_logreg, linear_probe, reference_probe, topk_correct
-from .report import accuracy_table, runs_table, val_note
+from .report import accuracy_table, runs_table, seed_summary, val_note
 from .stage import Setup, compare, frozen_rows, prepare, record, tuned_rows
 from .zeroshot import (
     TEMPLATES,

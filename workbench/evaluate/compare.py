@@ -23,7 +23,7 @@ from ..clip import encode_texts, load_clip
 from ..data import Dataset, DrawSpec, parse_shots
 from ..identity import table_sha256
 from ..runs import FINETUNE_METHODS, INDEX, read_index
-from .bootstrap import bootstrap_ci
+from ..stats import bootstrap_ci
 from .draws import Draw, dataset_features, make_draw
 from .probe import DEFAULT_WEIGHT_DECAYS, ProbeResult, linear_probe, topk_correct
 from .zeroshot import (

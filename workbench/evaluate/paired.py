@@ -1,75 +1,14 @@
 """Paired comparisons of methods: the difference in top-1 on the same test images and the same draws,
-with a 95% interval and a p-value. A claim that one method beats another rests on this, never on two
-overlapping per-method intervals.
-
-For methods a and b at one shots setting, ``d[s, i] = correct_a - correct_b`` on test image i of draw
-(seed) s. The difference is ``mean(d)`` in points. Its interval is a percentile bootstrap that resamples
-test images (the same indices for every seed, since a draw changes the training images, not the test
-images) and, with several seeds, the seeds too, so the interval covers both sources of variation.
-
-The p-value, with one draw, is a sign-flip permutation test: under "a and b are exchangeable", each
-image's pair of outcomes is as likely swapped as not. With several draws that test would hold the draws
-fixed, and could call a difference significant that the draws' spread makes uncertain (the interval
-would then contain zero while p < 0.05); so there p comes from the same bootstrap as the interval
-(twice the share of resampled differences on the far side of zero), and the two always agree.
+with a 95% interval and a p-value (:func:`workbench.stats.paired_difference`: bootstrap over test images
+and seeds, sign-flip p-values). A claim that one method beats another rests on this, never on two
+overlapping per-method intervals. Here: which pairs are compared (:data:`PAIRS`), the
+``metrics.json["comparisons"]`` rows and the sentences that read them.
 """
 from __future__ import annotations
 
 import numpy as np
 
-_MAX_ELEMENTS = 1 << 24  # resamples x images gathered at once
-
-
-def paired_difference(a, b, n_boot: int = 2000, n_perm: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """``a``, ``b``: 0/1 correctness, ``N`` (one draw) or ``S x N`` (S draws of the same N test images).
-
-    Returns ``{"diff", "ci95": [lo, hi], "p", "n_test", "n_seeds"}`` with differences in points."""
-    a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
-    if a.shape != b.shape or a.shape[1] == 0:
-        raise ValueError(f"paired outcomes need equal, non-empty shapes; got {a.shape} and {b.shape}")
-    d = a - b
-    S, N = d.shape
-    rng = np.random.default_rng(seed)
-    boot = np.empty(n_boot)
-    step = max(1, _MAX_ELEMENTS // (S * N))
-    for i in range(0, n_boot, step):
-        k = min(step, n_boot - i)
-        per_seed = d[:, rng.integers(0, N, size=(k, N))].mean(-1)  # S x k: images resampled
-        if S > 1:  # seeds resampled too
-            per_seed = np.take_along_axis(per_seed, rng.integers(0, S, size=(S, k)), axis=0)
-        boot[i : i + k] = per_seed.mean(0)
-    alpha = (1 - level) / 2
-    lo, hi = np.percentile(boot, [100 * alpha, 100 * (1 - alpha)]) * 100
-    p = sign_flip_p(d, n_perm, seed) if S == 1 else bootstrap_p(boot)
-    return {"diff": float(d.mean() * 100), "ci95": [float(lo), float(hi)], "p": p, "n_test": int(N), "n_seeds": int(S)}
-
-
-def bootstrap_p(boot: np.ndarray) -> float:
-    """Two-sided p-value of "the difference is 0" dual to the percentile interval: twice the share of
-    bootstrap differences at or beyond zero on the side away from the estimate (never 0, at most 1)."""
-    if not np.any(boot):
-        return 1.0
-    n = len(boot)
-    tail = min(int((boot <= 0).sum()), int((boot >= 0).sum()))
-    return min(1.0, 2 * (tail + 1) / (n + 1))
-
-
-def sign_flip_p(d: np.ndarray, n_perm: int = 2000, seed: int = 0) -> float:
-    """Two-sided p-value of ``mean(d) != 0`` by random sign flips of the paired differences (Monte Carlo,
-    with the observed statistic counted, so p is never 0)."""
-    d = np.atleast_2d(d).astype(np.float64)
-    obs = abs(d.mean())
-    if obs == 0:
-        return 1.0
-    rng = np.random.default_rng(seed + 1)
-    hits = 0
-    step = max(1, _MAX_ELEMENTS // d.size)
-    for i in range(0, n_perm, step):
-        k = min(step, n_perm - i)
-        signs = rng.integers(0, 2, size=(k, *d.shape)) * 2 - 1
-        hits += int((np.abs((signs * d).mean(axis=(1, 2))) >= obs - 1e-12).sum())
-    return (hits + 1) / (n_perm + 1)
-
+from ..stats import paired_difference
 
 PAIRS = (("gist", "finetune-classname"), ("gist", "linear-probe"), ("finetune-classname", "linear-probe"),
          ("gist", "zero-shot"), ("finetune-classname", "zero-shot"), ("linear-probe", "zero-shot"))

@@ -7,9 +7,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ..plots import save_figure
-from .bootstrap import seed_summary
 from .paired import LABELS
-from .report import _method_order, _shots_order
+from .report import _method_order, _shots_order, seed_summary
 
 COLORS = {"zero-shot": "#9e9e9e", "linear-probe": "#4c72b0", "finetune-classname": "#dd8452", "gist": "#55a868"}
 

@@ -1,10 +1,35 @@
 """Tables of the accuracy rows: the methods x shots comparison and the per-run listing."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
-from .bootstrap import seed_summary
 from .compare import METHODS
+
+
+def seed_summary(rows: list[dict], keys=("method", "shots"), values=("top1", "top3")) -> list[dict]:
+    """Group rows by ``keys`` and report mean, sample std (ddof=1; 0 for one seed) and the seeds.
+
+    Rows flagged ``zero_shot`` are kept as they are (one number, no seeds involved).
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(str(r[k]) for k in keys), []).append(r)
+    out = []
+    for _, rs in groups.items():
+        s = {k: rs[0][k] for k in keys}
+        s["n"] = len(rs)
+        s["seeds"] = [r.get("seed") for r in rs]
+        for v in values:
+            x = np.array([r[v] for r in rs], dtype=np.float64)
+            s[f"{v}_mean"] = float(x.mean())
+            s[f"{v}_std"] = float(x.std(ddof=1)) if len(x) > 1 else 0.0
+        if len(rs) == 1 and rs[0].get("ci95") is not None:
+            s["ci95"] = list(rs[0]["ci95"])
+        s["zero_shot"] = bool(rs[0].get("zero_shot", False))
+        s["warned"] = sum(1 for r in rs if r.get("warning"))
+        out.append(s)
+    return out
 
 
 def _shots_order(rows) -> list[str]:

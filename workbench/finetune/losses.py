@@ -87,14 +87,6 @@ def class_weights(
     return same_image + class_weight * (same_class - same_image).clamp_min(0)
 
 
-def soft_targets(
-    labels: torch.Tensor, image_ids: torch.Tensor | None = None, class_weight: float = 1.0, dtype=torch.float32
-) -> torch.Tensor:
-    """:func:`class_weights`, each row normalised: the targets the class-aware loss uses in both directions."""
-    w = class_weights(labels, image_ids, class_weight, dtype)
-    return w / w.sum(1, keepdim=True)
-
-
 def soft_infonce(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE against soft targets: ``weights[i, j] >= 0`` says how much caption ``j`` is a
     positive of image ``i``. Image i's target is row i normalised, caption j's is column j normalised.

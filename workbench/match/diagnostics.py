@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..stats import wilson_interval
 from .score import MatchResult
 
 
@@ -126,17 +127,6 @@ def variant_precision(records: Sequence[dict], descriptions: Sequence[dict], tab
         "n_images_scored": len(rand),
         "n_top1_variant_specific": n1,
     }
-
-
-def wilson_interval(hits: int, n: int, z: float = 1.96) -> list[float] | None:
-    """95% Wilson score interval of a proportion: is the precision clearly above random, given n picks?"""
-    if n == 0:
-        return None
-    p = hits / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [max(0.0, float(c - h)), min(1.0, float(c + h))]
 
 
 def matching_metrics(result_or_records, descriptions: Sequence[dict] | None = None, table: pd.DataFrame | None = None,

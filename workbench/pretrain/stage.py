@@ -8,11 +8,11 @@ from pathlib import Path
 from ..clip import load_clip, resolve_name
 from ..clip.weights import metadata, package_weights
 from ..data import Dataset, load_dataset
-from ..data import synthetic as syn
 from ..params import Params
 from ..plots import save_figure
 from ..runs import locked, update_metrics
 from .evaluate import evaluate_pretrained
+from .plots import plot_samples
 from .recipe import ARCH
 
 
@@ -27,7 +27,7 @@ def benchmark(p: Params) -> Dataset:
 
 
 def samples_figure(p: Params, ds: Dataset):
-    fig = syn.plot_samples(ds, n_species=6, per_species=3)
+    fig = plot_samples(ds, n_species=6, per_species=3)
     return save_figure(fig, Path(p.run_dir) / "figures" / "pretrain_samples.png", dpi=150)
 
 
