@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 KERNEL := gist-workbench
 
-.PHONY: install demo test lint lab bench clean-reports
+.PHONY: install demo test lint lab bench results clean-reports
 
 install: $(STAMP)
 
@@ -28,6 +28,12 @@ test: $(STAMP) lint
 	rm -rf reports/lab
 	if ls notebooks/[0-9][0-9]_*.ipynb >/dev/null 2>&1; then $(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks; fi
 
+# reports/RESULTS.md from the finished demo run (runs the demo first when it is missing; `make demo results`
+# refreshes it with the current code). The generator is workbench/results.py.
+results: $(STAMP)
+	test -f reports/demo/metrics.json || $(VENV)/bin/workbench run demo
+	$(PY) -m workbench.results --run reports/demo --out reports/RESULTS.md
+
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
@@ -37,4 +43,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_finetune.py
 
 clean-reports:
-	find reports -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+	find reports -mindepth 1 -maxdepth 1 ! -name README.md ! -name RESULTS.md -exec rm -rf {} +

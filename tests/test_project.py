@@ -105,3 +105,82 @@ def test_finetune_config_defaults_are_the_notebooks():
     for f in shared:
         default = ast.literal_eval(params[f.name]["default"])
         assert tuple(default) == f.default if isinstance(default, list) else default == f.default, f.name
+
+
+# ----------------------------------------------------------------------------- README, docs, ARCHITECTURE.md
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+GENERATED = {"reports/RESULTS.md"}  # written by `make results`; linked before it exists in a fresh checkout
+README_WORDS = 1200  # the budget every later README section counts against (`wc -w README.md`)
+
+
+def test_readme_fits_its_word_budget_and_links_the_generated_results():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.split()) <= README_WORDS, f"README.md has {len(text.split())} words (budget {README_WORDS})"
+    assert "(reports/RESULTS.md)" in text and "make results" in text
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        assert f"(docs/{page.name})" in text, f"README.md does not link docs/{page.name}"
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_of_readme_and_docs_resolve(page):
+    missing = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+        if re.match(r"[a-z]+://|#|mailto:", target):
+            continue
+        path = (page.parent / target.split("#")[0]).resolve()
+        if not path.exists() and str(path.relative_to(ROOT)) not in GENERATED:
+            missing.append(target)
+    assert not missing, f"{page.name}: links to nothing: {missing}"
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_hand_copied_figures_in_readme_or_docs(page):
+    """Results (accuracies, intervals, p-values, timings) are generated into reports/RESULTS.md, never copied."""
+    text = page.read_text()
+    found = (re.findall(r"\[[−+-]?\d+\.\d+, [−+-]?\d+\.\d+\]", text) + re.findall(r"\b\d+\.\d+ ?%", text)
+             + re.findall(r"\bp [=<] 0\.\d+", text) + re.findall(r"\b\d+ min \d+ s\b", text))
+    assert not found, f"{page.name}: figures copied by hand (generate them with `make results`): {found}"
+
+
+def test_make_results_runs_the_package_generator():
+    make = (ROOT / "Makefile").read_text()
+    target = make[make.index("\nresults:"):].split("\n\n")[0]
+    assert "-m workbench.results" in target and "reports/RESULTS.md" in target and "workbench run demo" in target
+    ignore = (ROOT / ".gitignore").read_text().splitlines()
+    assert "!/reports/RESULTS.md" in ignore, "reports/RESULTS.md must be committable"
+
+
+def _architecture_map() -> dict[str, str]:
+    """The entries of ARCHITECTURE.md's module map: ``{"io.py": text, "data/": text, ...}`` for every line at
+    two spaces' indent under ``workbench/`` (continuation lines added to the entry's text)."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    start = text.index("```\nworkbench/\n") + len("```\nworkbench/\n")
+    block = text[start: text.index("```", start)]
+    entries, current = {}, []
+    for line in block.splitlines():
+        m = re.match(r"^  ([\w.]+/?(?:, [\w.]+/?)*)(?:\s{2,}(.*))?$", line)
+        if m:
+            current = m.group(1).split(", ")
+            entries.update({n: m.group(2) or "" for n in current})
+        elif line.startswith("    ") and current:
+            for n in current:
+                entries[n] += " " + line.strip()
+        else:
+            current = []  # a line at column 0 (notebooks/) is outside the package's map
+    return entries
+
+
+def test_architecture_names_every_module():
+    """ARCHITECTURE.md's module map matches the tree as it is now: every package (``workbench/*/`` with an
+    ``__init__.py``) and top-level module (``workbench/*.py``) has an entry, every entry exists, and every
+    ``name.py`` a package's entry names is a module of that package."""
+    pkg = ROOT / "workbench"
+    packages = {p.parent.name + "/" for p in pkg.glob("*/__init__.py")}
+    modules = {p.name for p in pkg.glob("*.py") if not p.name.startswith("__")}
+    entries = _architecture_map()
+    assert packages and modules and entries
+    assert not (packages | modules) - set(entries), f"missing from ARCHITECTURE.md: {sorted((packages | modules) - set(entries))}"
+    assert not set(entries) - (packages | modules), f"ARCHITECTURE.md names what is gone: {sorted(set(entries) - (packages | modules))}"
+    gone = [f"{name}{mod}" for name, desc in entries.items() if name.endswith("/")
+            for mod in re.findall(r"\b(\w+\.py)\b", desc) if not (pkg / name / mod).is_file()]
+    assert not gone, f"ARCHITECTURE.md names modules that are gone: {gone}"
