@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..clip import encode_images, encode_texts
+from ..clip import encode_images
+from ..clip.zeroshot import classname_classifier
 
-ZEROSHOT_TEMPLATES = ("a photo of a {}.", "{}.")
+ZEROSHOT_TEMPLATES = ("a photo of a {}.", "{}.")  # validation's prompts for the one zero-shot classifier
 
 
 def _ridge_probe_top1(xtr, ytr, xva, yva, lams=(1e-3, 1e-2, 1e-1, 1.0)) -> float:
@@ -35,10 +36,7 @@ def validate(clip, tokenizer, classnames, train_images, train_labels, val_images
     (as every accuracy in metrics.json), encoded at the run's ``precision`` (fp32 runs validate in fp32)."""
     was_training = clip.training
     fva = encode_images(clip, val_images, batch_size, precision=precision)
-    prompts = [t.format(c) for c in classnames for t in ZEROSHOT_TEMPLATES]
-    ft = encode_texts(clip, tokenizer, prompts, batch_size, precision=precision)
-    ft = ft.view(len(classnames), len(ZEROSHOT_TEMPLATES), -1)
-    cls = F.normalize(ft.mean(1), dim=-1)
+    cls = classname_classifier(clip, tokenizer, classnames, ZEROSHOT_TEMPLATES, batch_size, precision=precision)
     zs = 100 * float(((fva @ cls.T).argmax(1) == val_labels).float().mean())
     ftr = encode_images(clip, train_images, batch_size, precision=precision)
     probe = _ridge_probe_top1(ftr, train_labels, fva, val_labels)
