@@ -6,13 +6,16 @@ import hashlib
 import json
 import shutil
 import struct
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from .io import atomic_writer, cache_root
+from .io import CorruptFileError, atomic_writer, cache_root
 
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -53,6 +56,30 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
             _write_tensor(f, t)
 
 
+def _unreadable(path, e: Exception, hint: str | None) -> CorruptFileError:
+    return CorruptFileError(path, f"not a complete safetensors file, truncated or corrupt ({e})", hint)
+
+
+@contextmanager
+def open_tensors(path: str | Path, hint: str | None = None) -> Iterator:
+    """``safe_open(path)``; a truncated or corrupt file raises :class:`CorruptFileError` naming it (and ``hint``:
+    what rewrites it)."""
+    try:
+        f = safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise _unreadable(path, e, hint) from e
+    with f:
+        yield f
+
+
+def read_tensors(path: str | Path, hint: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; a truncated or corrupt one raises :class:`CorruptFileError`."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise _unreadable(path, e, hint) from e
+
+
 def file_fingerprint(paths) -> str:
     """Digest of file contents' identity: path, size and mtime_ns (cheap; changes when a file does)."""
     h = hashlib.sha256()
@@ -64,10 +91,15 @@ def file_fingerprint(paths) -> str:
 
 def cached_tensors(kind: str, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Return ``compute()``'s dict of tensors, stored under ``<cache>/<kind>/<key>.safetensors``
-    (streamed to a temp file of this writer's own, so concurrent runs or DDP ranks never mix)."""
+    (streamed to a temp file of this writer's own, so concurrent runs or DDP ranks never mix). An entry that
+    cannot be read (truncated, corrupt) is deleted and recomputed, with a warning."""
     path = cache_root() / kind / f"{key}.safetensors"
     if path.exists():
-        return load_file(str(path))
+        try:
+            return read_tensors(path)
+        except CorruptFileError as e:
+            warnings.warn(f"{e}; deleted the cache entry, recomputing it", stacklevel=2)
+            path.unlink(missing_ok=True)
     out = compute()
     save_tensors(path, out)
     return out

@@ -1,10 +1,12 @@
 """Small file helpers: atomic writes, JSON and JSONL, content hashes, the cache root."""
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import os
 import secrets
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator
@@ -74,8 +76,56 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+class CorruptFileError(ValueError):
+    """A file that is there but cannot be read back (truncated by a crash, corrupt, not what it should be);
+    the message names the file, what is wrong and, where the reader knows it, what rewrites it."""
+
+    def __init__(self, path: str | Path, what: str, hint: str | None = None):
+        self.path = Path(path)
+        super().__init__(f"{path}: {what}" + (f"; {hint}" if hint else ""))
+
+
+def _read_text(path: Path, hint: str | None) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptFileError(path, f"not UTF-8 text (bad byte at offset {e.start}): corrupt", hint) from e
+
+
+def read_json(path: str | Path, hint: str | None = None) -> Any:
+    """The JSON value in ``path``; an unreadable file raises :class:`CorruptFileError` naming it, the line,
+    and ``hint`` (e.g. which stage rewrites it)."""
+    path = Path(path)
+    text = _read_text(path, hint)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        if not text.strip():
+            what = "empty file (cut off while it was written?)"
+        elif e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):  # the text ran out
+            what = f"truncated: the JSON ends early at line {e.lineno} ({e.msg})"
+        else:
+            what = f"not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})"
+        raise CorruptFileError(path, what, hint) from e
+
+
+def set_aside(path: str | Path, why: str) -> Path | None:
+    """Rename a broken ``path`` to ``<name>.broken-<timestamp>`` next to it (kept for a look, out of the way of
+    whatever reads ``path`` next), warning with both paths; returns the new path (None when another reader
+    moved it first)."""
+    path = Path(path)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.broken-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.broken-{stamp}-{n}")
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:  # another reader moved it first
+        return None
+    warnings.warn(f"{why}; moved it aside to {target} and went on without it", stacklevel=3)
+    return target
 
 
 def _json_default(o: Any) -> Any:
@@ -102,16 +152,17 @@ def append_jsonl(path: str | Path, records: dict | Iterable[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    return list(iter_jsonl(path))
+def read_jsonl(path: str | Path, hint: str | None = None) -> list[dict]:
+    return list(iter_jsonl(path, hint))
 
 
-def iter_jsonl(path: str | Path) -> Iterator[dict]:
-    """Yield records; a truncated last line (a killed writer) is skipped, any other bad line raises."""
+def iter_jsonl(path: str | Path, hint: str | None = None) -> Iterator[dict]:
+    """Yield records; a truncated last line (a killed writer) is skipped, any other bad line raises
+    :class:`CorruptFileError` naming the file and line (and ``hint``)."""
     path = Path(path)
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_text(path, hint).splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -120,7 +171,7 @@ def iter_jsonl(path: str | Path) -> Iterator[dict]:
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:
                 return
-            raise ValueError(f"{path}:{i + 1}: invalid JSON line: {e}") from e
+            raise CorruptFileError(path, f"line {i + 1} of {len(lines)} is not valid JSON ({e})", hint) from e
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:

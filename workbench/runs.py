@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .data.shots import parse_shots
-from .io import read_json, read_jsonl, write_json, write_jsonl
+from .io import CorruptFileError, read_json, read_jsonl, set_aside, write_json, write_jsonl
 
 PARAMS = "params.yaml"
 METRICS = "metrics.json"
@@ -92,8 +92,18 @@ def _merge(path: str, old: Any, new: Any, stale: dict) -> Any:
 
 
 def read_metrics(run_dir: str | Path) -> dict:
+    """``metrics.json`` ({} before any stage wrote one). A broken one (cut off, not a JSON object) is moved
+    aside to ``metrics.json.broken-<time>``, with a warning naming both, and read as {}: no stage trips on it."""
     path = Path(run_dir) / METRICS
-    return read_json(path) if path.exists() else {}
+    try:
+        metrics = read_json(path) if path.exists() else {}
+    except CorruptFileError as e:
+        set_aside(path, str(e))
+        return {}
+    if not isinstance(metrics, dict):
+        set_aside(path, f"{path}: holds a JSON {type(metrics).__name__}, not an object of sections")
+        return {}
+    return metrics
 
 
 def update_metrics(run_dir: str | Path, section: str, value: Any) -> dict:

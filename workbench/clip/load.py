@@ -3,7 +3,8 @@ checkpoints, and the weights the workbench provides for its own tiny architectur
 
 Weights load through open_clip's own loading (``create_model_and_transforms`` -> ``load_checkpoint``,
 ``weights_only=True``): position embeddings are resized, big_vision ``.npz`` files and third-party state
-dicts converted as open_clip does. Downloads go through huggingface_hub, which honours ``HF_ENDPOINT``
+dicts converted as open_clip does; an ``.npz`` may also hold a plain state dict. A file that cannot be read
+(truncated, corrupt) raises :class:`~workbench.io.CorruptFileError` naming it. Downloads go through huggingface_hub, which honours ``HF_ENDPOINT``
 (a mirror), proxies (``HTTPS_PROXY``), ``HF_HUB_OFFLINE`` and its cache.
 """
 from __future__ import annotations
@@ -11,17 +12,25 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.convert import load_big_vision_weights
+from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from open_clip.pretrained import get_pretrained_cfg
 
+from ..cache import open_tensors
+from ..io import CorruptFileError
+from .device import auto_device
 from .tiny import adapt
 from .weights import is_trimmed, load_into, package_weights
 
@@ -33,6 +42,10 @@ ALIASES = {"tiny": "wb-tiny"}
 
 
 _SCHEMAS = ("hf-hub:", "local-dir:")  # names whose config and weights come with them
+_SUFFIXES = (".safetensors", ".npz", ".pt", ".pth", ".bin")  # a `pretrained` with one of these is a local file
+FORMATS = (".safetensors, .npz (a state dict saved with numpy, or a big_vision SigLIP export) or a torch file "
+           "holding a state dict (loaded with weights_only=True)")
+_REREAD = "copy or download it again, or rerun what wrote it"
 
 
 class _QuietRandomInit(logging.Filter):
@@ -63,12 +76,6 @@ def resolve_name(name: str) -> str:
     return ALIASES.get(name, name)
 
 
-def auto_device(device: str | torch.device | None = "auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def image_size(model) -> int:
     size = model.visual.image_size
     return size[0] if isinstance(size, (tuple, list)) else int(size)
@@ -81,8 +88,8 @@ def _unavailable(name: str, pretrained: str | None, why: str) -> WeightsUnavaila
         "Download the checkpoint on a machine with internet access and pass its local path, e.g. "
         f"load_clip({name!r}, pretrained='/path/to/open_clip_model.safetensors') "
         "(or --set pretrained=/path/... for `workbench run`; a folder holding open_clip_config.json and the "
-        "weights loads as name 'local-dir:/path'). Checkpoints may be .safetensors or torch files holding a "
-        "state dict. A Hugging Face mirror is used when HF_ENDPOINT names it, a proxy when HTTPS_PROXY does."
+        f"weights loads as name 'local-dir:/path'). Checkpoints may be {FORMATS}. "
+        "A Hugging Face mirror is used when HF_ENDPOINT names it, a proxy when HTTPS_PROXY does."
     )
 
 
@@ -145,7 +152,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _checkpoint_path(arch: str, pretrained: str | None) -> Path | None:
     """The local file ``pretrained`` names (a path), or None for open_clip tags."""
-    if pretrained and (os.sep in pretrained or Path(pretrained).suffix in (".safetensors", ".pt", ".pth", ".bin")):
+    if pretrained and (os.sep in pretrained or Path(pretrained).suffix in _SUFFIXES):
         checkpoint = Path(pretrained).expanduser()
         if not checkpoint.exists():
             raise FileNotFoundError(f"checkpoint file not found: {checkpoint}")
@@ -176,15 +183,81 @@ def _create(arch: str, name: str, pretrained: str | None, checkpoint: Path | Non
             logging.getLogger().removeFilter(quiet)
     adapt(arch, model)  # the workbench's own architectures (wb-tiny's conv stem), before any weights load
     if checkpoint is not None:
-        try:
-            if is_trimmed(checkpoint):  # written by `workbench pretrain --out`
-                load_into(model, checkpoint)
-            else:
-                open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
-        except (RuntimeError, ValueError) as e:
-            lines = " ".join(str(e).strip().splitlines()[:3])[:600]
-            raise ValueError(f"checkpoint {checkpoint} does not fit {name!r}: {lines}") from e
+        _load_local(model, name, checkpoint)
     return model, preprocess
+
+
+def _does_not_fit(checkpoint: Path, name: str, e: Exception) -> ValueError:
+    lines = " ".join(str(e).strip().splitlines()[:3])[:600]
+    return ValueError(f"checkpoint {checkpoint} does not fit {name!r}: {lines}")
+
+
+def _load_local(model, name: str, checkpoint: Path) -> None:
+    """Load a local checkpoint file into ``model`` (strict); an unreadable file raises
+    :class:`~workbench.io.CorruptFileError` naming it, one of no format accepted says which are."""
+    if checkpoint.suffix == ".npz":
+        return _load_npz(model, name, checkpoint)
+    if checkpoint.suffix == ".safetensors":
+        with open_tensors(checkpoint, _REREAD):  # truncated or corrupt: say so (safetensors' error names no file)
+            pass
+    try:
+        if is_trimmed(checkpoint):  # written by `workbench pretrain --out`
+            load_into(model, checkpoint)
+        else:
+            open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
+    except pickle.UnpicklingError as e:  # not plain tensors (weights_only=True), or not a torch file at all
+        raise ValueError(f"cannot load {checkpoint}: not a checkpoint of an accepted format ({FORMATS}): "
+                         f"{str(e).strip().splitlines()[0][:300]}") from e
+    except (OSError, EOFError) as e:  # torch.load of a cut-off file: "[Errno 22] Invalid argument"
+        raise CorruptFileError(checkpoint, f"unreadable, truncated or corrupt ({type(e).__name__}: {e})", _REREAD) from e
+    except (RuntimeError, ValueError) as e:
+        if "PytorchStreamReader" in str(e):
+            raise CorruptFileError(checkpoint, f"unreadable, truncated or corrupt ({str(e)[:200]})", _REREAD) from e
+        raise _does_not_fit(checkpoint, name, e) from e
+
+
+def _is_big_vision(keys: set[str]) -> bool:
+    root = "params/" if "params/b" in keys else ""
+    return {f"{root}b", f"{root}t"} <= keys and any(k.startswith((f"{root}img/", f"{root}txt/")) for k in keys)
+
+
+def _load_npz(model, name: str, checkpoint: Path) -> None:
+    """A numpy checkpoint: a big_vision SigLIP export (converted by open_clip, into its timm-based SigLIP
+    models) or a plain state dict (``np.savez(path, **state_dict)``), loaded strictly as other local files."""
+    try:
+        z = np.load(checkpoint, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive of named arrays")
+        with z:
+            big_vision = _is_big_vision(set(z.files))
+            state = None if big_vision else {k.removeprefix("module."): torch.from_numpy(z[k]) for k in z.files}
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        raise CorruptFileError(checkpoint, f"not a readable .npz archive, truncated or corrupt ({e})", _REREAD) from e
+    except ValueError as e:  # pickled objects (refused: allow_pickle=False), or not an archive
+        raise ValueError(f"cannot load {checkpoint}: {str(e)[:200]}; accepted: {FORMATS}") from e
+    if state is None:
+        if not (hasattr(model.visual, "trunk") and hasattr(model, "text") and getattr(model, "logit_bias", None) is not None):
+            raise ValueError(f"{checkpoint} is a big_vision export: it loads into open_clip's timm-based SigLIP "
+                             f"models (e.g. ViT-B-16-SigLIP), not {name!r}")
+        try:
+            load_big_vision_weights(model, str(checkpoint))
+        except (KeyError, RuntimeError, AssertionError) as e:  # a missing array; a shape that does not fit
+            raise _does_not_fit(checkpoint, name, e) from e
+        return
+    own = model.state_dict()
+    if not own.keys() & state.keys():
+        raise ValueError(
+            f"cannot load {checkpoint}: its arrays ({', '.join(sorted(state)[:3])}, ...) are neither {name!r}'s "
+            f"parameters ({', '.join(list(own)[:3])}, ...) nor a big_vision export; accepted: {FORMATS}")
+    for k in ("logit_scale", "logit_bias"):  # a scalar or a 1-element vector, as open_clip's loading allows
+        if k in state and k in own and state[k].numel() == own[k].numel():
+            state[k] = state[k].reshape(own[k].shape)
+    resize_pos_embed(state, model)
+    resize_text_pos_embed(state, model)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise _does_not_fit(checkpoint, name, e) from e
 
 
 def load_clip(
@@ -211,6 +284,8 @@ def load_clip(
     checkpoint = None if shipped is not None else _checkpoint_path(arch, pretrained)
     model, preprocess = _create(arch, name, None if shipped is not None else pretrained, checkpoint, precision, device)
     if shipped is not None:
+        with open_tensors(shipped, "it ships with the package: reinstall it, or rebuild it with `workbench pretrain`"):
+            pass
         load_into(model, shipped)
     model.eval()
     tokenizer = open_clip.get_tokenizer(arch)

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 
-from ..cache import save_tensors
-from ..io import read_jsonl, write_jsonl
+from ..cache import open_tensors, save_tensors
+from ..io import CorruptFileError, read_jsonl, write_jsonl
 
 STATE_FORMAT = "workbench-resume-1"
 _SECTIONS = ("model", "optimizer", "rng")  # held as tensors; every other entry is JSON in the header
+_REWRITE = ("the fine-tuning stage (03_finetune) writes it: delete it, or pass resume=False, "
+            "to start the run over")
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -40,11 +41,12 @@ def save_state(path: Path, state: dict) -> None:
 
 
 def load_state(path: Path) -> dict:
-    """The dict :func:`save_state` was given (tensors on the CPU)."""
-    with safe_open(str(path), "pt") as f:
+    """The dict :func:`save_state` was given (tensors on the CPU). A truncated or corrupt file raises
+    :class:`~workbench.io.CorruptFileError` naming it."""
+    with open_tensors(path, _REWRITE) as f:
         meta = f.metadata() or {}
         if meta.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path} is not a workbench resume state ({STATE_FORMAT})")
+            raise CorruptFileError(path, f"not a workbench resume state ({STATE_FORMAT})", _REWRITE)
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     special = ("format", "optimizer_param_groups", "optimizer_values")
     st = {k: json.loads(v) for k, v in meta.items() if k not in special}
@@ -71,8 +73,11 @@ def load_state(path: Path) -> dict:
 
 def state_step(path: Path) -> int:
     """The step a resume state was written at (reads the header only)."""
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["step"])
+    with open_tensors(path, _REWRITE) as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != STATE_FORMAT or "step" not in meta:
+        raise CorruptFileError(path, f"not a workbench resume state ({STATE_FORMAT}): no step in its header", _REWRITE)
+    return json.loads(meta["step"])
 
 
 def save_weights(path: Path, clip, metadata: dict) -> None:
