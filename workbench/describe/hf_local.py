@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from ..clip.device import auto_device
 from .backend import BackendError, ChatBackend, ChatRequest
 
 _FALLBACK_WARNED = False
@@ -65,7 +66,7 @@ class TransformersBackend(ChatBackend):
 
         if model is None or model == "":
             raise ValueError("the transformers backend needs a model: a Hugging Face id, a local folder, or a loaded model")
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device)
+        self.device = auto_device(device)
         if isinstance(model, str):
             torch_dtype = {"auto": (torch.bfloat16 if self.device.type == "cuda" else torch.float32),
                            "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]

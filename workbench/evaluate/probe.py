@@ -17,14 +17,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..clip.device import auto_device
+
 # Strongest first: each fit warm-starts from the previous, more regularised solution.
 DEFAULT_WEIGHT_DECAYS = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass
@@ -149,7 +145,7 @@ def linear_probe(
     standardised with the statistics of the set the final model is fitted on. Runs in fp32 on
     ``device`` (``auto``: the GPU when there is one).
     """
-    device = resolve_device(device)
+    device = auto_device(device)
     weight_decays = sorted({float(w) for w in weight_decays}, reverse=True)
     if not weight_decays or min(weight_decays) < 0:
         raise ValueError(f"weight_decays must be a non-empty list of values >= 0, got {weight_decays}")
@@ -206,7 +202,7 @@ def reference_probe(
     replica faster than the original script, never slower: speedups measured against it are
     conservative.
     """
-    device = resolve_device(device)
+    device = auto_device(device)
     Xtr, ytr, Xva, yva = (t.to(device) for t in (X_train, y_train, X_val, y_val))
     Xtr, Xva, ytr, yva = Xtr.float(), Xva.float(), ytr.long(), yva.long()
     _check_xy(Xtr, ytr, num_classes, "train")

@@ -25,9 +25,9 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
+from ..clip.device import cuda_wanted
 from ..config import COMMON, META, ConfigError, dump, load_schema, load_yaml, parse_set, resolve, stage_parameters
 from ..io import atomic_write_text
 from ..params import Params
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             _say(str(e))
             return 2
-        init_distributed(torch.cuda.is_available() and p.device != "cpu", timeout)
+        init_distributed(cuda_wanted(p.device), timeout)
     try:
         with ExitStack() as stack:
             refusal = _lock_for_all_ranks(stack, a.run_dir)

@@ -7,7 +7,6 @@ Run directory outputs: ``checkpoints/<run>/best.safetensors`` (+ ``resume.safete
 """
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -16,7 +15,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..clip import auto_device, image_size, load_clip
+from ..clip import image_size, load_clip
+from ..clip.device import auto_device
 from ..data import Dataset, DrawSpec, draw_seed, load_dataset, parse_shots, train_images_sha256
 from ..data.images import image_cache
 from ..identity import (
@@ -104,15 +104,6 @@ def _check(methods, seeds, train_options) -> None:
     if unknown:
         raise ValueError(f"unknown fine-tuning option(s) {unknown}; see FinetuneConfig")
     FinetuneConfig(**train_options)
-
-
-def _device(device: str | None, world: int) -> torch.device:
-    if device in ("auto", None):
-        dev = auto_device("auto")
-        if world > 1 and dev.type == "cuda":
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return dev
-    return torch.device(device)
 
 
 def _image_caches(model: str, pretrained, train_all: Dataset, val_ds: Dataset, progress: bool):
@@ -235,7 +226,7 @@ def _context(run_dir: Path, dataset, data_root, dataset_options, model, pretrain
     if matches is not None:
         check_matches(run_dir)
     identity = {**weights_identity(model, pretrained), **dataset_identity(ds, dataset, data_root, dataset_options)}
-    dev = _device(device, rank_world()[1])
+    dev = auto_device(device, distributed=rank_world()[1] > 1)
     caches = _image_caches(model, pretrained, ds.split("train"), ds.split("val"), progress)
     return Context(run_dir, ds, spec, caches, matches, model, pretrained, dev, resume, progress, train_options, identity)
 
