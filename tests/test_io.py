@@ -129,3 +129,18 @@ def test_saving_a_resume_state_does_not_copy_it_in_memory(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     grew_mb = int(out.stdout.split()[-1])
     assert grew_mb <= 4 + 24, f"saving 192 MB of tensors grew the peak RSS by {grew_mb} MB"
+
+
+def test_an_append_after_a_killed_writer_drops_the_fragment_not_the_file(tmp_path):
+    """A writer killed mid-line leaves a fragment; the next append used to glue its record onto it,
+    leaving a mid-file line that no reader can parse (train_log.jsonl after kill -9, then a resume)."""
+    from workbench.io import append_jsonl, read_jsonl
+
+    p = tmp_path / "train_log.jsonl"
+    append_jsonl(p, [{"step": 1}, {"step": 2}])
+    with open(p, "a") as f:
+        f.write('{"step": 3, "lo')  # killed here
+    append_jsonl(p, {"step": 3, "loss": 0.5})
+    append_jsonl(p, {"step": 4})
+    assert read_jsonl(p) == [{"step": 1}, {"step": 2}, {"step": 3, "loss": 0.5}, {"step": 4}]
+    assert p.read_text().count("\n") == 4

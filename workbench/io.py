@@ -139,12 +139,41 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def repair_jsonl(path: str | Path) -> int:
+    """Drop a partial last line left by a killed writer, so an append starts on a fresh line instead of
+    gluing its first record onto the fragment (a line no reader can parse, mid-file). Returns the bytes removed."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 1))
+        if f.read(1) == b"\n":
+            return 0
+        # scan back for the last newline
+        pos = size
+        while pos > 0:
+            step = min(65536, pos)
+            f.seek(pos - step)
+            chunk = f.read(step)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                keep = pos - step + i + 1
+                break
+            pos -= step
+        else:
+            keep = 0
+        f.truncate(keep)
+        return size - keep
+
+
 def append_jsonl(path: str | Path, records: dict | Iterable[dict]) -> None:
     """Append records as they arrive (one flush + fsync per call) so nothing is lost on a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(records, dict):
         records = [records]
+    repair_jsonl(path)
     with open(path, "a", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n")

@@ -6,12 +6,11 @@ again. Files are JSONL written with :func:`workbench.io.append_jsonl` (flush + f
 """
 from __future__ import annotations
 
-import os
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..io import append_jsonl, hash_key, iter_jsonl
+from ..io import append_jsonl, hash_key, iter_jsonl, repair_jsonl
 
 
 def now() -> str:
@@ -21,36 +20,6 @@ def now() -> str:
 def request_key(*parts) -> str:
     """Hash identifying a paid request: backend identity, messages, sampling parameters, seed."""
     return hash_key("describe-request", *parts)
-
-
-def repair_jsonl(path: str | Path) -> int:
-    """Drop a partial last line left by a killed writer so appends start on a fresh line.
-
-    Returns the number of bytes removed.
-    """
-    path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
-        return 0
-    with open(path, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, size - 1))
-        if f.read(1) == b"\n":
-            return 0
-        # scan back for the last newline
-        pos = size
-        while pos > 0:
-            step = min(65536, pos)
-            f.seek(pos - step)
-            chunk = f.read(step)
-            i = chunk.rfind(b"\n")
-            if i >= 0:
-                keep = pos - step + i + 1
-                break
-            pos -= step
-        else:
-            keep = 0
-        f.truncate(keep)
-        return size - keep
 
 
 class ResponseCache:
