@@ -125,7 +125,7 @@ def workbench_from_cache(model, images_u8, img_labels, txt_feats_dev, txt_labels
     return time.perf_counter() - t0, idx
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto")
     ap.add_argument("--model", default=None, help="CLIP architecture (default: tiny on CPU, ViT-B-32 on CUDA); random init")
@@ -140,73 +140,44 @@ def main(argv=None):
     ap.add_argument("--time-limit", type=float, default=None, help="seconds for the measurements (model load excluded)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes: about a minute end to end on one GPU")
     ap.add_argument("--json-out", default=None, help="also write the JSON object to this file")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    from workbench.clip import auto_device
 
-    device = auto_device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
-    gpu = device.type == "cuda"
-    model_name = a.model or ("ViT-B-32" if gpu else "tiny")
-    q = a.quick
-    n_images = a.n_images or ((1024 if q else 2048) if gpu else (256 if q else 512))
-    n_cache = a.n_cache or ((16384 if q else 32768) if gpu else max(n_images, 1024 if q else 2048))
-    n_ref = a.n_ref or ((200 if q else 500) if gpu else (100 if q else 300))
-    wh = a.image_wh or (400, 300)  # about CUB's median image size
-    batch_size = a.batch_size or (1024 if gpu else default_batch_size(device))  # the library's CPU default
+def fill_defaults(a, device) -> None:
+    """Sizes not given: GPU-sized on CUDA, a few minutes' worth on a CPU (``--quick``: smaller)."""
+    gpu, q = device.type == "cuda", a.quick
+    a.model = a.model or ("ViT-B-32" if gpu else "tiny")
+    a.n_images = a.n_images or ((1024 if q else 2048) if gpu else (256 if q else 512))
+    a.n_cache = a.n_cache or ((16384 if q else 32768) if gpu else max(a.n_images, 1024 if q else 2048))
+    a.n_ref = a.n_ref or ((200 if q else 500) if gpu else (100 if q else 300))
+    a.image_wh = a.image_wh or (400, 300)  # about CUB's median image size
+    a.batch_size = a.batch_size or (1024 if gpu else default_batch_size(device))  # the library's CPU default
     a.classes = a.classes or (200 if gpu else 20)
     a.per_class = a.per_class or (30 if gpu else 20)
-    budget = a.time_limit or ((45 if q else 120) if gpu else (60 if q else 180))
-    res: dict = {"device": torch.cuda.get_device_name(device) if gpu else f"cpu ({platform.processor() or platform.machine()}, "
-                 f"{torch.get_num_threads()} threads)", "model": model_name, "pretrained": None,
-                 "batch_size": batch_size, "k": a.k, "jpeg_wh": list(wh), "skipped": [], "errors": {}}
+    a.time_limit = a.time_limit or ((45 if q else 120) if gpu else (60 if q else 180))
 
-    t_load = time.perf_counter()
-    torch.manual_seed(0)
-    bundle = load_clip(model_name, pretrained=None, device=device)
-    model = bundle.model
-    size = image_size(model)
-    res["image_size"] = size
-    res["model_load_s"] = round(time.perf_counter() - t_load, 2)
-    start = time.perf_counter()
-    deadline = start + budget
-    left = lambda: deadline - time.perf_counter()  # noqa: E731
 
-    tmp = tempfile.TemporaryDirectory(prefix="bench_match_")
-    t = time.perf_counter()
-    paths = make_jpegs(Path(tmp.name), n_images, *wh)
-    log(f"generated {n_images} JPEGs {wh[0]}x{wh[1]} in {time.perf_counter() - t:.1f}s")
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, a.classes, n_images)
-
-    texts, txt_labels = make_descriptions(a.classes, a.per_class)
-    sync(device)
-    t = time.perf_counter()
-    txt = encode_texts(model, bundle.tokenizer, texts, batch_size=1024)
-    sync(device)
-    res["text_encode_s"] = round(time.perf_counter() - t, 3)
-    res["n_descriptions"] = len(texts)
-    txt_dev = txt.to(device)
-    class_feats = [txt_dev[torch.from_numpy(txt_labels == c)].to(torch.float16 if gpu else torch.float32)
-                   for c in range(a.classes)]
-
-    # --- reference: GIST-style loop (warm-up a few images first; CUDA init is not its fault)
+def measure_reference(res, bundle, paths, labels, texts, txt_labels, class_feats, device, budget, folder) -> None:
+    """GIST-style loop (warm-up a few images first; CUDA init is not its fault)."""
     reference_loop(bundle, paths[:3], labels[:3], class_feats, device, deadline=float("inf"))
-    done, secs, _ = reference_loop(bundle, paths[:n_ref], labels[:n_ref], class_feats, device,
+    done, secs, _ = reference_loop(bundle, paths, labels, class_feats, device,
                                    deadline=time.perf_counter() + 0.25 * budget)
     res["reference_images_per_s"] = done / secs
     res["reference_n_images"] = done
     log(f"reference: {done} images in {secs:.2f}s -> {done / secs:.1f} img/s")
     # GIST also rewrites its whole output JSON after every image (cost grows with the count): reported
     # separately; the headline speedup stays against the loop without it.
-    class_texts = [[t for t, y in zip(texts, txt_labels) if y == c] for c in range(a.classes)]
+    n_classes = len(class_feats)
+    class_texts = [[t for t, y in zip(texts, txt_labels) if y == c] for c in range(n_classes)]
     done_j, secs_j, _ = reference_loop(bundle, paths[:done], labels[:done], class_feats, device,
                                        deadline=time.perf_counter() + 0.15 * budget,
-                                       json_path=Path(tmp.name) / "captions_top5.json", class_texts=class_texts)
+                                       json_path=Path(folder) / "captions_top5.json", class_texts=class_texts)
     res["reference_with_json_rewrite_images_per_s"] = round(done_j / secs_j, 2)
 
-    # --- workbench, cold, from JPEG files: where the time goes
+
+def jpeg_breakdown(res, model, paths, labels, txt_dev, txt_labels, size, batch_size, k, device):
+    """Workbench, cold, from JPEG files: where the time goes. Returns the decoded uint8 images."""
+    gpu = device.type == "cuda"
     try:
         jb = {}
         workers = os.cpu_count() or 2
@@ -227,71 +198,130 @@ def main(argv=None):
         sync(device)
         jb["encode_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        topk_within_class(f, labels, txt_dev, txt_labels, k=a.k, device=device)
+        topk_within_class(f, labels, txt_dev, txt_labels, k=k, device=device)
         sync(device)
         jb["match_s"] = time.perf_counter() - t
         total = jb["decode_s"] + jb["transfer_s"] + jb["encode_s"] + jb["match_s"]
-        jb["n_images"] = n_images
-        jb["images_per_s"] = n_images / total
+        jb["n_images"] = len(paths)
+        jb["images_per_s"] = len(paths) / total
         jb["share"] = {s: round(jb[f"{s}_s"] / total, 3) for s in ("decode", "transfer", "encode", "match")}
         jb["speedup_vs_reference"] = jb["images_per_s"] / res["reference_images_per_s"]
         res["jpeg_breakdown"] = {k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in jb.items()}
         log(f"from JPEG: {json.dumps(res['jpeg_breakdown'])}")
-        del x
+        return u8
     except Exception as e:  # report, keep the headline numbers
         res["errors"]["jpeg_breakdown"] = f"{type(e).__name__}: {e}"
-        u8 = decode_images(paths, size)
+        return decode_images(paths, size)
 
-    # --- workbench from the feature-ready uint8 cache (host memory), as a re-run or later stage sees it
-    reps = -(-n_cache // len(u8))
-    cache = u8.repeat(reps, 1, 1, 1)[:n_cache].contiguous()
-    cache_labels = np.resize(labels, n_cache)
-    workbench_from_cache(model, cache[: min(n_cache, 2 * batch_size)], cache_labels[: 2 * batch_size], txt_dev,
-                         txt_labels, batch_size, a.k, device)  # warm-up
+
+def cache_throughput(res, model, u8, labels, txt_dev, txt_labels, a, device, left):
+    """Workbench from the feature-ready uint8 cache (host memory), as a re-run or later stage sees it."""
+    reps = -(-a.n_cache // len(u8))
+    cache = u8.repeat(reps, 1, 1, 1)[:a.n_cache].contiguous()
+    cache_labels = np.resize(labels, a.n_cache)
+    b = a.batch_size
+    workbench_from_cache(model, cache[: min(a.n_cache, 2 * b)], cache_labels[: 2 * b], txt_dev,
+                         txt_labels, b, a.k, device)  # warm-up
     best = None
     for _ in range(3):
-        secs, _ = workbench_from_cache(model, cache, cache_labels, txt_dev, txt_labels, batch_size, a.k, device)
+        secs, _ = workbench_from_cache(model, cache, cache_labels, txt_dev, txt_labels, b, a.k, device)
         best = secs if best is None else min(best, secs)
         if left() < 2 * secs:
             break
-    res["workbench_images_per_s"] = n_cache / best
-    res["n_images"] = n_cache
+    res["workbench_images_per_s"] = a.n_cache / best
+    res["n_images"] = a.n_cache
     res["speedup"] = res["workbench_images_per_s"] / res["reference_images_per_s"]
     res["speedup_vs_reference_with_json_rewrite"] = round(
         res["workbench_images_per_s"] / res["reference_with_json_rewrite_images_per_s"], 2)
-    log(f"workbench from cache: {n_cache} images in {best:.3f}s -> {n_cache / best:.0f} img/s")
+    log(f"workbench from cache: {a.n_cache} images in {best:.3f}s -> {a.n_cache / best:.0f} img/s")
+    return cache, cache_labels
 
-    # --- CUDA: the same with the cache already resident on the GPU
-    if gpu:
-        try:
-            if left() < 5:
-                raise TimeoutError("time limit")
-            free = torch.cuda.mem_get_info(device)[0]
-            n_res = min(n_cache, int(0.5 * free // cache[0].numel()))
-            xd = cache[:n_res].to(device)
-            sync(device)
-            t = time.perf_counter()
-            f = encode_images(model, xd, batch_size=batch_size)
-            topk_within_class(f, cache_labels[:n_res], txt_dev, txt_labels, k=a.k, device=device)
-            sync(device)
-            res["gpu_resident_images_per_s"] = n_res / (time.perf_counter() - t)
-            del xd
-        except TimeoutError:
-            res["skipped"].append("gpu_resident")
-        except Exception as e:
-            res["errors"]["gpu_resident"] = f"{type(e).__name__}: {e}"
-        res["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
 
+def gpu_resident(res, model, cache, cache_labels, txt_dev, txt_labels, a, device, left) -> None:
+    """CUDA: the same with the cache already resident on the GPU."""
+    try:
+        if left() < 5:
+            raise TimeoutError("time limit")
+        free = torch.cuda.mem_get_info(device)[0]
+        n_res = min(a.n_cache, int(0.5 * free // cache[0].numel()))
+        xd = cache[:n_res].to(device)
+        sync(device)
+        t = time.perf_counter()
+        f = encode_images(model, xd, batch_size=a.batch_size)
+        topk_within_class(f, cache_labels[:n_res], txt_dev, txt_labels, k=a.k, device=device)
+        sync(device)
+        res["gpu_resident_images_per_s"] = n_res / (time.perf_counter() - t)
+        del xd
+    except TimeoutError:
+        res["skipped"].append("gpu_resident")
+    except Exception as e:
+        res["errors"]["gpu_resident"] = f"{type(e).__name__}: {e}"
+    res["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+
+
+def finish(res, gpu: bool, start: float) -> dict:
     res["wall_s"] = round(time.perf_counter() - start, 1)
     res["targets"] = ({"speedup": ">= 100", "workbench_images_per_s": ">= 15000 (H200, ViT-B-32)"} if gpu
                       else {"speedup": ">= 5"})
     for key in ("workbench_images_per_s", "reference_images_per_s", "speedup", "gpu_resident_images_per_s"):
         if key in res:
             res[key] = round(res[key], 2)
-    if not res["errors"]:
-        del res["errors"]
-    if not res["skipped"]:
-        del res["skipped"]
+    for key in ("errors", "skipped"):
+        if not res[key]:
+            del res[key]
+    return res
+
+
+def main(argv=None):
+    a = parse_args(argv)
+
+    from workbench.clip import auto_device
+
+    device = auto_device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+    gpu = device.type == "cuda"
+    fill_defaults(a, device)
+    wh = a.image_wh
+    res: dict = {"device": torch.cuda.get_device_name(device) if gpu else f"cpu ({platform.processor() or platform.machine()}, "
+                 f"{torch.get_num_threads()} threads)", "model": a.model, "pretrained": None,
+                 "batch_size": a.batch_size, "k": a.k, "jpeg_wh": list(wh), "skipped": [], "errors": {}}
+
+    t_load = time.perf_counter()
+    torch.manual_seed(0)
+    bundle = load_clip(a.model, pretrained=None, device=device)
+    model = bundle.model
+    size = image_size(model)
+    res["image_size"] = size
+    res["model_load_s"] = round(time.perf_counter() - t_load, 2)
+    start = time.perf_counter()
+    deadline = start + a.time_limit
+    left = lambda: deadline - time.perf_counter()  # noqa: E731
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench_match_")
+    t = time.perf_counter()
+    paths = make_jpegs(Path(tmp.name), a.n_images, *wh)
+    log(f"generated {a.n_images} JPEGs {wh[0]}x{wh[1]} in {time.perf_counter() - t:.1f}s")
+    labels = np.random.default_rng(0).integers(0, a.classes, a.n_images)
+
+    texts, txt_labels = make_descriptions(a.classes, a.per_class)
+    sync(device)
+    t = time.perf_counter()
+    txt = encode_texts(model, bundle.tokenizer, texts, batch_size=1024)
+    sync(device)
+    res["text_encode_s"] = round(time.perf_counter() - t, 3)
+    res["n_descriptions"] = len(texts)
+    txt_dev = txt.to(device)
+    class_feats = [txt_dev[torch.from_numpy(txt_labels == c)].to(torch.float16 if gpu else torch.float32)
+                   for c in range(a.classes)]
+
+    measure_reference(res, bundle, paths[:a.n_ref], labels[:a.n_ref], texts, txt_labels, class_feats, device,
+                      a.time_limit, tmp.name)
+    u8 = jpeg_breakdown(res, model, paths, labels, txt_dev, txt_labels, size, a.batch_size, a.k, device)
+    cache, cache_labels = cache_throughput(res, model, u8, labels, txt_dev, txt_labels, a, device, left)
+    if gpu:
+        gpu_resident(res, model, cache, cache_labels, txt_dev, txt_labels, a, device, left)
+    finish(res, gpu, start)
     tmp.cleanup()
     text = json.dumps(res)
     if a.json_out:
