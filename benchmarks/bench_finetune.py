@@ -6,8 +6,8 @@ reference run, the full line ``{"model", "pairs_per_s", "mfu", "reference_pairs_
 (a run cut short by a timeout keeps the first). A model skipped for lack of time prints one line with
 ``skipped``.
 
-Workbench: JPEGs decoded once into the uint8 cache (``image_cache``), random resized crop + flip +
-normalise on the device, fp32 master weights, bf16 autocast, fused AdamW, regional ``torch.compile``,
+Workbench: JPEGs (4:3, one in four portrait: ``--aspect``) decoded once into the stage's training cache
+(``whole_image_cache``: each image whole), random resized crop + flip + normalise on the device, fp32 master weights, bf16 autocast, fused AdamW, regional ``torch.compile``,
 the production :class:`workbench.finetune.trainer.Trainer` step. Warm-up runs every trimmed text length
 the timed steps will run (each compiles the text tower once), and ``timed_recompiles`` counts Dynamo
 compiles inside the timed loop (``torch._dynamo.utils.counters``): it should be 0. Reference (same
@@ -17,6 +17,9 @@ process, same files): the GIST recipe - fp16 weights cast to fp32 around each Ad
 MFU = 3 x forward FLOPs per pair (open_clip's profile: ViT-L/14@336 381.9 + 13.3 GFLOPs, ViT-B/16
 35.1 + 6.0; computed here from the architecture, full 77-token text) x pairs/s / 790e12 (a measured
 H200 bf16 matmul peak). ``mfu_executed`` counts the text FLOPs at the trimmed lengths actually timed.
+``input_pipeline_ms`` times the batches alone (index the cache, crop, flip, normalise, text ids) on the
+whole-image cache; ``input_pipeline_centre_ms`` the same on the centre crops (``image_cache``: what training
+cropped before it kept images whole), and ``input_pipeline_ratio`` = whole / centre.
 
     python benchmarks/bench_finetune.py                       # CPU, tiny model
     python benchmarks/bench_finetune.py --device cuda         # ViT-B-16 and ViT-L-14-336, random init
@@ -32,100 +35,37 @@ kernel, then without compile (a try equal to one that failed is skipped), and th
 from __future__ import annotations
 
 import argparse
-import gc
-import json
+import copy
 import os
 import sys
 import tempfile
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
-import torch._dynamo as dynamo
-import torch.nn.functional as F
-from open_clip.model import convert_weights_to_lp
-from PIL import Image
 from torch._dynamo.utils import counters
-from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.clip import image_size, load_clip, resolve_name  # noqa: E402
-from workbench.clip.tiny import adapt  # noqa: E402
-from workbench.data.images import image_cache  # noqa: E402
+from _finetune_bench_util import (  # noqa: E402
+    _free,
+    _sync,
+    add_flops,
+    bench_reference,
+    emit,
+    forward_flops,  # noqa: F401  (tests import it from here)
+    make_captions,
+    write_jpegs,
+)
+
+from workbench.clip import image_size, load_clip  # noqa: E402
+from workbench.data.images import image_cache, whole_image_cache  # noqa: E402
 from workbench.finetune.trainer import FinetuneConfig, Trainer  # noqa: E402
 
-PEAK_FLOPS = 790e12  # measured bf16 dense matmul peak of one H200
 DEFAULT_BATCH = {"tiny": 64, "ViT-B-16": 1024, "ViT-L-14-336": 192}
 MIN_MODEL_S = {"cuda": 30.0, "cpu": 5.0}  # the least time worth starting a model with (setup + compile)
-WORDS = ("red crown white breast dark wings long tail short hooked beak spotted streaked plain buff "
-         "brown blue yellow feathers pale throat black mask grey back barred flanks orange rump").split()
-
-
-def forward_flops(name: str, text_len: int | None = None) -> tuple[float, float]:
-    """(image, text) forward FLOPs per pair of an open_clip ViT CLIP, from its config.
-
-    Matmuls only, 2 FLOPs per MAC: per layer 2n(4w^2 + 2*mlp*w^2) + 4n^2w, plus the patch embedding
-    and projections. Reproduces open_clip's profile (ViT-L/14@336: 381.9 + 13.3 GFLOPs). wb-tiny's conv stem
-    is counted as the patchify convolution it replaces (the benchmark's MFU is for the ViT models).
-    """
-    cfg = open_clip.get_model_config(resolve_name(name))
-    v, t, e = cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"]
-    mlp = v.get("mlp_ratio", 4.0)
-    grid = v["image_size"] // v["patch_size"]
-    n, w = grid * grid + 1, v["width"]
-    img = v["layers"] * (2 * n * (4 + 2 * mlp) * w * w + 4 * n * n * w)
-    img += 2 * (n - 1) * 3 * v["patch_size"] ** 2 * w + 2 * w * e
-    n, w = text_len or t.get("context_length", 77), t["width"]
-    txt = t["layers"] * (2 * n * (4 + 2 * t.get("mlp_ratio", 4.0)) * w * w + 4 * n * n * w) + 2 * w * e
-    return img, txt
-
-
-def write_jpegs(folder: Path, n: int, px: int, workers: int) -> list[Path]:
-    """``n`` JPEG files of ``px`` x ``px`` (smooth colour fields + noise: realistic file sizes)."""
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def one(i):
-        rng = np.random.default_rng(i)
-        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        im = Image.fromarray(small).resize((px, px), Image.BICUBIC)
-        arr = np.asarray(im, dtype=np.int16) + rng.integers(-20, 20, (px, px, 3))
-        path = folder / f"img_{i:05d}.jpg"
-        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(path, quality=90)
-        return path
-
-    with ThreadPoolExecutor(workers) as ex:
-        return list(ex.map(one, range(n)))
-
-
-def make_captions(n_images: int, k: int, seed: int = 0) -> tuple[list[str], list[int], list[int]]:
-    """GIST-style "class: caption" texts, ``k`` per image (about 15-35 CLIP tokens)."""
-    rng = np.random.default_rng(seed)
-    texts, rows, labels = [], [], []
-    for i in range(n_images):
-        label = i % 100
-        for _ in range(k):
-            words = " ".join(rng.choice(WORDS, size=int(rng.integers(8, 22))))
-            texts.append(f"species {label}: {words}.")
-            rows.append(i)
-            labels.append(label)
-    return texts, rows, labels
-
-
-def _free(device):
-    dynamo.reset()  # compiled graphs of the last model are no use to the next
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class OutOfTime(RuntimeError):
@@ -179,6 +119,28 @@ def time_steps(tr, steps: list[int], device) -> tuple[float, int, float]:
     return time.perf_counter() - t, dynamo_frames() - frames, float(loss)
 
 
+def pipeline_ms(tr, device, n: int = 10) -> float:
+    """Milliseconds per batch of ``tr.batch`` alone (index the cache, crop, flip, normalise, text ids)."""
+    tr.batch(0)  # a first call on this cache's shapes
+    _sync(device)
+    t = time.perf_counter()
+    for s in range(n):
+        tr.batch(s)
+    _sync(device)
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def input_pipeline(tr, centre: torch.Tensor, device) -> dict:
+    """The batches alone on the trainer's whole-image cache (the stage's), and the same trainer on the centre
+    crops, as training cropped them before it kept images whole (the baseline)."""
+    whole = pipeline_ms(tr, device)
+    old = copy.copy(tr)  # shares the model and text ids: only its image cache differs
+    old.images, old.sizes = centre.to(tr.images.images.device), None
+    before = pipeline_ms(old, device)
+    return {"input_pipeline_ms": whole, "input_pipeline_centre_ms": before, "input_pipeline_ratio": whole / before,
+            "train_cache_mb": tr.images.nbytes / 2**20, "centre_cache_mb": centre.numel() / 2**20}
+
+
 def bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warmup, compile_, soft, hard,
                     attention="auto", info=None):
     """The production step on ``name``: setup, warm-up (compiles), then up to ``steps`` timed steps, as many as
@@ -189,8 +151,9 @@ def bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warm
     clip, _, tok = load_clip(name, None, "cpu")
     size = image_size(clip)
     t1 = time.perf_counter()
-    images = image_cache(paths, size)  # decode once (cached on disk, keyed by the files)
+    images = whole_image_cache(paths, size)  # the stage's training cache: decoded once, cached on disk
     decode_s = time.perf_counter() - t1
+    centre = image_cache(paths, size)  # stored by that decode: the old training cache, for the baseline
     keep = len(texts) // batch * batch  # whole batches: the trainer then runs exactly `batch`
     if keep == 0:
         raise ValueError(f"{len(texts)} pairs are fewer than one batch of {batch}; pass more --images")
@@ -214,104 +177,21 @@ def bench_workbench(name, paths, texts, rows, labels, device, batch, steps, warm
     if n < 1:
         raise OutOfTime(f"warm-up and compile took {time.perf_counter() - t0:.0f} s; no time left to time a step")
     dt, recompiles, final_loss = time_steps(tr, left[:n], device)
-    t1 = time.perf_counter()  # the input pipeline alone (index the cache, crop, flip, normalise, text ids)
-    for s in range(5):
-        tr.batch(s)
-    _sync(device)
     out = {
         "pairs_per_s": n * tr.B / dt, "batch_size": tr.B, "steps_timed": n, "step_ms": dt / n * 1e3,
         "timed_recompiles": recompiles, "text_lengths_warmed": sorted(warmed) if warmed is not None else None,
-        "input_pipeline_ms": (time.perf_counter() - t1) / 5 * 1e3, "warmup_s": warm_s, "warmup_steps": n_warm,
+        **input_pipeline(tr, centre, device), "warmup_s": warm_s, "warmup_steps": n_warm,
         "setup_s": setup_s, "decode_images_per_s": len(paths) / decode_s, "image_px": size, "pairs": tr.n,
         "compile": tr.cfg.compile, "attention": tr.attention, "final_loss": final_loss,
         "text_tokens_run": float(np.mean([tr.text_length(s) for s in left[:n]])),
     }
     if device.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del tr, clip, images
+    del tr, clip, images, centre
     _free(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     return out
-
-
-class _JpegPairs(torch.utils.data.Dataset):
-    """The reference data path: open the JPEG, RandomResizedCrop + flip + ToTensor + Normalize (PIL)."""
-
-    def __init__(self, paths, rows, ids, size, mean, std):
-        self.paths, self.rows, self.ids = paths, rows, ids
-        self.tf = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC),
-                             T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        with Image.open(self.paths[self.rows[i]]) as im:
-            return self.tf(im.convert("RGB")), self.ids[i]
-
-
-def bench_reference(name, paths, texts, rows, device, steps, warmup, workers, budget_s):
-    """The GIST recipe: fp16 weights (fp32 on CPU, which has no fast fp16), cast to fp32 around each Adam step."""
-    t0 = time.perf_counter()
-    fp16 = device.type == "cuda"
-    torch.manual_seed(0)
-    model = open_clip.create_model(resolve_name(name), precision="fp16" if fp16 else "fp32", device=device)
-    adapt(resolve_name(name), model)  # the same architecture as the workbench's (wb-tiny's conv stem)
-    model.train()
-    tok = open_clip.get_tokenizer(resolve_name(name))
-    pp = open_clip.get_model_preprocess_cfg(model)
-    size = pp["size"][0] if isinstance(pp["size"], (tuple, list)) else pp["size"]
-    ids = tok(texts)
-    ds = _JpegPairs([str(p) for p in paths], rows, ids, size, pp["mean"], pp["std"])
-    loader = torch.utils.data.DataLoader(ds, batch_size=20, shuffle=True, drop_last=True, num_workers=workers,
-                                         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-6, betas=(0.9, 0.98), eps=1e-6, weight_decay=1e-3)
-    gt = torch.arange(20, device=device)
-
-    def to_fp32(m):  # the recipe's convert_models_to_fp32
-        for p in m.parameters():
-            p.data = p.data.float()
-            if p.grad is not None:
-                p.grad.data = p.grad.data.float()
-
-    done, t_start, dtype = 0, None, torch.float16 if fp16 else torch.float32
-    it = iter(loader)
-    while True:
-        try:
-            x, t = next(it)
-        except StopIteration:
-            it = iter(loader)
-            x, t = next(it)
-        x, t = x.to(device, dtype), t.to(device)
-        opt.zero_grad()
-        li, lt = model.get_logits(x, t)
-        loss = (F.cross_entropy(li, gt) + F.cross_entropy(lt, gt)) / 2
-        loss.backward()
-        if fp16:
-            to_fp32(model)
-            opt.step()
-            convert_weights_to_lp(model, torch.float16)
-        else:
-            opt.step()
-        done += 1
-        if done == warmup:
-            _sync(device)
-            t_start = time.perf_counter()
-            step_s = None
-        elif t_start is not None:
-            timed = done - warmup
-            if timed == 1:
-                _sync(device)
-                step_s = time.perf_counter() - t_start
-            if timed >= steps or (step_s and time.perf_counter() - t0 + step_s > budget_s and timed >= 3):
-                break
-    _sync(device)
-    dt = time.perf_counter() - t_start
-    del model, opt, loader, it
-    _free(device)
-    return {"reference_pairs_per_s": timed * 20 / dt, "reference_steps_timed": timed,
-            "reference_precision": "fp16 weights, fp32 step" if fp16 else "fp32 (CPU)", "reference_workers": workers}
 
 
 def run_workbench(name, data, device, batch, steps, warmup, compile_, soft, hard) -> dict:
@@ -339,20 +219,6 @@ def run_workbench(name, data, device, batch, steps, warmup, compile_, soft, hard
             if isinstance(e, (torch.cuda.OutOfMemoryError, OutOfTime)):
                 break
     return out
-
-
-def add_flops(res: dict, name: str, cuda: bool) -> None:
-    img_f, txt_f = forward_flops(name)
-    res["gflops_per_pair_forward"] = round((img_f + txt_f) / 1e9, 2)
-    if "pairs_per_s" in res:
-        exec_f = sum(forward_flops(name, round(res["text_tokens_run"])))
-        res["tflops"] = 3 * (img_f + txt_f) * res["pairs_per_s"] / 1e12
-        res["mfu"] = 3 * (img_f + txt_f) * res["pairs_per_s"] / PEAK_FLOPS if cuda else None
-        res["mfu_executed"] = 3 * exec_f * res["pairs_per_s"] / PEAK_FLOPS if cuda else None
-
-
-def emit(res: dict) -> None:
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}), flush=True)
 
 
 def bench_model(name, i, data, a, ctx) -> None:
@@ -395,7 +261,10 @@ def main(argv=None):
     p.add_argument("--models", default=None, help="comma-separated (default: tiny on CPU, ViT-B-16,ViT-L-14-336 on CUDA)")
     p.add_argument("--batch-size", type=int, default=None, help="override the per-model default batch")
     p.add_argument("--images", type=int, default=None, help="JPEG files to write (default: 2000 on CUDA, 256 on CPU)")
-    p.add_argument("--image-px", type=int, default=None, help="side of the JPEG files (default 384 on CUDA, 96 on CPU)")
+    p.add_argument("--image-px", type=int, default=None,
+                   help="short side of the JPEG files (default 384 on CUDA, 96 on CPU)")
+    p.add_argument("--aspect", type=float, default=4 / 3,
+                   help="long / short side of the JPEG files (every fourth portrait; 1: squares)")
     p.add_argument("--captions", type=int, default=4, help="captions per image (pairs = images x captions)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (at most; bounded by --budget-s)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (compile happens here)")
@@ -426,8 +295,9 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="bench_finetune_") as tmp:
         os.environ.setdefault("WORKBENCH_CACHE", str(Path(tmp) / "cache"))
         t0 = time.perf_counter()
-        paths = write_jpegs(Path(tmp) / "jpeg", n_images, px, workers=max(1, os.cpu_count() or 1))
-        ctx["tail"] = {"images": n_images, "jpeg_px": px, "jpeg_write_s": round(time.perf_counter() - t0, 2),
+        paths = write_jpegs(Path(tmp) / "jpeg", n_images, px, max(1, os.cpu_count() or 1), a.aspect)
+        ctx["tail"] = {"images": n_images, "jpeg_px": px, "jpeg_aspect": round(a.aspect, 4),
+                       "jpeg_write_s": round(time.perf_counter() - t0, 2),
                        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
         texts, rows, labels = make_captions(n_images, a.captions)
         for i, name in enumerate(models):

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from toydata import make_matches, make_toy_dataset  # noqa: E402
 
 from workbench import finetune as ft  # noqa: E402
-from workbench.finetune import trainer  # noqa: E402
+from workbench.finetune import step, trainer  # noqa: E402
 from workbench.finetune.augment import apply_crops, center_normalize, crop_params, random_resized_crop  # noqa: E402
 from workbench.finetune.checkpoint import load_state  # noqa: E402
 from workbench.io import read_json, read_jsonl, write_jsonl  # noqa: E402
@@ -175,7 +175,7 @@ def test_resume_state_of_another_optimizer_layout_is_refused_clearly(toy, tmp_pa
         return [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": weight_decay, "tower": "all"},
                 {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0, "tower": "all"}]
 
-    monkeypatch.setattr(trainer, "param_groups", two_groups)
+    monkeypatch.setattr(step, "param_groups", two_groups)  # what make_optimizer groups by
     m = _tiny()
     part = ft.train_run(m.model, m.tokenizer, ft.FinetuneConfig(**cfg, max_steps=2, checkpoint_every=2), images, rows,
                         texts, labels, out_dir=tmp_path / "b", run="b")

@@ -1,4 +1,5 @@
-"""Image decoding: validate files, decode each once into a uint8 tensor cache.
+"""Image decoding: validate files, decode each once into a uint8 tensor cache: centre crops for
+evaluation (:func:`image_cache`), whole images for training's crops (:func:`whole_image_cache`).
 
 Files are decoded as a photo viewer shows them (:func:`to_rgb`): EXIF orientation applied, 16-bit
 samples scaled to 8 bits, CMYK and palette images converted, and transparency composited over
@@ -8,6 +9,7 @@ change here never reuses images (or features) decoded the old way.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..cache import cached_tensors, file_fingerprint
 from ..io import cache_root, hash_key, read_json, write_json
-from .geometry import resize_crop_pil
+from .geometry import crop_box, resize_crop_pil
 
 
 class BadImagesError(ValueError):
@@ -70,13 +72,14 @@ def _decode(path: str, size: int) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
-def _decode_or_reason(path: str, size: int) -> tuple[np.ndarray | None, str | None]:
+def _decode_or_reason(path: str, *args, decode=_decode) -> tuple:
+    """``(decode(path, *args), None)``, or ``(None, why the file cannot be read)``."""
     if not Path(path).exists():
         return None, "missing"
     if Path(path).stat().st_size == 0:
         return None, "empty file"
     try:
-        return _decode(path, size), None  # convert() loads every pixel: truncated files raise here
+        return decode(path, *args), None  # convert() loads every pixel: truncated files raise here
     except Exception as e:  # PIL raises many types for corrupt data
         return None, f"{type(e).__name__}: {e}"
 
@@ -152,3 +155,106 @@ def check_images(paths: list[str], size: int, keep_partial: bool = True) -> list
             image_cache([p for p in paths if p not in reason], size, images=images)
     write_json(path, [list(b) for b in bad])
     return bad
+
+
+# Training crops sample the whole image, as open_clip, FLYP and GIST train (RandomResizedCrop of the
+# photo), not its centre square: each image keeps its short side at the model's size S, its long side
+# at most TRAIN_MAX_ASPECT x S (a wider image is resized down whole to fit, keeping its aspect).
+TRAIN_MAX_ASPECT = 4 / 3
+WHOLE_LAYOUT = 1  # bump when the canvas layout below changes: it keys the cache
+
+
+@dataclass(frozen=True)
+class WholeImages:
+    """Whole images on one uint8 canvas ``N x 3 x S x W``, the long side along W: image i fills the
+    top-left ``sizes[i]`` of its canvas, transposed when portrait (h > w), the rest repeats its edge
+    pixels. ``sizes``: ``N x 2`` int32, each image's (h, w) as it is shown. A set of square images
+    has ``W == S`` and the very pixels of :func:`image_cache`."""
+
+    images: torch.Tensor
+    sizes: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, rows) -> WholeImages:
+        return WholeImages(self.images[rows], self.sizes[rows])
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel() * self.images.element_size() + self.sizes.numel() * self.sizes.element_size()
+
+
+def whole_size(w: int, h: int, size: int, long_side: int) -> tuple[int, int]:
+    """``(new_w, new_h)`` of a ``w x h`` image kept whole: short side ``size`` (rounded as the centre
+    crop's resize, so both caches share its pixels), unless the long side then exceeds ``long_side``:
+    then the long side is ``long_side``."""
+    nw, nh, _, _ = crop_box(w, h, size)
+    if max(nw, nh) <= long_side:
+        return nw, nh
+    f = long_side / max(w, h)
+    return (long_side, max(1, round(h * f))) if w >= h else (max(1, round(w * f)), long_side)
+
+
+def _decode_both(path: str, size: int, long_side: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """(centre crop ``3 x size x size``, whole image ``3 x short x long`` (transposed when portrait),
+    its (h, w) as shown) of one file, decoded once."""
+    with Image.open(path) as im:
+        im = to_rgb(im)
+        centre = np.asarray(resize_crop_pil(im, size), dtype=np.uint8).transpose(2, 0, 1).copy()
+        whole = np.asarray(im.resize(whole_size(*im.size, size, long_side), Image.BICUBIC), dtype=np.uint8)
+    h, w = whole.shape[:2]
+    return centre, whole.transpose(2, 1, 0) if h > w else whole.transpose(2, 0, 1), (h, w)
+
+
+def _place(canvas: torch.Tensor, arr: np.ndarray) -> None:
+    """``arr`` (3 x h x w) into the top-left of ``canvas``; its edge pixels repeated to the right and below,
+    so even a rounding-level read past the edge sees the image's own border."""
+    _, h, w = arr.shape
+    canvas[:, :h, :w] = torch.from_numpy(np.ascontiguousarray(arr))
+    canvas[:, :h, w:] = canvas[:, :h, w - 1 : w]
+    canvas[:, h:, :] = canvas[:, h - 1 : h, :]
+
+
+def decode_whole(paths, size: int, long_side: int, workers: int = 8,
+                 progress: bool = False) -> tuple[WholeImages, torch.Tensor]:
+    """``(WholeImages, centre crops N x 3 x size x size)`` of ``paths``, each file decoded once. Raises
+    :class:`BadImagesError` listing every unreadable file."""
+    paths = [str(p) for p in paths]
+    canvas = torch.empty((len(paths), 3, size, long_side), dtype=torch.uint8)
+    centre = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    sizes = torch.empty((len(paths), 2), dtype=torch.int32)
+    bad = []
+    with ThreadPoolExecutor(workers) as ex:
+        it = ex.map(lambda p: _decode_or_reason(p, size, long_side, decode=_decode_both), paths)
+        for i, (got, reason) in enumerate(tqdm(it, total=len(paths), disable=not progress, desc="decode")):
+            if reason is not None:
+                bad.append((paths[i], reason))
+                continue
+            centre[i] = torch.from_numpy(got[0])
+            _place(canvas[i], got[1])
+            sizes[i] = torch.tensor(got[2])
+    if bad:
+        raise BadImagesError(bad)
+    width = max([size, *sizes.flatten().tolist()])  # the canvas is as wide as its widest image
+    return WholeImages(canvas[..., :width].contiguous(), sizes), centre
+
+
+def _whole_cache_key(paths: list[str], size: int, long_side: int) -> str:
+    return hash_key("images-whole", WHOLE_LAYOUT, DECODE_VERSION, size, long_side, file_fingerprint(paths))
+
+
+def whole_image_cache(paths, size: int, max_aspect: float = TRAIN_MAX_ASPECT, progress: bool = False) -> WholeImages:
+    """The training cache: :func:`decode_whole`, cached on disk beside :func:`image_cache` (keyed by the
+    files, ``size``, the long-side cap ``round(size * max_aspect)`` and :data:`WHOLE_LAYOUT`). Decoding
+    also stores the files' :func:`image_cache` entry, so validation's centre crops decode nothing."""
+    paths = [str(p) for p in paths]
+    long_side = max(size, round(size * max_aspect))
+
+    def compute():
+        whole, centre = decode_whole(paths, size, long_side, progress=progress)
+        image_cache(paths, size, images=centre)  # kept unless an entry exists (then the same pixels)
+        return {"images": whole.images, "sizes": whole.sizes}
+
+    out = cached_tensors("images", _whole_cache_key(paths, size, long_side), compute)
+    return WholeImages(out["images"], out["sizes"])

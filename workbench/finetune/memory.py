@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.images import WholeImages
+
 
 @dataclass(frozen=True)
 class Tower:
@@ -76,10 +78,19 @@ def training_need(clip, batch: int, bf16: bool, checkpointing: bool, text_trains
     return training_bytes(shapes if text_trains else shapes[:1], trainable, batch, 2 if bf16 else 4, checkpointing)
 
 
-def place_images(images: torch.Tensor, device: torch.device, need_bytes: int | None) -> torch.Tensor:
-    """The uint8 cache on the GPU when it fits beside ``need_bytes`` (indexing there costs nothing), else
-    as it is, in host memory."""
+def place_images(images, device: torch.device, need_bytes: int | None):
+    """The uint8 cache (a tensor, or :class:`~workbench.data.images.WholeImages`: its canvas and sizes) on
+    the GPU when it fits beside ``need_bytes`` (indexing there costs nothing), else as it is, in host memory."""
     if device.type != "cuda":
         return images
     free, _ = torch.cuda.mem_get_info(device)
-    return images.to(device) if cache_fits(images.numel() * images.element_size(), free, need_bytes) else images
+    if not cache_fits(cache_bytes(images), free, need_bytes):
+        return images
+    if isinstance(images, WholeImages):
+        return WholeImages(images.images.to(device), images.sizes.to(device))
+    return images.to(device)
+
+
+def cache_bytes(images) -> int:
+    """Device bytes the cache takes: a whole-image cache counts its whole canvas (up to 4/3 of the squares)."""
+    return images.nbytes if isinstance(images, WholeImages) else images.numel() * images.element_size()

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..clip import image_size, load_clip
 from ..clip.device import auto_device
 from ..data import Dataset, DrawSpec, draw_seed, load_dataset, parse_shots, train_images_sha256
-from ..data.images import image_cache
+from ..data.images import image_cache, whole_image_cache
 from ..identity import (
     dataset_identity,
     descriptions_sha256,
@@ -107,17 +107,20 @@ def _check(methods, seeds, train_options) -> None:
 
 
 def _image_caches(model: str, pretrained, train_all: Dataset, val_ds: Dataset, progress: bool):
-    """The uint8 caches of the train and val images. Under DDP rank 0 goes first: it may pretrain or
-    download the weights and decodes the images; the other ranks then read both."""
+    """The uint8 caches: the train images whole (training's crops sample all of each image), and centre
+    crops of the train images (validation's probe) and of the val images. Under DDP rank 0 goes first: it
+    may pretrain or download the weights and decodes the images; the other ranks then read them."""
     rank, world = rank_world()
     for turn in ([0, 1] if world > 1 else [0]):
         if (rank == 0) == (turn == 0):
             size = image_size(load_clip(model, pretrained, "cpu").model)
-            train_cache = image_cache(train_all.paths(), size, progress=progress and rank == 0)
-            val_cache = image_cache(val_ds.paths(), size, progress=progress and rank == 0)
+            show = progress and rank == 0
+            train_whole = whole_image_cache(train_all.paths(), size, progress=show)  # stores the centre crops too
+            train_centre = image_cache(train_all.paths(), size, progress=show)
+            val_cache = image_cache(val_ds.paths(), size, progress=show)
         if world > 1:
             dist.barrier()
-    return train_cache, val_cache
+    return train_whole, train_centre, val_cache
 
 
 @dataclass
@@ -152,13 +155,14 @@ def run_identity(ctx: Context, cfg: FinetuneConfig, k, seed: int, sub: Dataset, 
 def _train_one(ctx: Context, method: str, k, seed: int) -> dict:
     """One (method, shots, seed) run: its draw and pairs, fresh weights, :func:`train_run`; returns its
     summary with its identity."""
-    train_cache, val_cache = ctx.caches
+    train_whole, train_cache, val_cache = ctx.caches
     ds, name = ctx.ds, run_name(method, k, seed)
     cfg = FinetuneConfig(method=method, seed=draw_seed(ctx.spec.base_seed, seed), **ctx.train_options)
     train_all, val_all = ds.split("train"), ds.split("val")
     drawn = ctx.spec.subset(ds, k, seed)
     sub, val_ds = drawn.split("train"), drawn.split("val")
-    images = train_cache[torch.tensor(_rows(train_all, sub))]
+    train_rows = torch.tensor(_rows(train_all, sub))
+    images, whole = train_cache[train_rows], train_whole[train_rows]  # centre crops for the probe, whole to train
     val_images = val_cache if len(val_ds.table) == len(val_all.table) else val_cache[torch.tensor(_rows(val_all, val_ds))]
     pair_rows, texts, pair_labels = build_pairs(sub, method, cfg.captions_per_image, ctx.matches)
     identity = run_identity(ctx, cfg, k, seed, drawn, texts)
@@ -172,7 +176,7 @@ def _train_one(ctx: Context, method: str, k, seed: int) -> dict:
 
     meta = {"model": ctx.model, "pretrained": ctx.pretrained, "method": method, "shots": k, "seed": seed,
             "identity": digest(identity)}
-    r = train_run(bundle.model, bundle.tokenizer, cfg, images, pair_rows, texts, pair_labels, validate=val_fn,
+    r = train_run(bundle.model, bundle.tokenizer, cfg, whole, pair_rows, texts, pair_labels, validate=val_fn,
                   out_dir=ctx.run_dir / "checkpoints" / name, log_path=ctx.run_dir / TRAIN_LOG, run=name,
                   device=ctx.device, resume=ctx.resume, progress=ctx.progress, meta=meta, identity=identity)
     r.update(method=method, shots=k, seed=seed, identity=identity)
