@@ -49,6 +49,28 @@ META: dict[str, tuple[str, Any]] = {
 }
 # Keys the pipeline sets itself; not configurable.
 RESERVED = {"run_dir"}
+# Parameters that change no output of their stage, each with the reason: ``name`` (every stage that declares
+# it) or ``stage.name``. Every other parameter must change what its stage writes
+# (tests/test_parameter_reach.py); 03_finetune's are the ones FinetuneConfig.OUTPUT_NEUTRAL keeps out of a
+# run's identity.
+OUTPUT_NEUTRAL: dict[str, str] = {
+    "run_dir": "where the outputs go, not what they are",
+    "progress": "progress bars only",
+    "interactive": "builds ipywidgets explorers in the notebook; writes nothing",
+    "device": "the hardware that computes (clip/device.py auto_device): the same computation up to rounding",
+    "describe.api_key_env": "the name of the variable holding the API key, not the endpoint or the model",
+    "describe.max_concurrency": "HTTP requests in flight at once: the same requests are sent",
+    "describe.timeout_s": "how long one HTTP request may take before it is retried, not what it answers",
+    "describe.max_retries": "how often a failed HTTP request is retried, not what an answer says",
+    "describe.examples_per_class": "how many descriptions per class the notebook shows; nothing is written",
+    "match.batch_size": "images per encoder batch: the same features",
+    "evaluate.batch_size": "images per encoder batch: the same features",
+    "align.batch_size": "image-caption pairs per forward pass: the same maps",
+    "finetune.compile": "torch.compile of the same blocks: the same kernels and the same run",
+    "finetune.grad_checkpointing": "activations recomputed in backward: the same gradients, less memory",
+    "finetune.attention": "which GPU kernel computes attention (the default one on a CPU): the same attention",
+    "finetune.resume": "an interrupted run continues from its checkpoint to the run it would have been",
+}
 # ``model=<arch>`` also switches a stage's ``pretrained`` to the tag the workbench provides for it.
 DEFAULT_TAGS = {"tiny": "synthetic", "wb-tiny": "synthetic"}
 

@@ -75,7 +75,8 @@ def pointing(p: Params, s: Setup) -> tuple[dict, Path]:
     and the saved figure."""
     results = report.run_pointing(p.run_dir, s.bundles, s.images, s.items, p.methods, note=s.note,
                                   batch_size=p.batch_size, progress=p.progress,
-                                  extra={"dataset": p.dataset, "split": p.split, "n_images": len(s.files)})
+                                  extra={"dataset": p.dataset, "split": p.split, "n_images": len(s.files),
+                                         "caption_template": p.caption_template})
     fig = plots.plot_pointing(results, title=f"pointing game, {p.dataset} {p.split} ({len(s.items)} part queries)")
     path = plots.save(fig, p.run_dir, "pointing")
     plt.close(fig)
