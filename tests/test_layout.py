@@ -4,8 +4,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "workbench"
 STAGES = ("pretrain", "describe", "match", "finetune", "evaluate", "align")
@@ -109,7 +107,6 @@ def test_the_lower_layers_do_not_draw():
     assert not found, found
 
 
-@pytest.mark.xfail(strict=True, reason="run_name/run_warnings move to runs.py")
 def test_evaluation_does_not_import_finetuning():
     """evaluate/ reads fine-tuning's results through the run folder (runs.py), never from finetune/."""
     assert not _layer_breaches("evaluate", "finetune")

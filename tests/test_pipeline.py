@@ -1,5 +1,6 @@
 """The papermill runner and the CLI, on small notebooks built here."""
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -97,6 +98,28 @@ def test_relative_data_root_made_absolute(nb_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     p = pipeline.plan("demo", ["data_root=some/where"], name="t3", reports=tmp_path / "r")
     assert p.config["data_root"] == str(tmp_path / "some" / "where")
+
+
+def test_relative_shot_files_made_absolute(nb_dir, tmp_path, monkeypatch):
+    """A shot file named relative to where `workbench run` starts is the same file inside the run folder."""
+    monkeypatch.chdir(tmp_path)
+    p = pipeline.plan("demo", ["shot_files={1: meta/metadata_1shot.csv, 3: ~/m3.csv}"], name="t4", reports=tmp_path / "r")
+    assert p.config["shot_files"] == {1: str(tmp_path / "meta" / "metadata_1shot.csv"),
+                                      3: str(Path("~/m3.csv").expanduser())}
+
+
+@pytest.mark.parametrize("bad", ["../escape", "a/b", "..", ".", "with space", "x;rm"])
+def test_a_run_name_must_be_one_folder_name(nb_dir, tmp_path, capsys, bad):
+    rc = cli.main(["run", "demo", "--name", bad, "--reports", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"run name {bad!r} is not allowed" in err and "letters, digits" in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("*"))  # nothing written anywhere
+    assert not (tmp_path / "escape").exists()
+
+
+def test_a_run_name_of_dots_and_dashes_is_fine(nb_dir, tmp_path):
+    assert pipeline.plan("demo", [], name="gist-v1.2_a", reports=tmp_path).name == "gist-v1.2_a"
 
 
 def test_wrong_data_root_fails_before_any_stage(nb_dir, tmp_path, capsys):

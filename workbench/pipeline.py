@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import datetime as _dt
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -186,13 +187,31 @@ def plan(target: str, sets: list[str] = (), name: str | None = None, stages: lis
     if stages:
         cfg["stages"] = list(stages)
         C.validate(cfg, schema)
+    # Notebooks run with the run directory as cwd: a relative path must not change meaning.
     if cfg.get("data_root"):
-        # Notebooks run with the run directory as cwd: a relative root must not change meaning.
-        cfg["data_root"] = str(Path(cfg["data_root"]).expanduser().resolve())
+        cfg["data_root"] = _absolute(cfg["data_root"])
+    if cfg.get("shot_files"):
+        cfg["shot_files"] = {k: _absolute(v) for k, v in cfg["shot_files"].items()}
     chosen = cfg.get("stages") or list(all_stages)
     selected = {s: p for s, p in all_stages.items() if s in chosen}
-    name = name or (Path(target).stem if Path(target).suffix in (".yaml", ".yml") else target)
+    name = check_run_name(name or (Path(target).stem if Path(target).suffix in (".yaml", ".yml") else target))
     return RunPlan(name, Path(reports).resolve() / name, cfg, selected, schema)
+
+
+def _absolute(path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it is one folder name under reports/ (letters, digits, ``.``, ``_``, ``-``; not ``.`` or
+    ``..``), else a ValueError naming the rule: ``--name ../x`` or ``a/b`` would write outside its run folder."""
+    if not RUN_NAME.fullmatch(name or "") or name in (".", ".."):
+        raise ValueError(f"run name {name!r} is not allowed: a run name is one folder name made of letters, digits, "
+                         "'.', '_' and '-' (not '.' or '..'); pass --name NAME")
+    return name
 
 
 def check_dataset(cfg: dict):

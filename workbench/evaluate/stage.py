@@ -7,10 +7,9 @@ from pathlib import Path
 
 from ..clip import load_clip
 from ..data import Dataset, DrawSpec, load_dataset, parse_shots
-from ..finetune import run_name, run_warnings
 from ..identity import dataset_identity, digest, weights_identity, with_version
 from ..params import Params
-from ..runs import DESCRIPTIONS, locked, read_index, read_metrics, update_metrics
+from ..runs import DESCRIPTIONS, locked, read_index, read_metrics, run_name, run_warnings, update_metrics
 from .compare import finetuned_rows, probe_rows, zero_shot_rows
 from .draws import check_draws, dataset_features
 from .paired import comparisons

@@ -3,12 +3,12 @@
 Modules: ``config`` (one run's settings), ``trainer`` (the one training loop, shared with pretraining),
 ``losses`` (CLIP, class-aware, multi-positive, FILIP), ``augment`` (crops on the device),
 ``checkpoint``, ``attention`` (GPU kernel choice), ``validate`` (checkpoint selection on val),
-``health`` (``run_warnings``: collapsed or unmoved runs, in words), ``plots``, ``stage`` (what
+``plots``, ``stage`` (what
 notebook 03_finetune calls), ``__main__`` (``torchrun -m workbench.finetune``).
 """
+from ..runs import run_name, run_warnings, warnings_note  # noqa: F401  (stored in the run folder: runs.py)
 from .config import ATTENTION, METHODS, FinetuneConfig
-from .health import run_warnings, warnings_note
-from .plots import plot_training, run_name, summary_table
+from .plots import plot_training, summary_table
 from .stage import CLASSNAME_TEMPLATE, build_pairs, finetune_all, plan_runs, planned_runs, run, train_options
 from .trainer import NonFiniteLossError, Trainer, TrainStep, compute_loss, lr_at, train_run
 from .validate import ZEROSHOT_TEMPLATES, validate

@@ -31,9 +31,8 @@ from ..clip.device import cuda_wanted
 from ..config import COMMON, META, ConfigError, dump, load_schema, load_yaml, parse_set, resolve, stage_parameters
 from ..io import atomic_write_text
 from ..params import Params
-from ..runs import PARAMS, RunBusyError, read_metrics, run_lock
+from ..runs import PARAMS, RunBusyError, read_metrics, run_lock, run_name
 from .distributed import abort_on_error, ddp_timeout, init_distributed
-from .plots import run_name
 from .stage import run
 from .trainer import rank_world
 

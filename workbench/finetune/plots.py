@@ -9,11 +9,7 @@ import pandas as pd
 
 from ..plots import save_figure
 from ..runs import FINETUNE_METHODS as METHODS
-from ..runs import read_index, read_train_log
-
-
-def run_name(method: str, shots, seed: int) -> str:
-    return f"{method}-{shots}-s{seed}"
+from ..runs import read_index, read_train_log, run_name
 
 
 def summary_table(run_dir: str | Path):

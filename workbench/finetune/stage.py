@@ -38,13 +38,13 @@ from ..runs import (
     read_metrics,
     retire_index,
     run_lock,
+    run_name,
+    run_warnings,
     update_index,
     update_metrics,
 )
 from ..runs import FINETUNE_METHODS as METHODS
 from .config import FinetuneConfig
-from .health import run_warnings
-from .plots import run_name
 from .trainer import rank_world, train_run
 from .validate import validate
 

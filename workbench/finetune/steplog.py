@@ -1,6 +1,6 @@
 """The step log of a fine-tuning run (:class:`StepLog`, a part of :class:`~workbench.finetune.run.TrainRun`):
 losses checked finite (one sync per flush) before they are logged or any checkpoint is written, a stop
-naming the last good checkpoint, per-epoch mean losses (``workbench.finetune.health`` reads them) and
+naming the last good checkpoint, per-epoch mean losses (``workbench.runs.run_warnings`` reads them) and
 the run's summary."""
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class StepLog:
             "val_zeroshot_top1": best.get("val_zeroshot_top1"),
             "history": self.history,
             # mean loss of the first and the last epoch trained, and of uniform scores (ln batch): a
-            # last epoch still at chance is a collapsed run (workbench.finetune.health)
+            # last epoch still at chance is a collapsed run (workbench.runs.run_warnings)
             "loss_first_epoch": losses[0] if losses else None,
             "loss_last_epoch": losses[-1] if losses else None,
             "loss_chance": math.log(tr.B),
