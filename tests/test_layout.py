@@ -144,3 +144,13 @@ def test_one_home_for_each_concept():
     for name in ("bootstrap_ci", "paired_difference", "sign_flip_p", "bootstrap_p", "wilson_interval", "holm"):
         assert _defining(rf"def {name}\(") == ["stats.py"], name
     assert _defining(r"(?i)\.integers\(0, n\b") == ["stats.py"]  # bootstrap indices are drawn in one place
+    # device choice ("auto" -> cuda or cpu); results.py only names the machine's GPU in the report
+    assert _defining(r"cuda\.is_available\(\)") == ["clip/device.py", "results.py"]
+    # zero-shot classification from class names: prompts, classifier, scores (templates are parameters)
+    for name in ("classname_prompts", "classname_classifier", "classname_scores"):
+        assert _defining(rf"def {name}\(") == ["clip/zeroshot.py"], name
+    assert _defining(r"\.format\(c\)|for t in templates") == ["clip/zeroshot.py"]
+    # augmentation: crops, shifts and flips of training batches
+    assert _defining(r"grid_sample\(|mode=\"reflect\"|\.flip\(-1\)") == ["finetune/augment.py"]
+    # normalisation: the model's mean/std as device constants
+    assert _defining(r"def channel_constants\(") == ["clip/encode.py"]

@@ -25,7 +25,7 @@ DESCRIPTIONS = "descriptions.jsonl"
 MATCHES = "matches.jsonl"
 TRAIN_LOG = "train_log.jsonl"
 INDEX = "checkpoints/index.json"
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = "checkpoints"  # one folder per fine-tuning run (run_name), beside INDEX
 
 # Which stage writes each file, for "run the ... first" errors.
 WRITERS = {

@@ -172,8 +172,14 @@ def random_resized_crop(
     return apply_crops(images, params, size, mean, std, dtype)
 
 
-def center_normalize(images: torch.Tensor, size: int, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD) -> torch.Tensor:
-    """Evaluation transform for a cache already at ``size``: whole image, no flip, normalised."""
-    n = images.shape[0]
-    params = torch.tensor([[0.5, 0.5, 1.0, 1.0, 1.0]]).expand(n, 5)
-    return apply_crops(images, params, size, mean, std)
+def shift_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Light augmentation on a uint8 batch, kept uint8: one random shift for the batch (reflect pad by ``pad``
+    + crop) and a horizontal flip per image. The tiny CLIP's pretraining recipe (its images are the
+    synthetic benchmark's whole squares, so a shift, not a resized crop)."""
+    n, _, h, w = x.shape
+    xp = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
+    x = xp[..., dy : dy + h, dx : dx + w]
+    flip = torch.rand(n, generator=gen) < 0.5
+    x[flip] = x[flip].flip(-1)
+    return x.round().clamp(0, 255).to(torch.uint8)

@@ -30,6 +30,7 @@ from ..identity import (
 )
 from ..params import Params
 from ..runs import (
+    CHECKPOINTS,
     DESCRIPTIONS,
     MATCHES,
     TRAIN_LOG,
@@ -177,7 +178,7 @@ def _train_one(ctx: Context, method: str, k, seed: int) -> dict:
     meta = {"model": ctx.model, "pretrained": ctx.pretrained, "method": method, "shots": k, "seed": seed,
             "identity": digest(identity)}
     r = train_run(bundle.model, bundle.tokenizer, cfg, whole, pair_rows, texts, pair_labels, validate=val_fn,
-                  out_dir=ctx.run_dir / "checkpoints" / name, log_path=ctx.run_dir / TRAIN_LOG, run=name,
+                  out_dir=ctx.run_dir / CHECKPOINTS / name, log_path=ctx.run_dir / TRAIN_LOG, run=name,
                   device=ctx.device, resume=ctx.resume, progress=ctx.progress, meta=meta, identity=identity)
     r.update(method=method, shots=k, seed=seed, identity=identity)
     return r

@@ -26,6 +26,7 @@ from ..cache import cached_tensors
 from ..clip import load_clip, normalize_images, token_mask, trim
 from ..clip.weights import PACKAGE_WEIGHTS, WEIGHTS_DIR, trim_token_table
 from ..data import synthetic as syn
+from ..finetune.augment import shift_flip
 from ..finetune.config import FinetuneConfig
 from ..finetune.losses import multi_positive_loss
 from ..finetune.trainer import TrainStep, lr_at
@@ -71,17 +72,6 @@ def _render(config: dict) -> dict[str, torch.Tensor]:
     return {"images": torch.from_numpy(images), "attributes": torch.tensor(codes, dtype=torch.uint8)}
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Light augmentation on a uint8 batch: random shift (reflect pad + crop) and horizontal flip."""
-    n, _, h, w = x.shape
-    xp = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
-    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
-    x = xp[..., dy : dy + h, dx : dx + w]
-    flip = torch.rand(n, generator=gen) < 0.5
-    x[flip] = x[flip].flip(-1)
-    return x.round().clamp(0, 255).to(torch.uint8)
-
-
 def default_threads() -> int:
     """2 CPU threads, or 1 when the machine is already busy.
 
@@ -111,7 +101,7 @@ class CaptionSource:
         idx = self.rng.choice(len(self.images), size=self.config["batch_size"], replace=False)
         caps = [c for i in idx for c in training_captions(self.attrs[i], self.rng, self.config["captions_per_image"])]
         pos = truth_table(self.codes[idx], [d for _, d in caps])
-        x = normalize_images(_augment(self.images[idx], self.gen), model)
+        x = normalize_images(shift_flip(self.images[idx], self.gen), model)
         return x, trim(self.tokenizer([t for t, _ in caps])), pos
 
 
