@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from nbutil import make_notebook
 
-from workbench import cli, config, describe
+from workbench import cli, config, describe, runlock
 from workbench.describe import ChatBackend, generate_descriptions
 from workbench.io import read_jsonl, write_jsonl
 from workbench.runs import LOCK, LOCK_ENV, RunBusyError, check_descriptions, lock_holder, read_descriptions, run_lock
@@ -33,6 +34,10 @@ QUICK = "import pathlib\npathlib.Path('ran').write_text('yes')\n"
 # Another process holding a run folder until its stdin closes.
 HOLDER = ("import sys\nfrom workbench.runs import run_lock\n"
           "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    sys.stdin.read()\n")
+# A process started with a run's token (as its stage kernels are), writing on after its block.
+WRITER = ("import sys\nfrom workbench.runs import run_lock\n"
+          "with run_lock(sys.argv[1]):\n    print('in', flush=True)\n"
+          "print('out', flush=True)\nsys.stdin.read()\n")
 
 
 def _env(**extra) -> dict:
@@ -101,6 +106,69 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
             with run_lock(run_dir):
                 assert lock_holder(run_dir)["pid"] == os.getpid() and lock_holder(run_dir)["token"] != "old"
         assert not (run_dir / LOCK).exists()
+
+
+def test_a_runs_child_registers_as_its_writer_and_stops_when_the_holder_is_gone(tmp_path):
+    """A process started with the holder's token (a stage kernel) adds itself to the lock's ``writers``,
+    the record otherwise unchanged, and exits (1, saying why) once the holder is gone, block left or not."""
+    run_dir = tmp_path / "run"
+    writer = None
+    try:
+        with held_by_another_process(run_dir) as holder:
+            before = lock_holder(run_dir)
+            env = {**_env(), LOCK_ENV: before["token"]}
+            writer = subprocess.Popen([sys.executable, "-c", WRITER, str(run_dir)], env=env, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert [writer.stdout.readline().strip() for _ in range(2)] == ["in", "out"]
+            after = lock_holder(run_dir)
+            assert after.pop("writers") == [{"pid": writer.pid, "pid_start": runlock._proc_start(writer.pid)}]
+            assert after == before and writer.poll() is None
+        assert holder.returncode == 0
+        assert writer.wait(timeout=10) == 1  # its stdin is still open: only its watchdog ends it
+        err = writer.stderr.read()
+        assert f"the run holding {run_dir} (PID {holder.pid}) is gone; this process (PID {writer.pid})" in err
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+            writer.wait()
+
+
+def test_a_process_given_the_token_later_is_a_writer_for_its_block_only(tmp_path, monkeypatch):
+    """A token set in a running process (a notebook run by hand with it, this test) registers for the
+    outermost block only and is then unwatched: the holder's exit does not end this process."""
+    run_dir = tmp_path / "run"
+    me = {"pid": os.getpid(), "pid_start": runlock._proc_start(os.getpid())}
+    with held_by_another_process(run_dir):
+        monkeypatch.setenv(LOCK_ENV, lock_holder(run_dir)["token"])
+        with run_lock(run_dir):
+            with run_lock(run_dir):
+                assert lock_holder(run_dir)["writers"] == [me]
+            assert lock_holder(run_dir)["writers"] == [me]
+        assert lock_holder(run_dir)["writers"] == [] and not runlock._watched
+    time.sleep(3 * runlock.WATCH_INTERVAL)  # still here
+
+
+def test_taking_over_a_dead_holders_lock_first_kills_its_writers(tmp_path):
+    """The writers a dead holder left running are killed (SIGKILL) before the lock is taken; a writer's
+    PID now used by another process (another start time) is left alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+    left, reused = subprocess.Popen(sleep), subprocess.Popen(sleep)
+    try:
+        writers = [{"pid": left.pid, "pid_start": runlock._proc_start(left.pid)}, {"pid": reused.pid, "pid_start": "0"}]
+        (run_dir / LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                                "started": "2026-01-01T00:00:00+00:00", "command": "workbench run",
+                                                "pid_start": None, "token": "old", "writers": writers}))
+        with pytest.warns(UserWarning, match="process is gone; stopped 1 of its processes still writing there"):
+            with run_lock(run_dir):
+                assert left.poll() == -signal.SIGKILL and reused.poll() is None
+                assert lock_holder(run_dir)["pid"] == os.getpid() and "writers" not in lock_holder(run_dir)
+    finally:
+        for p in (left, reused):
+            p.kill()
+            p.wait()
 
 
 def test_lock_from_another_host_is_reported_and_force_breaks_it(tmp_path, monkeypatch, capsys):

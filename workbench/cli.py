@@ -33,6 +33,11 @@ def _run(args) -> int:
     except RunBusyError as e:
         print(f"workbench run: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: the stage's kernel is down and the lock released by now
+        where = f" during stage {e.stage!r}" if isinstance(e, pipeline.StageInterrupted) else ""
+        print(f"workbench run: interrupted{where}; rerun the same command (workbench run {args.target} ... "
+              f"--name {plan.name}) and it resumes", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _execute(plan: pipeline.RunPlan) -> int:
@@ -133,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.fn(args)
         sys.stdout.flush()  # a reader that left shows up here, not in the interpreter's last flush
+    except KeyboardInterrupt:  # Ctrl-C outside a run's stages (`workbench run` says more itself)
+        print(f"workbench {args.cmd}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except BrokenPipeError:
         # `workbench params match | head`: stop quietly, as Unix tools do. Later writes (and the final
         # flush at exit) go to /dev/null instead of raising again.

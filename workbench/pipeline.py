@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import atexit
 import datetime as _dt
+import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,12 +84,73 @@ class StageFailed(RuntimeError):
         )
 
 
+class StageInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during stage ``.stage``; its kernel has been shut down."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
+
+
+_kernels: weakref.WeakSet = weakref.WeakSet()  # this process's kernel managers, for Ctrl-C to reach
+
+
+def _signal_kernels(signum: int) -> bool:
+    """Send ``signum`` to the process group of each running stage kernel; False when none runs."""
+    sent = False
+    for km in list(_kernels):
+        pgid = getattr(km.provisioner, "pgid", None) if km.has_kernel else None
+        if pgid:
+            try:
+                os.killpg(pgid, signum)
+                sent = True
+            except OSError:
+                pass
+    return sent
+
+
+class _Interrupts:
+    """Ctrl-C while a stage runs. The kernel runs in a session of its own, so a terminal's SIGINT never
+    reaches it: the first is passed on to it (its cell stops with KeyboardInterrupt, its ``finally``
+    blocks run, and papermill saves the notebook and shuts the kernel down as after any failed cell);
+    a second kills a kernel deaf to it. With no kernel running, KeyboardInterrupt as usual.
+    ``.count`` says how many came."""
+
+    def __init__(self):
+        self.count, self.before = 0, None
+        self.log, self.log_was = logging.getLogger("papermill"), None
+
+    def _on_sigint(self, signum, frame):
+        self.count += 1
+        if self.count > 1 and self.log_was is None:  # the kernel killed on purpose: no "Kernel died" error
+            self.log_was, self.log.disabled = self.log.disabled, True
+        if not _signal_kernels(signal.SIGINT if self.count == 1 else signal.SIGKILL):
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self.before = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc):
+        if self.before is not None:
+            signal.signal(signal.SIGINT, self.before)
+        if self.log_was is not None:
+            self.log.disabled = self.log_was
+
+
 def _kernel_manager_class():
     """Kernels talk over Unix sockets in a private (0700) temporary folder of their own rather than TCP
     on localhost, which other users of a shared machine can reach (ipykernel warns about that on every
-    start). Each kernel gets its own folder, so parallel runs never share a socket path."""
+    start). Each kernel gets its own folder, so parallel runs never share a socket path. Each manager is
+    known to Ctrl-C (``_kernels``)."""
 
-    class IPCKernelManager(AsyncKernelManager):
+    class TrackedKernelManager(AsyncKernelManager):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            _kernels.add(self)
+
+    class IPCKernelManager(TrackedKernelManager):
         def __init__(self, **kw):
             self._socket_dir = tempfile.mkdtemp(prefix="wb-kernel-")
             kw.setdefault("transport", "ipc")
@@ -103,7 +168,7 @@ def _kernel_manager_class():
 
     # Unix socket paths are limited to ~107 bytes; a deep TMPDIR keeps the TCP default.
     return IPCKernelManager if len(os.path.join(tempfile.gettempdir(), "wb-kernel-xxxxxxxx", "k-65535")) < 100 \
-        else AsyncKernelManager
+        else TrackedKernelManager
 
 
 def run_notebook(src: str | Path, out: str | Path, parameters: dict, cwd: str | Path,
@@ -221,17 +286,29 @@ def check_dataset(cfg: dict):
 
 def execute(p: RunPlan, log=print) -> Path:
     """Write ``params.yaml`` and run the planned stages in order, holding the run folder's lock (its
-    stage kernels inherit it); raises :class:`StageFailed`, or :class:`RunBusyError` at once."""
-    with run_lock(p.run_dir):
+    stage kernels inherit it); raises :class:`StageFailed`, :class:`StageInterrupted` (Ctrl-C, once the
+    stage's kernel is shut down), or :class:`RunBusyError` at once."""
+    with run_lock(p.run_dir), _Interrupts() as ctrl_c:
         header = (f"# Resolved configuration of run {p.name!r}: workbench {__version__}, "
                   f"commit {_git_commit()}, {_dt.datetime.now().isoformat(timespec='seconds')}\n")
         atomic_write_text(p.run_dir / PARAMS, header + C.dump(p.config))
         for stage, nb in p.stages.items():
-            params = {"run_dir": str(p.run_dir), **C.stage_parameters(p.config, stage, p.schema)}
-            log(f"[{stage}] {nb.name} -> {p.run_dir / nb.name}")
-            t0 = time.perf_counter()
-            run_notebook(nb, p.run_dir / nb.name, params, cwd=p.run_dir, stage=stage)
-            dt = time.perf_counter() - t0
-            update_metrics(p.run_dir, "timing", {f"{stage}_s": round(dt, 2)})
-            log(f"[{stage}] done in {dt:.1f} s")
+            try:
+                _run_stage(p, stage, nb, log)
+            except (Exception, KeyboardInterrupt):
+                if ctrl_c.count:  # the cell stopped by the interrupt, a kernel killed by a second one or
+                    raise StageInterrupted(stage) from None  # interrupted while it started
+                raise
+            if ctrl_c.count:  # the notebook caught the KeyboardInterrupt: stop before the next stage
+                raise StageInterrupted(stage)
     return p.run_dir
+
+
+def _run_stage(p: RunPlan, stage: str, nb: Path, log) -> None:
+    params = {"run_dir": str(p.run_dir), **C.stage_parameters(p.config, stage, p.schema)}
+    log(f"[{stage}] {nb.name} -> {p.run_dir / nb.name}")
+    t0 = time.perf_counter()
+    run_notebook(nb, p.run_dir / nb.name, params, cwd=p.run_dir, stage=stage)
+    dt = time.perf_counter() - t0
+    update_metrics(p.run_dir, "timing", {f"{stage}_s": round(dt, 2)})
+    log(f"[{stage}] done in {dt:.1f} s")
