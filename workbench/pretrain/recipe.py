@@ -90,8 +90,9 @@ class CaptionSource:
     """The pretraining batches: random images of the cache, each with fresh one-attribute captions and
     their hard negatives, and the truth table of which caption holds for which image."""
 
-    def __init__(self, images: torch.Tensor, attrs: list[dict], tokenizer, config: dict):
+    def __init__(self, images: torch.Tensor, attrs: list[dict], tokenizer, config: dict, weights: dict | None = None):
         self.images, self.attrs, self.tokenizer, self.config = images, attrs, tokenizer, config
+        self.weights = weights  # how often each attribute is named (None: captions.WEIGHTS; 0: never named)
         self.codes = np.array([[syn.ATTRIBUTE_VALUES[a].index(r[a]) for a in syn.ATTRIBUTES] for r in attrs])
         self.rng = np.random.default_rng([config["seed"], 505])
         self.gen = torch.Generator().manual_seed(config["seed"])
@@ -99,7 +100,8 @@ class CaptionSource:
     def batch(self, model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(model input images, caption ids cut after the last EOT, truth table)``."""
         idx = self.rng.choice(len(self.images), size=self.config["batch_size"], replace=False)
-        caps = [c for i in idx for c in training_captions(self.attrs[i], self.rng, self.config["captions_per_image"])]
+        caps = [c for i in idx for c in training_captions(self.attrs[i], self.rng, self.config["captions_per_image"],
+                                                                 self.weights)]
         pos = truth_table(self.codes[idx], [d for _, d in caps])
         x = normalize_images(shift_flip(self.images[idx], self.gen), model)
         return x, trim(self.tokenizer([t for t, _ in caps])), pos
@@ -128,7 +130,7 @@ def _loss(pos: torch.Tensor):
     return loss_fn
 
 
-def _fit(config: dict, progress: bool, log) -> tuple[torch.nn.Module, list[float], float]:
+def _fit(config: dict, progress: bool, log, caption_weights: dict | None = None) -> tuple[torch.nn.Module, list[float], float]:
     """The training itself: ``(model, losses, data seconds)``."""
     t0 = time.time()
     images, attrs = pretrain_images(config)
@@ -141,7 +143,7 @@ def _fit(config: dict, progress: bool, log) -> tuple[torch.nn.Module, list[float
                          warmup=config["warmup"], grad_clip=1.0, precision="fp32")
     steps = config["steps"]
     trainer = TrainStep(model, cfg, "cpu", steps, distributed=False, lr_scale=text_lr_scale(config))
-    source = CaptionSource(images, attrs, tokenizer, config)
+    source = CaptionSource(images, attrs, tokenizer, config, caption_weights)
     losses = []
     for step in tqdm(range(steps), disable=not progress, desc="pretrain tiny CLIP"):
         x, ids, pos = source.batch(model)
@@ -154,8 +156,13 @@ def _fit(config: dict, progress: bool, log) -> tuple[torch.nn.Module, list[float
     return model, losses, t_data
 
 
-def train(config: dict | None = None, progress: bool = False, log=None, threads: int | None = None) -> tuple[dict, dict]:
+def train(config: dict | None = None, progress: bool = False, log=None, threads: int | None = None,
+          caption_weights: dict | None = None) -> tuple[dict, dict]:
     """Train the tiny CLIP from random init; return ``(state_dict, info)`` (CPU tensors).
+
+    ``caption_weights``: how often captions name each attribute (default :data:`captions.WEIGHTS`); an
+    attribute given weight 0 is never named, so the model is not taught it in words (the instrument study,
+    ``benchmarks/instrument_study.py``). Not part of :data:`DEFAULTS`: the shipped weights name every attribute.
 
     ``threads``: torch CPU threads while training (default :func:`default_threads`); not part of
     the cache key, the result does not depend on it beyond float rounding.
@@ -166,7 +173,7 @@ def train(config: dict | None = None, progress: bool = False, log=None, threads:
     torch.set_num_threads(threads)
     try:
         t1, c1 = time.time(), time.process_time()
-        model, losses, t_data = _fit(config, progress, log)
+        model, losses, t_data = _fit(config, progress, log, caption_weights)
         info = {
             "config": config,
             "data_seconds": round(t_data, 2),
@@ -174,6 +181,7 @@ def train(config: dict | None = None, progress: bool = False, log=None, threads:
             # CPU seconds of all threads: train_seconds on an idle machine is about this / threads
             "train_cpu_seconds": round(time.process_time() - c1, 2),
             "threads": threads,
+            **({"caption_weights": caption_weights} if caption_weights is not None else {}),
             "loss_first": round(float(np.mean(losses[:20])), 4),
             "loss_last": round(float(np.mean(losses[-20:])), 4),
         }
