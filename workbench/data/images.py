@@ -92,15 +92,21 @@ def decode_checked(paths, size: int, workers: int = 8, progress: bool = False) -
     paths = [str(p) for p in paths]
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     keep, bad = [], []
-    with ThreadPoolExecutor(workers) as ex:
-        it = ex.map(lambda p: _decode_or_reason(p, size), paths)
-        for i, (arr, reason) in enumerate(tqdm(it, total=len(paths), disable=not progress, desc="decode")):
-            if reason is None:
-                out[i] = torch.from_numpy(arr)
-                keep.append(i)
-            else:
-                bad.append((paths[i], reason))
+    for i, arr, reason in _decode_pool(paths, (size,), _decode, workers, progress):
+        if reason is None:
+            out[i] = torch.from_numpy(arr)
+            keep.append(i)
+        else:
+            bad.append((paths[i], reason))
     return (out[keep] if bad else out), bad
+
+
+def _decode_pool(paths: list[str], args: tuple, decode, workers: int, progress: bool):
+    """``(i, decode(paths[i], *args) or None, reason or None)`` for each file, in order, decoded in threads."""
+    with ThreadPoolExecutor(workers) as ex:
+        it = ex.map(lambda p: _decode_or_reason(p, *args, decode=decode), paths)
+        for i, (got, reason) in enumerate(tqdm(it, total=len(paths), disable=not progress, desc="decode")):
+            yield i, got, reason
 
 
 def decode_images(paths, size: int, workers: int = 8, progress: bool = False) -> torch.Tensor:
@@ -225,15 +231,13 @@ def decode_whole(paths, size: int, long_side: int, workers: int = 8,
     centre = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     sizes = torch.empty((len(paths), 2), dtype=torch.int32)
     bad = []
-    with ThreadPoolExecutor(workers) as ex:
-        it = ex.map(lambda p: _decode_or_reason(p, size, long_side, decode=_decode_both), paths)
-        for i, (got, reason) in enumerate(tqdm(it, total=len(paths), disable=not progress, desc="decode")):
-            if reason is not None:
-                bad.append((paths[i], reason))
-                continue
-            centre[i] = torch.from_numpy(got[0])
-            _place(canvas[i], got[1])
-            sizes[i] = torch.tensor(got[2])
+    for i, got, reason in _decode_pool(paths, (size, long_side), _decode_both, workers, progress):
+        if reason is not None:
+            bad.append((paths[i], reason))
+            continue
+        centre[i] = torch.from_numpy(got[0])
+        _place(canvas[i], got[1])
+        sizes[i] = torch.tensor(got[2])
     if bad:
         raise BadImagesError(bad)
     width = max([size, *sizes.flatten().tolist()])  # the canvas is as wide as its widest image
