@@ -73,6 +73,10 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--captions-per-image", type=int, default=1)
+    ap.add_argument("--oracle-style", default="all", choices=["all", "withheld", "one"],
+                    help="oracle captions name every attribute, only the withheld ones, or one attribute each")
+    ap.add_argument("--no-class-prefix", action="store_true", help="oracle captions without the '<class>: ' prefix")
+    ap.add_argument("--loss", default="clip", choices=["clip", "class-aware"])
     ap.add_argument("--full-probe", action="store_true", help="also the frozen probe on all training images")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="also write the JSON here")
@@ -125,24 +129,36 @@ def attribute_zero_shot(bundle, ds) -> dict:
 
 
 # ---------------------------------------------------------------- captions
-def oracle_caption(classname: str, row: dict, rng) -> str:
-    """``"<class>: a bird with ..."`` naming every attribute the image shows, in the pretraining's words."""
-    pattern = "" if row["breast_pattern"] == "plain" else f"{row['breast_pattern']} "
-    parts = [f"a {row['crown_color']} crown", f"{row['wing_color']} wings", f"a {pattern}{row['breast_color']} breast",
-             f"a {row['beak_shape']} beak", f"a {row['tail_size']} tail"]
+_ORACLE_PHRASE = {"crown_color": "a {} crown", "wing_color": "{} wings", "breast_color": "a {} breast",
+                  "breast_pattern": "a {} breast", "beak_shape": "a {} beak", "tail_size": "a {} tail"}
+
+
+def oracle_caption(classname: str, row: dict, rng, style: str = "all", withheld=(), prefix: bool = True) -> str:
+    """``"<class>: a bird with ..."`` naming the attributes the image shows, in the pretraining's words:
+    every attribute (``all``), only the ``withheld`` ones, or ``one`` drawn at random."""
+    if style == "all":
+        pattern = "" if row["breast_pattern"] == "plain" else f"{row['breast_pattern']} "
+        parts = [f"a {row['crown_color']} crown", f"{row['wing_color']} wings", f"a {pattern}{row['breast_color']} breast",
+                 f"a {row['beak_shape']} beak", f"a {row['tail_size']} tail"]
+    else:
+        attrs = list(withheld) if style == "withheld" else [str(rng.choice(syn.ATTRIBUTES))]
+        parts = [_ORACLE_PHRASE[a].format(row[a]) for a in attrs]
     parts = [parts[i] for i in rng.permutation(len(parts))]
-    body = ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{classname}: " + str(rng.choice(_OPENERS)).format(body)
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return (f"{classname}: " if prefix else "") + str(rng.choice(_OPENERS)).format(body)
 
 
-def caption_matches(method: str, sub, descriptions: dict, tokenizer, per_image: int, seed: int) -> list[dict]:
+def caption_matches(method: str, sub, descriptions: dict, tokenizer, per_image: int, seed: int, args=None) -> list[dict]:
     """match records (the ``matches.jsonl`` shape :func:`build_pairs` reads) for ``oracle`` / ``random-own-class``."""
     rng = np.random.default_rng([seed, 2323])
     out = []
     for row in sub.table.to_dict("records"):
         name = sub.classnames[row["label"]]
         if method == "oracle":
-            caps = [oracle_caption(name, row, rng) for _ in range(per_image)]
+            style = args.oracle_style if args else "all"
+            withheld = [a for a in (args.withhold.split(",") if args else []) if a]
+            caps = [oracle_caption(name, row, rng, style, withheld, not (args and args.no_class_prefix))
+                    for _ in range(per_image)]
         else:  # random-own-class: never another class's text
             pool = descriptions[name]
             caps = [truncate_caption(name, pool[i], tokenizer) for i in rng.choice(len(pool), per_image, replace=False)]
@@ -162,11 +178,11 @@ def finetune(state, method, sub, tr_images, ctx, args, seed) -> tuple[torch.nn.M
     bundle = fresh_model(state)
     per = 1 if method == "finetune-classname" else args.captions_per_image
     matches = None if method == "finetune-classname" else caption_matches(
-        method, sub, ctx["descriptions"], bundle.tokenizer, per, seed)
+        method, sub, ctx["descriptions"], bundle.tokenizer, per, seed, args)
     rows, texts, labels = build_pairs(sub, "finetune-classname" if method == "finetune-classname" else "gist", per, matches)
     n = len(rows)
     spe = math.ceil(n / min(args.batch_size, n))
-    cfg = FinetuneConfig(method="finetune-classname" if method == "finetune-classname" else "gist", captions_per_image=per,
+    cfg = FinetuneConfig(method="finetune-classname" if method == "finetune-classname" else "gist", captions_per_image=per, loss=args.loss,
                          epochs=math.ceil(args.steps / spe), batch_size=args.batch_size, lr=args.lr, seed=seed,
                          validate=False, precision="fp32", max_steps=args.steps)
     r = train_run(bundle.model, bundle.tokenizer, cfg, tr_images, rows, texts, labels, validate=None, out_dir=None,
@@ -268,9 +284,12 @@ def report(args, opts, weights_info, zs, outcomes, runs, timing, t_start, vb_tab
     timing["total_s"] = round(time.time() - t_start, 1)
     out = {"design": args.design, "args": vars(args), "dataset_options": opts, "generator_version": syn.GENERATOR_VERSION,
            "weights": weights_info, "zero_shot_attributes_val": zs, "accuracy": acc, "comparisons": comps,
-           "runs": runs, "timing": timing, "split": "val (probe weight decay on half A, reported on half B)"}
+           "runs": runs, "timing": timing, "split": "val (probe weight decay on half A, reported on half B)",
+           # per-image 0/1 on val half B of every run, so runs of separate invocations can be paired later
+           "outcomes": [{"method": m, "shots": k, "seed": s, "correct": c.tolist()} for (m, k, s), c in
+                        sorted(outcomes.items(), key=str)]}
     text = json.dumps(out, indent=1, default=str)
-    print(text)
+    print(json.dumps({k: v for k, v in out.items() if k != "outcomes"}, indent=1, default=str))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
