@@ -39,9 +39,9 @@ class FinetuneConfig:
     crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range
     flip: bool = True
     seed: int = 0
-    validate: bool = True  # zero-shot + probe on val after every epoch; picks the checkpoint
+    validate: bool = True  # zero-shot + probe on val after every epoch (or validate_every steps); picks the checkpoint
     validate_every: int = 0  # validate every N optimizer steps and at the end instead (0: at epoch ends)
-    checkpoint_every: int = 0  # also write the resume state every N steps (0: at epoch ends only)
+    checkpoint_every: int = 0  # also write the resume state every N steps (0: at epoch ends and validations only)
     log_every: int = 10  # steps between loss flushes (one device sync each)
     max_steps: int | None = None  # stop early (as if interrupted) after this many steps in total
 

@@ -84,7 +84,7 @@ class TrainRun(RunState, StepLog):
             done = step + 1
             self.pending.append((done, step // spe + 1, lr_at(step, tr.total, cfg.lr, cfg.warmup), loss, gnorm))
             self.bar.update(1)
-            validate_now = self.validates_at(done)
+            validate_now = self.validate_fn is not None and self.validates_at(done)
             # every validation writes the resume state too: its history (and the best) is then never ahead of it
             ckpt_now = done % spe == 0 or validate_now or bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
             stop = cfg.max_steps is not None and cfg.max_steps <= done < tr.total
