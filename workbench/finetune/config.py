@@ -82,7 +82,7 @@ class FinetuneConfig:
         ``ceil(steps / steps_per_epoch)`` when ``steps`` is set. Every epoch is a whole pass over the pairs
         (each pair once), so the run takes ``steps_per_epoch * epochs_for(...)`` optimizer steps: at least
         ``max(epochs * steps_per_epoch, steps)``, exactly that when ``steps_per_epoch`` divides ``steps``
-        (always at 1 step per epoch, a few-shot run whose pairs fit one batch); never more than one epoch over."""
+        (always at 1 step per epoch, a few-shot run whose pairs fit one batch), and with ``steps`` set fewer than ``steps + steps_per_epoch``."""
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         return max(self.epochs, math.ceil(self.steps / steps_per_epoch))
