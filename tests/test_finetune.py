@@ -656,6 +656,11 @@ def test_notebook_shows_the_warning(tmp_path):
     run_notebook(Path(__file__).parents[1] / "notebooks" / "03_finetune.ipynb", run / "03_finetune.ipynb", params,
                  cwd=run, html=False)
     [r] = read_json(run / "metrics.json")["finetune"]["runs"]
-    shown = [o["data"]["text/markdown"] for c in nbformat.read(run / "03_finetune.ipynb", 4).cells
-             if c.cell_type == "code" for o in c.get("outputs", []) if "text/markdown" in o.get("data", {})]
+    cells = [c for c in nbformat.read(run / "03_finetune.ipynb", 4).cells if c.cell_type == "code"]
+    shown = [o["data"]["text/markdown"] for c in cells for o in c.get("outputs", []) if "text/markdown" in o.get("data", {})]
     assert f"- **Warning:** {r['warning']}" in shown and "unmoved" in r["warning"]
+    # the summary counts unmoved runs per method and shots: 1 of 1 here
+    [table] = [o["data"]["text/plain"] for o in cells[-1].outputs if "text/plain" in o.get("data", {})]
+    assert "unmoved" in table and "finetune-classname" in table and "finetune-classname-full-s0" in table
+    assert ft.unmoved_counts([r])[0] | {"unmoved_runs": None} == {
+        "method": "finetune-classname", "shots": "full", "unmoved": 1, "runs": 1, "unmoved_runs": None, "fraction": 1.0}

@@ -119,6 +119,8 @@ CASES: dict[str, dict[str, Case]] = {
         **DATA, "model": case("wb-reach", RANDOM), "pretrained": case(None), "methods": case(["gist"]),
         "shots": case([2]), "seeds": case([1]), "shot_files": case({"1": At("shot_file")}),
         "val_policy": case("k_shot"), "epochs": case(2), "batch_size": case(2), "lr": case(1e-3),
+        # 3 pairs in one batch: 1 step per epoch; steps=3 trains 3, validated after each (epoch ends) or at 2 and 3
+        "steps": case(3), "validate_every": case(2, {"steps": 3}),
         "weight_decay": case(0.2), "betas": case([0.8, 0.9]), "eps": case(1e-4), "warmup": case(0.5),
         "loss": case("class-aware"), "class_weight": case(0.5, {"loss": "class-aware"}),
         "captions_per_image": case(1, {"methods": ["gist"]}), "crop_scale": case([0.8, 1.0]),

@@ -278,8 +278,9 @@ def run_warnings(summary: dict) -> str | None:
 
     - collapsed: the mean training loss of its last epoch stayed at ``ln(batch)`` (``loss_last_epoch``
       against ``loss_chance``, or ``ln(batch_size)``): the model scores every caption alike.
-    - unmoved: a finished run (``status`` "done", ``steps`` > 0) whose ``best_epoch`` is 0: no epoch
-      beat the starting weights on validation, so its checkpoint is the model it started from.
+    - unmoved: a finished run (``status`` "done", ``steps`` > 0) whose ``best_step`` (or, in summaries
+      without it, ``best_epoch``) is 0: no validation after training began beat the starting weights, so
+      its checkpoint is the model it started from.
     """
     problems = []
     last, chance = summary.get("loss_last_epoch"), summary.get("loss_chance")
@@ -289,7 +290,7 @@ def run_warnings(summary: dict) -> str | None:
         problems.append(
             f"collapsed: its training loss ended at {last:.3f}, the chance level ln(batch) = {chance:.3f}, so the "
             "model tells no caption from another (lower the learning rate, or check the captions)")
-    if summary.get("best_epoch") == 0 and (summary.get("steps") or 0) > 0 and summary.get("status", "done") == "done":
+    if unmoved(summary):
         start = summary.get("start_val_top1", summary.get("val_top1"))
         at = f" (val top-1 {start:.1f}%)" if isinstance(start, (int, float)) else ""
         problems.append(
@@ -298,6 +299,29 @@ def run_warnings(summary: dict) -> str | None:
     if not problems:
         return None
     return f"run {summary.get('run', '?')} " + "; ".join(problems) + "."
+
+
+def unmoved(summary: dict) -> bool:
+    """A finished run that trained (``steps`` > 0) and kept its starting weights (best step, or epoch, 0)."""
+    best = summary["best_step"] if summary.get("best_step") is not None else summary.get("best_epoch")
+    return best == 0 and (summary.get("steps") or 0) > 0 and summary.get("status", "done") == "done"
+
+
+def unmoved_counts(summaries: Sequence[dict]) -> list[dict]:
+    """Per method and shot count (in the order they first appear): how many finished runs ended unmoved
+    (:func:`unmoved`, or a ``warning`` that says "unmoved") out of how many finished runs, and their names.
+    Interrupted runs are not counted: their checkpoint is not a result yet."""
+    groups: dict[tuple, dict] = {}
+    for s in summaries:
+        if s.get("status", "done") != "done":
+            continue
+        g = groups.setdefault((s.get("method"), str(s.get("shots"))), {
+            "method": s.get("method"), "shots": str(s.get("shots")), "unmoved": 0, "runs": 0, "unmoved_runs": []})
+        g["runs"] += 1
+        if unmoved(s) or "unmoved:" in (s.get("warning") or ""):
+            g["unmoved"] += 1
+            g["unmoved_runs"].append(s.get("run"))
+    return [{**g, "fraction": g["unmoved"] / g["runs"]} for g in groups.values()]
 
 
 def warnings_note(summaries: list[dict], runs: list[str] | None = None) -> str | None:

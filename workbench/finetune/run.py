@@ -21,7 +21,8 @@ if TYPE_CHECKING:  # the Trainer imports this module
 
 
 class TrainRun(RunState, StepLog):
-    """One fine-tuning run around a :class:`Trainer`: resume, validate every epoch, keep the best
+    """One fine-tuning run around a :class:`Trainer`: resume, validate every epoch (or every
+    ``cfg.validate_every`` steps), keep the best
     weights, write the resume state, log losses (checked finite first) and summarise."""
 
     def __init__(self, tr: Trainer, validate, out_dir, log_path, run: str, meta: dict | None, progress: bool,
@@ -59,6 +60,19 @@ class TrainRun(RunState, StepLog):
         if self.tr.world > 1:
             dist.barrier()
 
+    def validates_at(self, done: int) -> bool:
+        """Whether validation follows step ``done``: at epoch ends, or with ``cfg.validate_every`` every that
+        many steps and after the last step."""
+        every = self.cfg.validate_every
+        if every:
+            return done % every == 0 or done == self.tr.total
+        return done % self.tr.steps_per_epoch == 0
+
+    def epoch_at(self, done: int) -> int | float:
+        """Epochs completed after ``done`` steps: an int at epoch ends, a fraction between them."""
+        spe = self.tr.steps_per_epoch
+        return done // spe if done % spe == 0 else done / spe
+
     def loop(self) -> tuple[int, bool, float]:
         """Train from ``step0`` to the end (or ``max_steps``): ``(steps done, interrupted, training seconds)``;
         validation and checkpoint writes are not training time."""
@@ -70,15 +84,16 @@ class TrainRun(RunState, StepLog):
             done = step + 1
             self.pending.append((done, step // spe + 1, lr_at(step, tr.total, cfg.lr, cfg.warmup), loss, gnorm))
             self.bar.update(1)
-            end_of_epoch = done % spe == 0
-            ckpt_now = end_of_epoch or bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
+            validate_now = self.validate_fn is not None and self.validates_at(done)
+            # every validation writes the resume state too: its history (and the best) is then never ahead of it
+            ckpt_now = done % spe == 0 or validate_now or bool(cfg.checkpoint_every and done % cfg.checkpoint_every == 0)
             stop = cfg.max_steps is not None and cfg.max_steps <= done < tr.total
             if ckpt_now or stop or done % cfg.log_every == 0:
                 self.flush()  # syncs: losses so far are known finite before any checkpoint is written
             if ckpt_now or stop:
                 t_train += time.perf_counter() - t0
-                if end_of_epoch:
-                    self.validate(done // spe, done)
+                if validate_now:
+                    self.validate(self.epoch_at(done), done)
                 if ckpt_now:
                     self.save_state(done)
                 t0 = time.perf_counter()

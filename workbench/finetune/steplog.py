@@ -70,7 +70,8 @@ class StepLog:
             "total_steps": tr.total,
             "pairs": tr.n,
             "batch_size": tr.B,
-            "best_epoch": best["epoch"],
+            "best_epoch": best["epoch"],  # epochs done at the kept validation (a fraction between epoch ends)
+            "best_step": best.get("step"),  # optimizer steps done at the kept validation: 0 = the starting weights
             "val_top1": best.get("val_top1"),
             "val_zeroshot_top1": best.get("val_zeroshot_top1"),
             "history": self.history,

@@ -120,7 +120,8 @@ class Trainer(TrainStep):
         h, w = canvas.shape[-2:]
         if h != self.size or w < self.size or (self.sizes is None and w != self.size):  # a canvas may be wider
             raise ValueError(f"image cache is {tuple(canvas.shape[-2:])}, the model takes {self.size} x {self.size}")
-        super().__init__(clip, cfg, device, self.steps_per_epoch * cfg.epochs, tokens=cfg.loss == "filip")
+        self.epochs = cfg.epochs_for(self.steps_per_epoch)  # cfg.epochs, raised to cover cfg.steps
+        super().__init__(clip, cfg, device, self.steps_per_epoch * self.epochs, tokens=cfg.loss == "filip")
         self.pair_rows, self.pair_labels = pair_rows.long(), pair_labels.long()
         self.ids = tokenizer(list(texts))
         self.eot = self.ids.argmax(-1)
@@ -223,10 +224,12 @@ def train_run(clip, tokenizer, cfg: FinetuneConfig, images: WholeImages | torch.
     ``images``: uint8 cache, S = the model's input size: whole images (:class:`WholeImages`, canvas
     ``N x 3 x S x W``; what the stage trains on) or ``N x 3 x S x S`` squares; pair i is image
     ``pair_rows[i]`` with ``texts[i]`` and class ``pair_labels[i]``. ``validate(clip)`` returns a dict
-    with ``val_top1`` (and more), called before training and after every epoch; the best epoch's
-    weights go to ``out_dir/best.safetensors`` (the starting weights compete too).
+    with ``val_top1`` (and more), called before training and after every epoch (or, with
+    ``cfg.validate_every``, every that many steps and after the last); the best validation's weights go to
+    ``out_dir/best.safetensors`` (the starting weights compete too). The run trains
+    ``cfg.epochs_for(steps_per_epoch)`` whole epochs: ``cfg.epochs``, more when ``cfg.steps`` asks for more steps.
     ``out_dir/resume.safetensors`` holds the resume state (model, optimizer, schedule, each rank's RNG,
-    step, history), written atomically at every epoch end and every ``cfg.checkpoint_every`` steps, only
+    step, history), written atomically at every epoch end, every validation and every ``cfg.checkpoint_every`` steps, only
     after the losses up to it were checked finite. ``identity`` (``workbench.identity``): what the run
     trains on, recorded in the resume state; a state recorded under another identity is refused.
     """
