@@ -37,12 +37,12 @@ def _metrics() -> dict:
             "model": "tiny", "pretrained": "synthetic", "device": "cpu", "world_size": 1,
             "config": {"loss": "clip", "epochs": 3, "batch_size": 20, "lr": 1e-4},
             "runs": [
-                {"run": "gist-full-s0", "status": "done", "steps": 54, "best_epoch": 2, "val_top1": 97.5,
+                {"run": "gist-full-s0", "method": "gist", "shots": "full", "status": "done", "steps": 54, "best_epoch": 2, "val_top1": 97.5,
                  "start_val_top1": 96.25, "loss_first_epoch": 2.5, "loss_last_epoch": 1.25, "loss_chance": 2.996},
-                {"run": "gist-1-s1", "status": "done", "steps": 3, "best_epoch": 0, "val_top1": 70.0,
+                {"run": "gist-1-s1", "method": "gist", "shots": 1, "status": "done", "steps": 3, "best_epoch": 0, "val_top1": 70.0,
                  "start_val_top1": 70.0, "loss_first_epoch": 2.0, "loss_last_epoch": 1.9, "loss_chance": 2.485,
                  "warning": WARN_UNMOVED},
-                {"run": "finetune-classname-1-s0", "status": "done", "steps": 3, "best_epoch": 1, "val_top1": 71.0,
+                {"run": "finetune-classname-1-s0", "method": "finetune-classname", "shots": 1, "status": "done", "steps": 3, "best_epoch": 1, "val_top1": 71.0,
                  "start_val_top1": 70.0, "loss_first_epoch": 2.995, "loss_last_epoch": 2.99, "loss_chance": 2.996,
                  "warning": WARN_COLLAPSED},
             ]},
@@ -112,6 +112,12 @@ def test_every_number_comes_from_the_run(tmp_path):
     ft = _section(text, "Fine-tuning runs")
     assert "2 of 3 runs collapsed or stayed unmoved" in ft and WARN_UNMOVED in ft and WARN_COLLAPSED in ft
     assert "| gist-full-s0 | done | 54 | 2 | 96.2 | 97.5 | 2.500 | 1.250 | 2.996 | — |" in ft
+    # the unmoved count per method and shots, from the runs' own fields (an independent count of the fixture)
+    runs = _metrics()["finetune"]["runs"]
+    for (method, shots) in {(r["method"], str(r["shots"])) for r in runs}:
+        mine = [r for r in runs if r["method"] == method and str(r["shots"]) == shots]
+        n_unmoved = sum(r.get("best_epoch") == 0 and r.get("steps", 0) > 0 for r in mine)
+        assert f"| {method} | {shots} | {n_unmoved} | {len(mine)} |" in ft
     pg = _section(text, "Pointing game")
     assert "| relevance | pretrained | 0.650 | [0.620, 0.679] | 0.072 | 0.149 | 997 |" in pg
     assert "| relevance | finetuned | 0.601 | [0.570, 0.631] | 0.072 | 0.160 | 997 | -4.9 | [-7.5, -2.2] | 0.002 |" in pg

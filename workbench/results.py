@@ -23,7 +23,7 @@ import yaml
 from . import __version__
 from .evaluate import METHODS, PAIRS, findings, seed_summary, val_note
 from .io import atomic_write_text
-from .runs import METRICS, PARAMS, read_metrics
+from .runs import METRICS, PARAMS, read_metrics, unmoved_counts
 
 DEFAULT_RUN = "reports/demo"
 DEFAULT_OUT = "reports/RESULTS.md"
@@ -240,8 +240,10 @@ def finetune_section(m: dict) -> list[str]:
     if not runs:
         return missing("finetune", "finetune")
     cfg = ft.get("config") or {}
-    out = [f"`{ft.get('model')}` / `{ft.get('pretrained')}`; loss {cfg.get('loss')}, {cfg.get('epochs')} epochs, "
-           f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}. Validation top-1 (%) of the starting weights and "
+    budget = f" (at least {cfg['steps']} steps)" if cfg.get("steps") else ""
+    every = f", validation every {cfg['validate_every']} steps" if cfg.get("validate_every") else ""
+    out = [f"`{ft.get('model')}` / `{ft.get('pretrained')}`; loss {cfg.get('loss')}, {cfg.get('epochs')} epochs{budget}, "
+           f"batch {cfg.get('batch_size')}, lr {cfg.get('lr')}{every}. Validation top-1 (%) of the starting weights and "
            "of the kept checkpoint; epoch 0 is the starting weights.", ""]
     out += table(["run", "status", "steps", "best epoch", "val start", "val best", "loss first", "loss last",
                   "ln(batch)", "flag"],
@@ -250,6 +252,9 @@ def finetune_section(m: dict) -> list[str]:
                    num(r.get("loss_chance"), 3),
                    ", ".join(k for k in ("collapsed", "unmoved") if f"{k}:" in (r.get("warning") or "")) or None]
                   for r in runs])
+    out += ["", "Runs whose kept checkpoint is their starting weights (unmoved), per method and shots:", ""]
+    out += table(["method", "shots", "unmoved", "runs"],
+                 [[g["method"], g["shots"], g["unmoved"], g["runs"]] for g in unmoved_counts(runs)])
     warned = [r for r in runs if r.get("warning")]
     out += ["", f"{len(warned)} of {len(runs)} runs collapsed or stayed unmoved" + (":" if warned else ".")]
     return out + [f"- {r['warning']}" for r in warned]
