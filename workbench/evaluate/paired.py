@@ -87,7 +87,7 @@ def _p(p: float) -> str:
 # The GIST question: does it beat FLYP-style, does matching help, how much of the possible gain it captures.
 QUESTIONS = (("gist", "finetune-classname", "does GIST beat FLYP-style class names?"),
              ("gist", "random-own-class", "does matching help (vs random descriptions of the own class)?"),
-             ("oracle", "gist", "how far is GIST below the oracle (the true attributes)?"))
+             ("oracle", "gist", "how much of the possible gain does matching capture (oracle: the true attributes)?"))
 
 
 def _at(shots) -> str:
