@@ -132,6 +132,23 @@ def test_waffle_matches_gist_token_counts(synth, tok):
         sources.waffle_captions(train, 2, 0, tok)
 
 
+class _CharTokenizer:
+    """A stand-in HF tokenizer whose counts do not add up word by word (one token per 5 characters)."""
+
+    context_length = 77
+
+    def tokenizer(self, text):
+        return {"input_ids": [0] * (2 + -(-len(text) // 5))}
+
+
+def test_waffle_hits_the_count_when_a_tokenizer_does_not_add_up():
+    tok, vocab = _CharTokenizer(), sources.waffle_vocabulary(frozenset())
+    rng = np.random.default_rng(0)
+    for target in range(5, 30):
+        c = sources.waffle_caption("toy bird", target, rng, vocab, tok)
+        assert count_tokens(tok, c) == target and c.startswith("toy bird: ")
+
+
 def test_caption_source_identity_follows_the_inputs(synth, tok):
     train = synth.split("train")
     descs = synthetic_descriptions(synth)

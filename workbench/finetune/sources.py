@@ -115,13 +115,25 @@ def _class_words(classnames) -> frozenset:
     return frozenset(w for c in classnames for w in str(c).lower().replace("-", " ").split())
 
 
-def waffle_caption(name: str, target: int, rng: np.random.Generator, vocab, tokenizer) -> str:
+def waffle_caption(name: str, target: int, rng: np.random.Generator, vocab, tokenizer, cost=None) -> str:
     """``"<class>: w1 w2 ..."`` of random words from ``vocab`` with exactly ``target`` tokens (start and
-    end included; the class name alone when it already takes ``target`` or more)."""
+    end included; the class name alone when it already takes ``target`` or more). ``cost``: a
+    :func:`word_cost` of ``tokenizer``, to share its memory between captions."""
     count = _counter(tokenizer)
     head = f"{name}:"
     words, n = [], count(head)
-    tries = 0
+    cost = cost or word_cost(tokenizer)
+    for _ in range(100 * max(1, target)):  # fast path: a word's tokens add up (CLIP's BPE tokenizer)
+        if n >= target:
+            break
+        w = vocab[int(rng.integers(len(vocab)))]
+        if n + cost(w) <= target:
+            words.append(w)
+            n += cost(w)
+    text = " ".join([head, *words])
+    if count(text) == n:
+        return text
+    words, n, tries = [], count(head), 0  # a tokenizer whose counts do not add up: count each candidate
     while n < target and tries < 1000:
         w = vocab[int(rng.integers(len(vocab)))]
         m = count(" ".join([head, *words, w]))
@@ -138,6 +150,18 @@ def _counter(tokenizer):
     return lambda text: count_tokens(tok, text)
 
 
+def word_cost(tokenizer):
+    """Tokens one word adds to a text: its count less the empty text's (start and end tokens)."""
+    count, memo = _counter(tokenizer), {}
+    base = count("")
+
+    def cost(word: str) -> int:
+        if word not in memo:
+            memo[word] = count(word) - base
+        return memo[word]
+    return cost
+
+
 def waffle_captions(train, per_image: int, seed: int, tokenizer, matches: list[dict] | None = None,
                     descriptions: list[dict] | None = None) -> list[dict]:
     """``per_image`` captions per image: the class name and random words (:func:`waffle_vocabulary`, less
@@ -148,7 +172,7 @@ def waffle_captions(train, per_image: int, seed: int, tokenizer, matches: list[d
     one (no ``matches.jsonl``, or the image missing from it) takes the rounded mean count of its class's
     descriptions written as GIST captions (``"<class>: <description>"`` cut to the context).
     """
-    vocab = waffle_vocabulary(_class_words(train.classnames))
+    vocab, cost = waffle_vocabulary(_class_words(train.classnames)), word_cost(tokenizer)
     by_file = {m["image"]: m["captions"] for m in (matches or []) if m.get("captions")}
     images = _images(train)
     means = {}
@@ -165,7 +189,7 @@ def waffle_captions(train, per_image: int, seed: int, tokenizer, matches: list[d
         caps = by_file.get(f)
         targets = ([count_tokens(tokenizer, caps[i % min(len(caps), per_image)]) for i in range(per_image)]
                    if caps else [means[name]] * per_image)
-        out.append({"image": f, "class": name, "captions": [waffle_caption(name, t, rng, vocab, tokenizer)
+        out.append({"image": f, "class": name, "captions": [waffle_caption(name, t, rng, vocab, tokenizer, cost)
                                                               for t in targets]})
     return out
 
