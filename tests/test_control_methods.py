@@ -229,15 +229,16 @@ def test_gist_question_answers_from_the_numbers():
     assert gist_question([])[1] and gist_question([])[0].empty
 
 
-def test_control_methods_through_workbench_run(tmp_path):
+def test_control_methods_through_workbench_run(tmp_path, capsys):
     """Every new method trains through `workbench run` on the tiny demo; evaluation probes it, compares
-    it with Holm p-values and answers the GIST question in 04_evaluate."""
-    rc = cli.main(["run", "demo", "--name", "ctl", "--reports", str(tmp_path),
-                   "--stages", "describe,match,finetune,evaluate",
-                   "--set", "dataset_options={n_species: 4, n_train: 4, n_val: 2, n_test: 2}", "--set", "model=tiny",
-                   "--set", "progress=false", "--set", "describe.per_class=4", "--set", "epochs=1",
-                   "--set", "seeds=[0]", "--set", "shots=[1]", "--set", "bootstrap_n=100",
-                   "--set", "finetune.batch_size=16", "--set", "evaluate.weight_decays=[0.1]",
+    it with Holm p-values and answers the GIST question in 04_evaluate. Edited descriptions then retire
+    the random own-class run's checkpoints (its caption_source identity)."""
+    base = ["run", "demo", "--name", "ctl", "--reports", str(tmp_path),
+            "--set", "dataset_options={n_species: 4, n_train: 4, n_val: 2, n_test: 2}", "--set", "model=tiny",
+            "--set", "progress=false", "--set", "describe.per_class=4", "--set", "epochs=1",
+            "--set", "seeds=[0]", "--set", "shots=[1]", "--set", "bootstrap_n=100",
+            "--set", "finetune.batch_size=16", "--set", "evaluate.weight_decays=[0.1]"]
+    rc = cli.main([*base, "--stages", "describe,match,finetune,evaluate",
                    "--set", "finetune.methods=[gist, finetune-classname, oracle, random-own-class, waffle]"])
     assert rc == 0
     run = tmp_path / "ctl"
@@ -263,3 +264,12 @@ def test_control_methods_through_workbench_run(tmp_path):
         assert f"1 shot, {q}" in out, q
     log = read_jsonl(run / "train_log.jsonl")
     assert {r["run"] for r in log} >= {f"{m}-1-s0" for m in sources.SOURCES}
+
+    descs = read_jsonl(run / "descriptions.jsonl")
+    descs[0]["text"] += " Note its call."
+    (run / "descriptions.jsonl").write_text("".join(json.dumps(d) + "\n" for d in descs))
+    capsys.readouterr()
+    rc = cli.main([*base, "--stages", "finetune", "--set", "finetune.methods=[random-own-class]"])
+    out = "".join(capsys.readouterr())
+    assert rc == 1 and "IdentityMismatch: run random-own-class-1-s0" in out
+    assert "caption_source: made with {\"descriptions_sha256\"" in out
