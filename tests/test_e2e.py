@@ -27,7 +27,8 @@ def _check_run(run_dir, stages):
     for section in ("describe", "matching", "finetune", "accuracy", "comparisons", "alignment", "timing"):
         assert section in metrics, section
     for c in metrics["comparisons"]:
-        assert set(c) == {"a", "b", "shots", "diff", "ci95", "p", "n_test", "seeds"} and 0 < c["p"] <= 1
+        assert set(c) == {"a", "b", "shots", "diff", "ci95", "p", "p_holm", "n_test", "seeds"} and 0 < c["p"] <= 1
+        assert c["p"] <= c["p_holm"] <= 1
         assert c["ci95"][0] <= c["diff"] <= c["ci95"][1]
     assert {(c["a"], c["b"]) for c in metrics["comparisons"] if c["shots"] == 1} >= {
         ("gist", "finetune-classname"), ("gist", "linear-probe"), ("finetune-classname", "linear-probe")}

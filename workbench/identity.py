@@ -100,6 +100,27 @@ def descriptions_sha256(records: Iterable[dict] | None) -> str | None:
     return texts_sha256(sorted(json.dumps([r.get("id"), r.get("class"), r.get("text")], default=str) for r in records))
 
 
+def matches_sha256(records: Iterable[dict] | None) -> str | None:
+    """Digest of match records (image, captions; order-free), None when there are none."""
+    if records is None:
+        return None
+    return texts_sha256(sorted(json.dumps([r.get("image"), r.get("captions")], default=str) for r in records))
+
+
+def columns_sha256(table: pd.DataFrame, columns: Iterable[str]) -> str:
+    """sha256 of a table's rows (filename and ``columns``), in order: inputs :func:`table_sha256` leaves out,
+    such as the synthetic images' true attributes the oracle captions are written from."""
+    rows = table[["filename", *columns]].astype(str).agg("\t".join, axis=1)
+    return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
+
+
+def caption_source_identity(method: str, version: int, **inputs) -> dict:
+    """The ``caption_source`` entry of a fine-tuning run's identity for a caption source of
+    :mod:`workbench.finetune.sources`: its name, its code version and a digest (or value) of each input
+    it writes captions from, so changing any of them retires the run's checkpoints."""
+    return {"method": method, "version": version, **inputs}
+
+
 def with_version(identity: dict) -> dict:
     return {**identity, "version": __version__}
 

@@ -34,8 +34,9 @@ WRITERS = {
     TRAIN_LOG: "fine-tuning stage (03_finetune)",
     INDEX: "fine-tuning stage (03_finetune)",
 }
-# Methods whose fine-tuned checkpoints a run directory can hold.
-FINETUNE_METHODS = ("gist", "finetune-classname")
+# Methods whose fine-tuned checkpoints a run directory can hold: GIST, FLYP-style class names, and the
+# controls that bracket GIST (caption sources of workbench.finetune.sources).
+FINETUNE_METHODS = ("gist", "finetune-classname", "oracle", "random-own-class", "waffle")
 
 
 def stage_file(run_dir_or_path: str | Path, name: str) -> Path:

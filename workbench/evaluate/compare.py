@@ -35,8 +35,11 @@ from .zeroshot import (
     load_descriptions,
 )
 
-METHODS = ("zero-shot", "linear-probe", "finetune-classname", "gist")  # the order of tables and figures
+# the order of tables and figures: the frozen baselines, then the fine-tuned methods from the least
+# informative captions to the most (the controls bracketing GIST: workbench.finetune.sources)
+METHODS = ("zero-shot", "linear-probe", "finetune-classname", "waffle", "random-own-class", "gist", "oracle")
 FINETUNED = tuple(m for m in METHODS if m in FINETUNE_METHODS)
+CONTROLS = ("waffle", "random-own-class", "oracle")  # noted as missing only when the index holds some of them
 ZERO_SHOT_NOTE = "0-shot: uses no training images; the same number is listed under every shots value"
 
 
@@ -176,15 +179,17 @@ def finetuned_rows(
 
     Each checkpoint (method, shots, seed) is probed on the draw of its own seed, which must be the draw it
     was trained on (:func:`check_checkpoint`, checked for all before any model loads). ``notes`` name the
-    requested (method, shots) pairs that have no checkpoint.
+    requested (method, shots) pairs that have no checkpoint (for a control of :data:`CONTROLS`, only when
+    the index holds one of its runs: most run folders train none).
     """
     shots, spec = parse_shots(shots), spec or DrawSpec()
     index = read_index(run_dir, required=False) if index is None else index
     if index is None:
         return [], [f"no {Path(run_dir) / INDEX}: fine-tuned methods not evaluated"]
     chosen = _chosen(index, shots, [int(s) for s in seeds], spec)
+    trained = {e["method"] for e in index}
     notes = [f"no checkpoint for {m} at shots={s}" for m in FINETUNED for s in shots
-             if not any(k[0] == m and k[1] == str(s) for k in chosen)]
+             if (m not in CONTROLS or m in trained) and not any(k[0] == m and k[1] == str(s) for k in chosen)]
     jobs = sorted(chosen.items(), key=lambda kv: (FINETUNED.index(kv[0][0]), kv[0][1], kv[0][2]))
     draws = {key: make_draw(ds, _shots_value(key[1]), key[2], spec) for key, _ in jobs}
     for key, e in jobs:

@@ -10,7 +10,8 @@ from ..plots import save_figure
 from .paired import LABELS
 from .report import _method_order, _shots_order, seed_summary
 
-COLORS = {"zero-shot": "#9e9e9e", "linear-probe": "#4c72b0", "finetune-classname": "#dd8452", "gist": "#55a868"}
+COLORS = {"zero-shot": "#9e9e9e", "linear-probe": "#4c72b0", "finetune-classname": "#dd8452", "gist": "#55a868",
+          "waffle": "#937860", "random-own-class": "#8172b3", "oracle": "#c44e52"}
 
 
 def plot_accuracy(rows: list[dict], path: str | Path | None = None, metric: str = "top1", title: str | None = None):

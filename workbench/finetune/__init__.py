@@ -7,6 +7,7 @@ Modules: ``config`` (one run's settings), ``trainer`` (the one training loop, sh
 notebook 03_finetune calls), ``__main__`` (``torchrun -m workbench.finetune``).
 """
 from ..runs import run_name, run_warnings, unmoved_counts, warnings_note  # noqa: F401  (stored in the run folder: runs.py)
+from . import sources  # noqa: F401  (the control methods' caption sources)
 from .config import ATTENTION, METHODS, FinetuneConfig
 from .plots import plot_training, summary_table
 from .stage import CLASSNAME_TEMPLATE, build_pairs, finetune_all, plan_runs, planned_runs, run, train_options

@@ -1,5 +1,6 @@
-"""The fine-tuning stage (``03_finetune``): GIST (matched captions) and FLYP-style class-name
-fine-tuning, every (method, shots, seed) run, each checkpoint chosen on validation.
+"""The fine-tuning stage (``03_finetune``): GIST (matched captions), FLYP-style class-name fine-tuning
+and the controls that bracket GIST (``oracle``, ``random-own-class``, ``waffle``: caption sources of
+:mod:`.sources`), every (method, shots, seed) run, each checkpoint chosen on validation.
 
 Run directory outputs: ``checkpoints/<run>/best.safetensors`` (+ ``resume.safetensors`` to resume),
 ``checkpoints/index.json``, ``train_log.jsonl``, ``metrics.json["finetune"]``. Multi-GPU:
@@ -45,6 +46,7 @@ from ..runs import (
     update_metrics,
 )
 from ..runs import FINETUNE_METHODS as METHODS
+from . import sources
 from .config import FinetuneConfig
 from .trainer import rank_world, train_run
 from .validate import validate
@@ -52,11 +54,14 @@ from .validate import validate
 CLASSNAME_TEMPLATE = "a photo of a {}."
 
 
-def build_pairs(train, method: str, captions_per_image: int, matches: list[dict] | None = None):
+def build_pairs(train, method: str, captions_per_image: int, matches: list[dict] | None = None, *,
+                descriptions: list[dict] | None = None, tokenizer=None, seed: int = 0):
     """(image row, text, label) pairs for the training split ``train`` (a Dataset, maybe few-shot).
 
     GIST: the first ``captions_per_image`` captions of each image's match record, each its own pair.
-    Class-name baseline: one "a photo of a <class>." pair per image.
+    Class-name baseline: one "a photo of a <class>." pair per image. The caption sources of
+    :data:`sources.SOURCES` (``oracle``, ``random-own-class``, ``waffle``): their ``captions_per_image``
+    captions per image (:func:`sources.caption_records`, with ``descriptions``, ``tokenizer``, ``seed``).
     """
     files = train.table["filename"].tolist()
     labels = train.labels
@@ -65,6 +70,10 @@ def build_pairs(train, method: str, captions_per_image: int, matches: list[dict]
         for i, y in enumerate(labels):
             rows.append(i), texts.append(CLASSNAME_TEMPLATE.format(train.classnames[y])), ys.append(int(y))
         return torch.tensor(rows), texts, torch.tensor(ys)
+    if method in sources.SOURCES:
+        if tokenizer is None:
+            raise ValueError(f"method {method!r} needs the model's tokenizer (its captions fit the text context)")
+        matches, _ = sources.caption_records(method, train, captions_per_image, seed, tokenizer, matches, descriptions)
     if matches is None:
         raise ValueError("method 'gist' needs matches.jsonl (run the 02_match stage first)")
     by_file = {m["image"]: m for m in matches}
@@ -133,6 +142,7 @@ class Context:
     spec: DrawSpec
     caches: tuple
     matches: list[dict] | None
+    descriptions: list[dict] | None  # the run's descriptions.jsonl, for the caption sources that draw from it
     model: str
     pretrained: str | None
     device: torch.device
@@ -142,14 +152,17 @@ class Context:
     identity: dict  # of the weights and the dataset, shared by every run
 
 
-def run_identity(ctx: Context, cfg: FinetuneConfig, k, seed: int, sub: Dataset, texts: list[str]) -> dict:
-    """Everything a (method, shots, seed) run's checkpoint depends on (``workbench.identity``)."""
+def run_identity(ctx: Context, cfg: FinetuneConfig, k, seed: int, sub: Dataset, texts: list[str],
+                 caption_source: dict | None = None) -> dict:
+    """Everything a (method, shots, seed) run's checkpoint depends on (``workbench.identity``). The
+    control methods add ``caption_source``: the inputs their captions are written from
+    (:func:`sources.caption_records`); GIST's and FLYP's identities are as they were."""
     val_names = sorted(sub.table.loc[sub.table["split"] == "val", "filename"].astype(str))
     return with_version({
         **ctx.identity, **ctx.spec.identity(ctx.ds, k), "method": cfg.method, "shots": k, "seed": seed,
         "train_images": int((sub.table["split"] == "train").sum()), "train_images_sha256": train_images_sha256(sub),
         "val_images_sha256": texts_sha256(val_names), "captions_sha256": texts_sha256(texts),
-        "settings": cfg.settings(),
+        "settings": cfg.settings(), **({"caption_source": caption_source} if caption_source else {}),
     })
 
 
@@ -165,10 +178,14 @@ def _train_one(ctx: Context, method: str, k, seed: int) -> dict:
     train_rows = torch.tensor(_rows(train_all, sub))
     images, whole = train_cache[train_rows], train_whole[train_rows]  # centre crops for the probe, whole to train
     val_images = val_cache if len(val_ds.table) == len(val_all.table) else val_cache[torch.tensor(_rows(val_all, val_ds))]
-    pair_rows, texts, pair_labels = build_pairs(sub, method, cfg.captions_per_image, ctx.matches)
-    identity = run_identity(ctx, cfg, k, seed, drawn, texts)
     torch.manual_seed(cfg.seed)  # random-init models (pretrained=None) depend on it
     bundle = load_clip(ctx.model, ctx.pretrained, "cpu")
+    matches, source = ctx.matches, None
+    if method in sources.SOURCES:  # the controls' captions, written here (their seed: the run's)
+        matches, source = sources.caption_records(method, sub, cfg.captions_per_image, cfg.seed, bundle.tokenizer,
+                                                  ctx.matches, ctx.descriptions)
+    pair_rows, texts, pair_labels = build_pairs(sub, "gist" if source else method, cfg.captions_per_image, matches)
+    identity = run_identity(ctx, cfg, k, seed, drawn, texts, source)
     labels_sub, labels_val = torch.tensor(sub.labels), torch.tensor(val_ds.labels)
 
     def val_fn(clip):
@@ -227,13 +244,23 @@ def _context(run_dir: Path, dataset, data_root, dataset_options, model, pretrain
     if "gist" in methods and not (run_dir / MATCHES).exists():
         raise FileNotFoundError(f"{run_dir / MATCHES} not found: method 'gist' trains on matched captions; "
                                 "run the match stage first")
-    matches = read_matches(run_dir) if "gist" in methods else None
+    if "oracle" in methods:
+        sources.check_oracle(ds)
+    if "random-own-class" in methods and not (run_dir / DESCRIPTIONS).exists():
+        raise FileNotFoundError(f"{run_dir / DESCRIPTIONS} not found: method 'random-own-class' trains on the "
+                                "run's descriptions; run the describe stage first")
+    # waffle copies the matched captions' token counts when there are matches, else the descriptions'
+    want_matches = "gist" in methods or ("waffle" in methods and (run_dir / MATCHES).exists())
+    matches = read_matches(run_dir) if want_matches else None
     if matches is not None:
         check_matches(run_dir)
+    want_descriptions = {"random-own-class", "waffle"} & set(methods) and (run_dir / DESCRIPTIONS).exists()
+    descriptions = read_descriptions(run_dir) if want_descriptions else None
     identity = {**weights_identity(model, pretrained), **dataset_identity(ds, dataset, data_root, dataset_options)}
     dev = auto_device(device, distributed=rank_world()[1] > 1)
     caches = _image_caches(model, pretrained, ds.split("train"), ds.split("val"), progress)
-    return Context(run_dir, ds, spec, caches, matches, model, pretrained, dev, resume, progress, train_options, identity)
+    return Context(run_dir, ds, spec, caches, matches, descriptions, model, pretrained, dev, resume, progress,
+                   train_options, identity)
 
 
 def check_matches(run_dir: Path) -> None:

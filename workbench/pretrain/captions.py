@@ -45,6 +45,26 @@ def training_captions(attrs: dict, rng: np.random.Generator, k: int, weights: di
     return out
 
 
+def bird_phrases(attrs: dict) -> list[str]:
+    """Every attribute of ``attrs`` in the captions' words, :data:`syn.ATTRIBUTES` order, breast pattern and
+    colour in one phrase (``["a red crown", "blue wings", "a streaked yellow breast", "a short beak", ...]``)."""
+    out = []
+    for a in syn.ATTRIBUTES:
+        if a == "breast_pattern":
+            continue
+        value = f"{attrs['breast_pattern']} {attrs[a]}" if a == "breast_color" else attrs[a]
+        out.append(_phrase(a, value))
+    return out
+
+
+def bird_caption(attrs: dict, rng: np.random.Generator) -> str:
+    """One sentence naming every attribute of ``attrs`` (:func:`bird_phrases` in a random order, a random
+    opener of the pretraining captions): "this bird has blue wings, a long tail, ... and a red crown."."""
+    parts = bird_phrases(attrs)
+    parts = [parts[i] for i in rng.permutation(len(parts))]
+    return str(rng.choice(_OPENERS)).format(", ".join(parts[:-1]) + " and " + parts[-1])
+
+
 def caption_vocabulary() -> set[str]:
     """Every word the pretraining captions can contain."""
     words = set()
