@@ -17,7 +17,7 @@ class FinetuneConfig:
     """One run's settings. The defaults are ``03_finetune``'s (the CPU demo with the tiny model), and
     :meth:`from_params` takes them from a stage's parameter section by name (a test keeps the two equal)."""
 
-    method: str = "gist"  # "gist" (matched captions) or "finetune-classname" ("a photo of a <class>.")
+    method: str = "gist"  # "gist" (matched captions), "finetune-classname" ("a photo of a <class>."), or a control (runs.py)
     loss: str = "clip"  # "clip", "class-aware" or "filip"
     captions_per_image: int = 4  # GIST trains on 4 of the top-5 captions, each its own pair
     epochs: int = 3  # passes over the pairs, at least (``steps`` may add more)
