@@ -45,13 +45,12 @@ from workbench.io import cache_root, hash_key
 from workbench.match.captions import truncate_caption
 from workbench.pretrain import evaluate as pre_eval
 from workbench.pretrain import recipe
-from workbench.pretrain.captions import WEIGHTS
+from workbench.pretrain.captions import _OPENERS, WEIGHTS, _phrase
 from workbench.stats import bootstrap_ci, paired_difference
 
 METHODS = ("linear-probe", "finetune-classname", "oracle", "random-own-class")
 PAIRS = (("oracle", "finetune-classname"), ("oracle", "linear-probe"), ("finetune-classname", "linear-probe"),
          ("random-own-class", "finetune-classname"), ("oracle", "random-own-class"))
-_OPENERS = ["a bird with {}.", "a photo of a bird with {}.", "a small bird with {}.", "this bird has {}."]
 
 
 def parse_args(argv=None):
@@ -129,10 +128,6 @@ def attribute_zero_shot(bundle, ds) -> dict:
 
 
 # ---------------------------------------------------------------- captions
-_ORACLE_PHRASE = {"crown_color": "a {} crown", "wing_color": "{} wings", "breast_color": "a {} breast",
-                  "breast_pattern": "a {} breast", "beak_shape": "a {} beak", "tail_size": "a {} tail"}
-
-
 def oracle_caption(classname: str, row: dict, rng, style: str = "all", withheld=(), prefix: bool = True) -> str:
     """``"<class>: a bird with ..."`` naming the attributes the image shows, in the pretraining's words:
     every attribute (``all``), only the ``withheld`` ones, or ``one`` drawn at random."""
@@ -142,7 +137,7 @@ def oracle_caption(classname: str, row: dict, rng, style: str = "all", withheld=
                  f"a {row['beak_shape']} beak", f"a {row['tail_size']} tail"]
     else:
         attrs = list(withheld) if style == "withheld" else [str(rng.choice(syn.ATTRIBUTES))]
-        parts = [_ORACLE_PHRASE[a].format(row[a]) for a in attrs]
+        parts = [_phrase(a, row[a]) for a in attrs]
     parts = [parts[i] for i in rng.permutation(len(parts))]
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return (f"{classname}: " if prefix else "") + str(rng.choice(_OPENERS)).format(body)
