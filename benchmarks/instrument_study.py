@@ -62,6 +62,9 @@ def parse_args(argv=None):
     ap.add_argument("--text-freeze", type=int, default=None, help="pretraining text-freeze steps (default steps/5)")
     ap.add_argument("--noise", type=float, default=syn.DEFAULTS["noise"], help="downstream max pixel noise sigma")
     ap.add_argument("--occlusion", type=float, default=syn.DEFAULTS["occlusion"])
+    ap.add_argument("--pose", type=float, default=0.0,
+                    help="downstream pose spread (0: centred and upright, as in every run recorded before the "
+                         "benchmark's default became 1)")
     ap.add_argument("--n-species", type=int, default=syn.DEFAULTS["n_species"])
     ap.add_argument("--data-seed", type=int, default=0, help="the downstream dataset's seed")
     ap.add_argument("--n-val", type=int, default=40, help="validation images per class (halves A and B)")
@@ -191,7 +194,7 @@ def finetune(state, method, sub, tr_images, ctx, args, seed) -> tuple[torch.nn.M
 # ---------------------------------------------------------------- the study
 def load_design(args):
     opts = dict(n_species=args.n_species, seed=args.data_seed, n_val=args.n_val, n_test=1, noise=args.noise,
-                occlusion=args.occlusion)
+                occlusion=args.occlusion, pose=args.pose)
     ds = syn.load(**opts)
     return ds, opts
 

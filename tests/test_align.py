@@ -373,11 +373,16 @@ def test_notebook_runs_with_tiny_parameters(tmp_path):
               "dataset_options": {"n_species": 3, "n_train": 1, "n_val": 1, "n_test": 2}}
     run_notebook(nb, run / "05_align.ipynb", params, cwd=run, html=False)
     pg = read_json(run / "metrics.json")["alignment"]["pointing_game"]
-    assert set(pg) == {"similarity", "rollout", "relevance"}
-    for by_model in pg.values():
+    assert set(pg) == {"similarity", "rollout", "relevance", "prior", "random_bird_patch"}
+    for name in ("prior", "random_bird_patch"):  # no model: stored once, marked as reading no alignment
+        assert set(pg[name]) == {"baseline"} and pg[name]["baseline"]["image_agnostic"] and "_hit" not in pg[name]["baseline"]
+    prior = pg["prior"]["baseline"]["score"]
+    for method in ("similarity", "rollout", "relevance"):
+        by_model = pg[method]
         assert set(by_model) == {"pretrained", "finetuned"}
         for r in by_model.values():
             assert 0 <= r["score"] <= 1 and 0 < r["chance"] < 1 and r["n"] > 0 and "_hit" not in r
+            assert r["vs_prior"]["diff"] == pytest.approx(100 * (r["score"] - prior))
         change = by_model["finetuned"]["change"]
         assert change["diff"] == pytest.approx(100 * (by_model["finetuned"]["score"] - by_model["pretrained"]["score"]))
     figs = {p.name for p in (run / "figures").glob("align_*.png")}
@@ -392,8 +397,9 @@ def test_bad_method_fails_fast():
 def test_relevance_on_the_shipped_model_points_at_the_named_part(tmp_path, monkeypatch):
     """Ground truth of the synthetic benchmark: with the shipped tiny CLIP and 05_align's own defaults
     (parts, caption template, part nouns), Chefer relevance hits the named part far more often than the
-    image's other parts. Full size (200 images, 997 queries): 0.65 against 0.15; here 40 images (about
-    200 queries, a 95% interval of about ±0.07), so the thresholds leave room for the small draw."""
+    image's other parts. Full size (pose 0, 200 images, 997 queries): 0.65 against 0.15; at the default
+    pose 1, 0.50 against 0.20 on 1,430 val queries; here 40 images (about 200 queries, a 95% interval of
+    about ±0.07), so the thresholds leave room for the small draw."""
     from workbench.align import stage
     from workbench.config import stage_params
 
@@ -402,11 +408,11 @@ def test_relevance_on_the_shipped_model_points_at_the_named_part(tmp_path, monke
                      dataset_options={"n_species": 12, "n_train": 1, "n_val": 1, "n_test": 4})
     s = stage.prepare(p)
     assert set(s.bundles) == {"pretrained"} and len(s.files) == 40
-    assert s.parts == ["crown", "beak", "wing", "breast", "tail"]  # words the tiny CLIP was taught
+    assert sorted(s.parts) == ["beak", "breast", "crown", "tail", "wing"]  # words the tiny CLIP was taught
     model, _, tok = s.bundles["pretrained"]
     r = pointing.pointing_game(model, tok, s.images, s.items, ["relevance"])["relevance"]
     assert r["n"] >= 150 and r["word_specific"]
-    assert r["score"] >= 0.45 and r["score"] >= 2 * r["other_parts"] and r["score"] >= 3 * r["chance"], r
+    assert r["score"] >= 0.38 and r["score"] >= 1.8 * r["other_parts"] and r["score"] >= 3 * r["chance"], r
 
 
 def test_pointing_change_is_paired_and_never_written_per_query(tmp_path):

@@ -44,7 +44,8 @@ def _check_run(run_dir, stages):
     assert {r["method"] for r in index} == {"gist", "finetune-classname"}
     assert all((run_dir / r["path"]).exists() for r in index)
     pg = metrics["alignment"]["pointing_game"]
-    assert pg and all({"pretrained", "finetuned"} <= set(v) for v in pg.values())
+    assert pg and all({"pretrained", "finetuned"} <= set(v) for k, v in pg.items() if k not in ("prior", "random_bird_patch"))
+    assert set(pg["prior"]) == {"baseline"} and set(pg["random_bird_patch"]) == {"baseline"}
     assert list((run_dir / "figures").glob("*.png"))
     return metrics
 

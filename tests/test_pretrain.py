@@ -114,9 +114,12 @@ def test_a_provided_tag_without_its_file_says_how_to_rebuild(monkeypatch, tmp_pa
 
 @pytest.fixture(scope="session")
 def pretrained_figures(tmp_path_factory):
-    """The shipped tiny CLIP's zero-shot figures on a small synthetic dataset."""
+    """The shipped tiny CLIP's zero-shot figures on a small synthetic dataset in the pretraining's pose
+    (pose 0: centred, upright). At the benchmark's default pose 1 the figures drop (beak 0.80, pattern
+    0.85, the rest 0.93-0.97 on 600 test images): a pose shift the weights were not trained on."""
     bundle = load_clip("tiny", pretrained="synthetic", device="cpu")
-    ds = load_dataset("synthetic", tmp_path_factory.mktemp("syn") / "data", n_species=8, n_train=2, n_val=1, n_test=10)
+    ds = load_dataset("synthetic", tmp_path_factory.mktemp("syn") / "data", n_species=8, n_train=2, n_val=1, n_test=10,
+                      pose=0.0)
     return P.evaluate_pretrained(bundle, dataset=ds, n_heldout=240)
 
 

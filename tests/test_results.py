@@ -66,12 +66,15 @@ def _metrics() -> dict:
             "pointing_game": {
                 "relevance": {
                     "pretrained": {"score": 0.65, "score_ci95": [0.62, 0.679], "chance": 0.072, "other_parts": 0.149,
-                                   "word_specific": True, "n": 997, "per_part": {}},
+                                   "word_specific": True, "n": 997, "per_part": {},
+                                   "vs_prior": {"diff": 48.6, "ci95": [45.25, 51.9], "p": 0.0005}},
                     "finetuned": {"score": 0.601, "score_ci95": [0.57, 0.631], "chance": 0.072, "other_parts": 0.16,
                                   "word_specific": True, "n": 997, "per_part": {},
                                   "change": {"diff": -4.9, "ci95": [-7.5, -2.25], "p": 0.002}}},
                 "rollout": {"pretrained": {"score": 0.261, "score_ci95": [0.234, 0.289], "chance": 0.072,
                                            "other_parts": None, "word_specific": False, "n": 997, "per_part": {}}},
+                "prior": {"baseline": {"score": 0.164, "score_ci95": [0.145, 0.184], "chance": 0.072, "other_parts": 0.106,
+                                       "word_specific": False, "image_agnostic": True, "n": 997, "per_part": {}}},
             }},
     }
 
@@ -119,7 +122,8 @@ def test_every_number_comes_from_the_run(tmp_path):
         n_unmoved = sum(r.get("best_epoch") == 0 and r.get("steps", 0) > 0 for r in mine)
         assert f"| {method} | {shots} | {n_unmoved} | {len(mine)} |" in ft
     pg = _section(text, "Pointing game")
-    assert "| relevance | pretrained | 0.650 | [0.620, 0.679] | 0.072 | 0.149 | 997 |" in pg
+    assert "| relevance | pretrained | 0.650 | [0.620, 0.679] | 0.072 | 0.149 | 997 | — | — | — | +48.6 | [+45.2, +51.9] |" in pg
+    assert "| prior | baseline | 0.164 | [0.145, 0.184] | 0.072 | 0.106 | 997 |" in pg
     assert "| relevance | finetuned | 0.601 | [0.570, 0.631] | 0.072 | 0.160 | 997 | -4.9 | [-7.5, -2.2] | 0.002 |" in pg
     assert "| rollout | pretrained | 0.261 | [0.234, 0.289] | 0.072 | — | 997 |" in pg
     pre = _section(text, "The pretrained tiny CLIP")

@@ -22,7 +22,7 @@ from workbench import finetune as ft  # noqa: E402
 from workbench.data import load_dataset  # noqa: E402
 from workbench.io import read_jsonl, write_jsonl  # noqa: E402
 
-SMALL = dict(n_species=3, seed=3, n_train=2, n_val=1, n_test=1)
+SMALL = dict(n_species=3, seed=3, n_train=2, n_val=1, n_test=1, pose=0.0)  # the pin was recorded at pose 0
 
 # Recorded from the code before the whole-image training cache and the trainer split (CPU, 1 thread).
 LOSSES = [  # (step, loss, grad norm)

@@ -169,9 +169,10 @@ def plot_method_maps(image, maps: dict[str, torch.Tensor], title: str = ""):
 
 
 def plot_pointing(results: dict[str, dict[str, dict]], title: str = "pointing game"):
-    """Bars per method and model (pretrained / fine-tuned) with each one's chance level as a tick."""
+    """Bars per method and model (pretrained / fine-tuned; the baselines that read no alignment, e.g. the
+    part-location prior, as ``baseline``) with each one's chance level as a tick."""
     methods = list(results)
-    models = [m for m in ("pretrained", "finetuned") if any(m in results[k] for k in methods)]
+    models = [m for m in ("pretrained", "finetuned", "baseline") if any(m in results[k] for k in methods)]
     fig, ax = plt.subplots(figsize=(1.6 * len(methods) + 2, 3.2))
     width = 0.8 / max(len(models), 1)
     for i, model in enumerate(models):
@@ -185,8 +186,13 @@ def plot_pointing(results: dict[str, dict[str, dict]], title: str = "pointing ga
         ax.scatter(xs, c, marker="_", s=300, color="black", zorder=3, label="chance" if i == 0 else None)
         ax.scatter(xs, [np.nan if v is None else v for v in o], marker="x", color="dimgray", zorder=3,
                    label="hit on another part (control)" if i == 0 else None)
-    ax.set_xticks(np.arange(len(methods)), [m if results[m].get(models[0], {}).get("word_specific", True)
-                                            else f"{m}\n(same map for every caption)" for m in methods])
+    def label(m):
+        r = next(iter(results[m].values()), {})
+        if r.get("image_agnostic"):
+            return f"{m}\n(no image-text alignment)"
+        return m if r.get("word_specific", True) else f"{m}\n(same map for every caption)"
+
+    ax.set_xticks(np.arange(len(methods)), [label(m) for m in methods])
     ax.set_ylim(0, 1)
     ax.set_ylabel("hit rate (hottest patch in part)")
     ax.set_title(title, fontsize=10)

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..stats import wilson_interval
+from ..stats import bootstrap_ci, paired_difference, wilson_interval
 from .attention import image_rollout, pair_relevance
 from .features import image_tokens, similarity_maps, text_tokens, token_patch_similarity, tokenize, word_map
 
 METHODS = ("similarity", "rollout", "relevance")
+# Scores that read no image-text alignment, beside the methods in ``pointing_game`` results (model key
+# ``"baseline"``): a map that cannot beat them has not shown that it localises.
+BASELINES = ("prior", "random_bird_patch")
 # Rollout is computed from the image tower alone: the same map for every caption, so it cannot point at
 # the part a caption names; its score says where the model looks, and a word-specificity control is moot.
 WORD_SPECIFIC = {"similarity": True, "rollout": False, "relevance": True}
@@ -191,3 +195,76 @@ def pointing_game(
             "_hit": res["hit"].bool().numpy(),  # per query, for paired comparisons; never written to metrics.json
         }
     return out
+
+
+# ---------------------------------------------------------------- baselines without alignment
+def part_prior(regions: dict[str, dict[str, torch.Tensor]], grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The image-agnostic part-location prior: ``{part: gh x gw}``, the mean over images (e.g. the
+    training split's, from :func:`workbench.align.regions.part_regions`) of the fraction of each patch
+    the part covers. The same map for every image: where the part usually is."""
+    acc: dict[str, list[torch.Tensor]] = {}
+    for by_part in regions.values():
+        for part, region in by_part.items():
+            acc.setdefault(part, []).append(patch_cover(region, grid)[0])
+    if not acc:
+        raise ValueError("no part regions to build the part-location prior from")
+    return {p: torch.stack(v).mean(0) for p, v in acc.items()}
+
+
+def _baseline_entry(items: list[PartItem], hit: torch.Tensor, chance: torch.Tensor, area: torch.Tensor,
+                    other: float | None, binary: bool) -> dict:
+    parts = [it.part for it in items]
+    per_part = {}
+    for p in dict.fromkeys(parts):
+        sel = torch.tensor([q == p for q in parts])
+        per_part[p] = {"score": hit[sel].mean().item(), "chance": chance[sel].mean().item(), "n": int(sel.sum())}
+    n = len(items)
+    ci = (wilson_interval(int(hit.sum().item()), n) if binary
+          else [v / 100 for v in bootstrap_ci(hit.numpy())["ci95"]])
+    return {"score": hit.mean().item(), "score_ci95": ci, "chance": chance.mean().item(), "area": area.mean().item(),
+            "other_parts": other, "word_specific": False, "image_agnostic": True, "n": n, "per_part": per_part,
+            "_hit": hit.numpy() if not binary else hit.bool().numpy()}
+
+
+def baseline_scores(items: list[PartItem], grid: tuple[int, int], prior: dict[str, torch.Tensor] | None = None,
+                    objects: torch.Tensor | None = None, min_cover: float = 0.0) -> dict[str, dict]:
+    """The pointing game of the two baselines that read no image-text alignment, scored like a method.
+
+    - ``prior``: the hottest patch of :func:`part_prior`'s map of the queried part (needs ``prior``);
+    - ``random_bird_patch``: a patch drawn uniformly from those touching the bird (``objects``:
+      ``n_images x S x S`` bool, indexed by ``item.index``); its per-query hit is the expected one.
+    ``other_parts`` is the same control as the methods'. Returns ``{name: entry}`` for those it can build.
+    """
+    if not items:
+        raise ValueError("no pointing-game items")
+    regions = torch.stack([it.region for it in items])
+    cover = patch_cover(regions, grid) > min_cover  # N x gh x gw
+    flat = cover.reshape(len(items), -1).float()
+    chance, area = flat.mean(-1), regions.reshape(len(items), -1).float().mean(-1)
+    out = {}
+    if prior is not None:
+        missing = sorted({it.part for it in items} - set(prior))
+        if missing:
+            raise ValueError(f"the part-location prior has no map for parts {missing}; it has {sorted(prior)}")
+        res = point_hits(torch.stack([prior[it.part] for it in items]), regions, min_cover)
+        other = other_part_hits(items, res["argmax"], cover)
+        out["prior"] = _baseline_entry(items, res["hit"], chance, area, other, binary=True)
+    if objects is not None:
+        obj = (patch_cover(objects, grid) > min_cover).reshape(len(objects), -1).float()[[it.index for it in items]]
+        if (obj.sum(-1) == 0).any():
+            raise ValueError("an image with pointing-game items has an empty object (bird) region")
+        expect = (flat * obj).sum(-1) / obj.sum(-1)  # of the bird's patches, the share touching the part
+        by_image: dict[int, list[int]] = {}
+        for k, it in enumerate(items):
+            by_image.setdefault(it.index, []).append(k)
+        vals = [(flat[[j for j in by_image[it.index] if j != k]] * obj[k]).sum(-1).mean().item() / obj[k].sum().item()
+                for k, it in enumerate(items) if len(by_image[it.index]) > 1]
+        out["random_bird_patch"] = _baseline_entry(items, expect, chance, area,
+                                                   sum(vals) / len(vals) if vals else None, binary=False)
+    return out
+
+
+def versus(entry: dict, baseline: dict) -> dict:
+    """A method's hits minus a baseline's, paired over the same queries: ``{diff, ci95, p}`` in points."""
+    r = paired_difference(np.asarray(entry["_hit"], dtype=np.float64), np.asarray(baseline["_hit"], dtype=np.float64))
+    return {"diff": r["diff"], "ci95": r["ci95"], "p": r["p"]}

@@ -12,6 +12,7 @@ Accepted annotations, looked up in ``Dataset.extras`` (rows matched by ``filenam
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,22 @@ def part_regions(ds, size: int, radius: float | None = None, part_words: dict[st
             for part, p in zip(g["part"], pts):
                 add(fn, part, disk(p, radius, size))
     return out
+
+
+def object_regions(ds, size: int, files: list[str], radius: float | None = None) -> torch.Tensor:
+    """``len(files) x size x size`` bool: where the bird is, for the random-bird-patch baseline.
+
+    From a label map: every labelled pixel that is not background or an occluder. From boxes or
+    keypoints (no silhouette): the union of the image's part regions, a smaller stand-in.
+    """
+    ex = ds.extras or {}
+    if callable(ex.get("part_mask")):
+        names = list(ex.get("parts") or [])
+        keep = torch.tensor([p not in ("background", "occluder") for p in names])
+        return torch.stack([keep[map_mask(ex["part_mask"](fn), size, labels=True).long()] for fn in files])
+    regions = part_regions(replace(ds, table=ds.table[ds.table["filename"].astype(str).isin(set(files))]), size, radius)
+    empty = torch.zeros(size, size, dtype=torch.bool)
+    return torch.stack([torch.stack(list(regions[fn].values())).any(0) if fn in regions else empty for fn in files])
 
 
 def part_attributes(part: str, row=None, attribute_part: dict[str, str] | None = None) -> list[str]:

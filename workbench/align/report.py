@@ -14,7 +14,7 @@ from ..stats import paired_difference
 from . import plots
 from .attention import image_rollout, pair_relevance
 from .features import argmax_token_map, find_phrase, similarity_maps, word_maps
-from .pointing import METHODS, pointing_game
+from .pointing import METHODS, pointing_game, versus
 from .regions import part_attributes
 
 
@@ -97,18 +97,28 @@ def run_pointing(
     extra: dict | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    baselines: dict | None = None,
 ) -> dict:
     """Pointing game for each model in ``bundles``; stored as ``metrics.json["alignment"]``:
-    ``{"pointing_game": {method: {"pretrained": {score, chance, area, n, per_part}, "finetuned": {..., change}}}, ...}``
-    (``change``: :func:`pointing_change`)."""
+    ``{"pointing_game": {method: {"pretrained": {score, chance, area, n, per_part, vs_prior}, "finetuned":
+    {..., change}}}, ...}`` (``change``: :func:`pointing_change`). ``baselines``
+    (:func:`~workbench.align.pointing.baseline_scores`) are stored beside the methods under the model key
+    ``"baseline"`` (``pointing_game["prior"]["baseline"]``), and every method's entry gets ``vs_prior``:
+    its hits minus the prior's, paired over the same queries (points)."""
     results: dict[str, dict] = {m: {} for m in methods}
     for name, b in bundles.items():
         model, _, tok = b
         for method, r in pointing_game(model, tok, images, items, methods, batch_size, progress=progress).items():
             results[method][name] = r
+    prior = (baselines or {}).get("prior")
     for by_model in results.values():
         if {"pretrained", "finetuned"} <= set(by_model):
             by_model["finetuned"]["change"] = pointing_change(by_model["pretrained"], by_model["finetuned"])
+        if prior is not None:
+            for r in by_model.values():
+                r["vs_prior"] = versus(r, prior)
+    for name, entry in (baselines or {}).items():
+        results[name] = {"baseline": entry}
     section = {"pointing_game": results, "note": note,
                "models": {k: {"model": b.name, "weights": b.pretrained} for k, b in bundles.items()}}
     section.update(extra or {})
@@ -125,7 +135,8 @@ def pointing_change(before: dict, after: dict) -> dict:
 
 def pointing_table(results: dict) -> pd.DataFrame:
     """Long table: method, model, score with its 95% interval, chance, the other-parts control (None for
-    caption-independent methods), area, n, and for the fine-tuned model the paired change in points."""
+    caption-independent methods), area, n, for the fine-tuned model the paired change in points, and each
+    method's paired difference from the part-location prior (``vs_prior``, points)."""
     rows = []
     for method, by_model in results.items():
         for model, r in by_model.items():
@@ -134,7 +145,9 @@ def pointing_table(results: dict) -> pd.DataFrame:
                          "chance": r["chance"], "other_parts": r.get("other_parts"),
                          "word_specific": r.get("word_specific"), "area": r.get("area"), "n": r["n"],
                          "change": (r.get("change") or {}).get("diff"),
-                         "change_ci95": (r.get("change") or {}).get("ci95")})
+                         "change_ci95": (r.get("change") or {}).get("ci95"),
+                         "vs_prior": (r.get("vs_prior") or {}).get("diff"),
+                         "vs_prior_ci95": (r.get("vs_prior") or {}).get("ci95")})
     return pd.DataFrame(rows)
 
 

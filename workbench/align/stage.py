@@ -2,10 +2,11 @@
 ``metrics.json["alignment"]`` and ``figures/align_*.png`` out."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 
 from ..clip import image_size
@@ -14,8 +15,10 @@ from ..data.images import image_cache
 from ..params import Params
 from ..runs import locked
 from . import plots, report
-from .pointing import PartItem, check_methods
-from .regions import part_items
+from .pointing import PartItem, baseline_scores, check_methods, part_prior
+from .regions import object_regions, part_items, part_regions
+
+PRIOR_IMAGES = 1000  # training images the part-location prior averages (a seeded draw when there are more)
 
 
 @dataclass
@@ -27,6 +30,7 @@ class Setup:
     files: list[str]  # the images they are on (item.index indexes this)
     images: torch.Tensor  # those images, uint8 at the model's input size
     matches: dict[str, list[str]]  # filename -> matched captions of the run
+    baselines: dict  # pointing-game scores of the prior and a random bird patch (pointing.baseline_scores)
 
     @property
     def parts(self) -> list[str]:
@@ -47,7 +51,24 @@ def prepare(p: Params) -> Setup:
                               template=p.caption_template, seed=p.seed, part_nouns=p.part_nouns)
     images = image_cache([ds.root / f for f in files], size, progress=p.progress)
     p["methods"] = methods
-    return Setup(ds, bundles, note, items, files, images, report.matched_captions(p.run_dir))
+    grid = tuple(bundles["pretrained"].model.visual.grid_size)
+    baselines = baseline_scores(items, grid, training_prior(ds, size, grid, p.radius, p.seed),
+                                object_regions(ds, size, files, p.radius))
+    return Setup(ds, bundles, note, items, files, images, report.matched_captions(p.run_dir), baselines)
+
+
+def training_prior(ds: Dataset, size: int, grid: tuple[int, int], radius=None, seed: int = 0) -> dict | None:
+    """:func:`part_prior` over (up to :data:`PRIOR_IMAGES` of) the training split's annotated images;
+    None when the training split has no part annotations (the prior is then not reported)."""
+    train = ds.split("train")
+    if len(train.table) > PRIOR_IMAGES:
+        keep = sorted(np.random.default_rng(seed).choice(len(train.table), PRIOR_IMAGES, replace=False))
+        train = replace(train, table=train.table.iloc[keep])
+    try:
+        regions = part_regions(train, size, radius)
+    except ValueError:
+        return None
+    return part_prior(regions, grid) if regions else None
 
 
 def captions(s: Setup, i: int, with_parts: bool = False) -> list[str]:
@@ -74,7 +95,7 @@ def pointing(p: Params, s: Setup) -> tuple[dict, Path]:
     """The pointing game for every model, stored in ``metrics.json["alignment"]``; returns the results
     and the saved figure."""
     results = report.run_pointing(p.run_dir, s.bundles, s.images, s.items, p.methods, note=s.note,
-                                  batch_size=p.batch_size, progress=p.progress,
+                                  batch_size=p.batch_size, progress=p.progress, baselines=s.baselines,
                                   extra={"dataset": p.dataset, "split": p.split, "n_images": len(s.files),
                                          "caption_template": p.caption_template})
     fig = plots.plot_pointing(results, title=f"pointing game, {p.dataset} {p.split} ({len(s.items)} part queries)")

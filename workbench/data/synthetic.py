@@ -65,8 +65,12 @@ _MARK = ["capped", "throated", "backed", "billed", "naped", "rumped", "masked", 
 _NOUN = ["warbler", "finch", "tanager", "vireo", "sparrow", "thrush", "wren", "flycatcher", "bunting",
          "grosbeak", "oriole", "kinglet", "siskin", "pipit", "shrike", "starling"]
 
-DEFAULTS = dict(n_species=12, seed=0, size=64, n_train=30, n_val=10, n_test=100, occlusion=0.3, noise=6.0)
+DEFAULTS = dict(n_species=12, seed=0, size=64, n_train=30, n_val=10, n_test=100, occlusion=0.3, noise=6.0,
+                pose=1.0)
 MAX_SPECIES = 60
+# An option missing from a stored config.json: what the generator did before the option existed
+# (config.json leaves ``pose`` out at 0, so those datasets keep their bytes and cache key).
+ABSENT_MEANS = {"pose": 0.0}
 
 
 # ---------------------------------------------------------------- species
@@ -135,7 +139,8 @@ def variant_attributes(species_row, variant: str) -> dict:
 def random_birds(n: int, seed: int, size: int = 64, occlusion: float = 0.3, noise: float = 6.0):
     """``n`` birds with independently random attributes (no species): ``(uint8 N x 3 x S x S, [attrs])``.
 
-    Used to pretrain the tiny CLIP on attribute captions; any value an image can show is drawn.
+    Used to pretrain the tiny CLIP on attribute captions; any value an image can show is drawn. The
+    birds are centred and upright (pose 0): the benchmark's varied poses are a shift the pretraining never saw.
     """
     rng = np.random.default_rng([seed, 202])
     images = np.empty((n, 3, size, size), np.uint8)
@@ -166,13 +171,18 @@ def _options(options: dict) -> dict:
         raise ValueError(f"synthetic option size must be >= 16 pixels, got {opts['size']}")
     if opts["n_train"] < 1:
         raise ValueError("synthetic option n_train must be >= 1")
-    opts["occlusion"], opts["noise"] = float(opts["occlusion"]), float(opts["noise"])
+    opts["occlusion"], opts["noise"], opts["pose"] = float(opts["occlusion"]), float(opts["noise"]), float(opts["pose"])
+    if not 0 <= opts["pose"] <= 1:
+        raise ValueError(f"synthetic option pose must be in [0, 1], got {opts['pose']}")
     return opts
 
 
 def config_key(**options) -> str:
     """Cache key of a generation: generator version + resolved options."""
-    return hash_key("synthetic", GENERATOR_VERSION, _options(options))
+    opts = _options(options)
+    if not opts["pose"]:  # datasets made before the option existed keep their key
+        del opts["pose"]
+    return hash_key("synthetic", GENERATOR_VERSION, opts)
 
 
 def generate(root: str | Path, **options) -> Path:
@@ -216,7 +226,7 @@ def _write(root: Path, opts: dict) -> None:
                 variant = VARIANTS[j % 2]
                 attrs = variant_attributes(s, variant)
                 rng = np.random.default_rng([opts["seed"], 303, split_i, label, j])
-                nz = sample_nuisance(rng, size, opts["occlusion"], opts["noise"])
+                nz = sample_nuisance(rng, size, opts["occlusion"], opts["noise"], opts["pose"])
                 rgb, lab = render_bird(attrs, nz, size)
                 fn = f"images/{folder}/{_slug(s['species'])}_{split}_{j:04d}.png"
                 mk = "masks/" + fn[len("images/"):]
@@ -226,6 +236,7 @@ def _write(root: Path, opts: dict) -> None:
                 rows.append({
                     "filename": fn, "split": split, "label": label, "species": s["species"], "variant": variant,
                     **attrs, "mask": mk, "flip": nz["flip"], "scale": nz["scale"], "x": nz["x"], "y": nz["y"],
+                    **({"rotation": nz["rotation"]} if opts["pose"] else {}),
                     "occluded": nz["occluder"] is not None, "texture": nz["texture"],
                 })
                 for pid, part in enumerate(PARTS[1:], start=1):
@@ -241,7 +252,7 @@ def _write(root: Path, opts: dict) -> None:
     pd.DataFrame(boxes).to_csv(root / "parts.csv", index=False, lineterminator="\n")
     sp.to_csv(root / "species.csv", index=False, lineterminator="\n")
     (root / "classes.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(sp["species"])))
-    cfg = {"generator_version": GENERATOR_VERSION, **opts}
+    cfg = {"generator_version": GENERATOR_VERSION, **{k: v for k, v in opts.items() if k != "pose" or v}}
     (root / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
@@ -288,7 +299,8 @@ def load(root: str | Path | None = None, **options) -> Dataset:
     With a ``root``: generated there if it holds no dataset yet, else read; options given
     explicitly must then agree with the stored ``config.json``. Options (see :data:`DEFAULTS`):
     ``n_species, seed, size, n_train, n_val, n_test`` (images per class and split),
-    ``occlusion`` (probability of an occluder), ``noise`` (max pixel noise sigma).
+    ``occlusion`` (probability of an occluder), ``noise`` (max pixel noise sigma), ``pose`` (0 to 1: how
+    far position, scale and rotation vary; :func:`~workbench.data.synthetic_render.sample_nuisance`).
     """
     if root is None:
         root = default_root(**options)
@@ -299,6 +311,7 @@ def load(root: str | Path | None = None, **options) -> Dataset:
         generate(root, **options)
     stored = json.loads((root / "config.json").read_text())
     _options(options)  # validate names and values
+    stored = {**ABSENT_MEANS, **stored}
     clash = {k: (v, stored.get(k)) for k, v in options.items() if stored.get(k) != v}
     if clash:
         raise ValueError(f"synthetic dataset at {root} was generated with other options (given, stored): {clash}")

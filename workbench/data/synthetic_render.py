@@ -56,6 +56,7 @@ _TAILS = {
     "long": [(-0.40, 0.00), (-1.00, -0.18), (-1.02, 0.20), (-0.40, 0.22)],
 }
 _HEAD = (0.50, -0.36, 0.24)
+_EXTENT = ((-1.02, 1.06), (-0.60, 0.45))  # the bird's outline in bird units (tail tip to beak, crown to breast)
 
 
 def _bird_shapes(attrs: dict):
@@ -84,8 +85,15 @@ def _bird_shapes(attrs: dict):
     return shapes
 
 
-def sample_nuisance(rng: np.random.Generator, size: int, occlusion: float = 0.3, noise: float = 6.0) -> dict:
-    """Per-image nuisance: position, scale, flip, background, noise, occluder (JSON-able)."""
+def sample_nuisance(rng: np.random.Generator, size: int, occlusion: float = 0.3, noise: float = 6.0,
+                    pose: float = 0.0) -> dict:
+    """Per-image nuisance: position, scale, flip, background, noise, occluder (JSON-able).
+
+    ``pose`` in [0, 1] widens the pose: at 0 the bird sits near the centre at scale 0.38-0.46 and
+    upright (generator version 2's draws, byte for byte); at 1 the scale spans 0.30-0.46, the bird
+    turns by up to +-20 degrees and moves anywhere that keeps its whole outline in the frame, so where
+    a part lies depends on the image (an image-agnostic part-location prior cannot point at it).
+    """
     scale = float(rng.uniform(0.38, 0.46))
     nz = {
         "scale": round(scale, 4),
@@ -110,6 +118,22 @@ def sample_nuisance(rng: np.random.Generator, size: int, occlusion: float = 0.3,
             "angle": round(float(rng.uniform(0, math.pi)), 4),
             "r": round(float(rng.uniform(0.04, 0.09) if kind == "branch" else rng.uniform(0.09, 0.15)), 4),
         }
+    if pose:  # drawn after everything else, so pose = 0 keeps the old draws
+        if not 0 <= pose <= 1:
+            raise ValueError(f"pose must be in [0, 1], got {pose}")
+        scale = float(rng.uniform(0.38 - 0.08 * pose, 0.46))
+        rot = float(rng.uniform(-1, 1) * pose * math.radians(20))
+        # Place the turned bird anywhere its whole outline (_EXTENT) stays in the frame; a bird too
+        # large for that (scale 0.46 turned 20 degrees) is centred.
+        c, sn, f = math.cos(rot), math.sin(rot), -1.0 if nz["flip"] else 1.0
+        xs = [f * scale * (c * x + sn * y) for x in _EXTENT[0] for y in _EXTENT[1]]
+        ys = [scale * (-sn * x + c * y) for x in _EXTENT[0] for y in _EXTENT[1]]
+        where = []
+        for lo, hi in ((-min(xs), 1 - max(xs)), (-min(ys), 1 - max(ys))):
+            mid = (lo + hi) / 2
+            half = max(0.0, (hi - lo) / 2) * pose
+            where.append(round(float(mid + rng.uniform(-half, half)), 4))
+        nz.update(scale=round(scale, 4), x=where[0], y=where[1], rotation=round(rot, 4))
     return nz
 
 
@@ -143,9 +167,10 @@ def render_bird(attrs: dict, nuisance: dict, size: int = 64) -> tuple[np.ndarray
     s = nuisance["scale"] * size
     cx, cy = nuisance["x"] * size, nuisance["y"] * size
     sx = -s if nuisance["flip"] else s
+    c, sn = math.cos(nuisance.get("rotation", 0.0)), math.sin(nuisance.get("rotation", 0.0))
 
-    def tr(pts):
-        return [(cx + sx * x, cy + s * y) for x, y in pts]
+    def tr(pts):  # turn in bird units (positive: head up), then flip, scale and place
+        return [(cx + sx * (c * x + sn * y), cy + s * (-sn * x + c * y)) for x, y in pts]
 
     for part, color, pts in _bird_shapes(attrs):
         q = tr(pts)
