@@ -60,6 +60,8 @@ def _metrics() -> dict:
              "n_test": 1200, "seeds": [0]},
             {"a": "gist", "b": "zero-shot", "shots": 1, "diff": 65.75, "ci95": [62.5, 69.25], "p": 0.0004,
              "n_test": 1200, "seeds": [0, 1, 2]},
+            {"a": "gist", "b": "finetune-classname", "shots": 5, "diff": 1.25, "ci95": [-0.5, 3.0], "p": 0.16,
+             "p_holm": 0.48, "n_test": 1200, "seeds": [0]},
         ],
         "alignment": {
             "dataset": "synthetic", "split": "test", "n_images": 200, "note": "",
@@ -112,6 +114,11 @@ def test_every_number_comes_from_the_run(tmp_path):
     assert "| gist | linear-probe | full | -0.1 | [-0.9, +0.7] | 0.812 | 1200 | 1 |" in comp
     assert "| gist | zero-shot | 1 | +65.8 | [+62.5, +69.2] | < 0.001 | 1200 | 3 |" in comp
     assert "no difference can be claimed" in comp and "GIST is better" in comp
+    assert "| gist | finetune-classname | 5 | +1.2 | [-0.5, +3.0] | 0.160 | 1200 | 1 | 0.480 |" in comp
+    # the GIST question's sentences, as evaluate.gist_question words them (whatever their sign)
+    from workbench.evaluate import gist_question
+    for sentence in gist_question(_metrics()["comparisons"])[1]:
+        assert f"- {sentence}" in comp
     ft = _section(text, "Fine-tuning runs")
     assert "2 of 3 runs collapsed or stayed unmoved" in ft and WARN_UNMOVED in ft and WARN_COLLAPSED in ft
     assert "| gist-full-s0 | done | 54 | 2 | 96.2 | 97.5 | 2.500 | 1.250 | 2.996 | — |" in ft

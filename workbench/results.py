@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from . import __version__
-from .evaluate import METHODS, PAIRS, findings, seed_summary, val_note
+from .evaluate import METHODS, PAIRS, findings, gist_question, seed_summary, val_note
 from .io import atomic_write_text
 from .runs import METRICS, PARAMS, read_metrics, unmoved_counts
 
@@ -226,12 +226,17 @@ def comparisons_section(m: dict) -> list[str]:
     order = {pair: i for i, pair in enumerate(PAIRS)}
     comps = sorted(comps, key=lambda c: (_shots_key(c["shots"]), order.get((c["a"], c["b"]), len(order))))
     out = ["Difference in top-1 (points) on the same test images and draws; 95% interval from a paired bootstrap "
-           "over test images and draws; two-sided p.", ""]
-    out += table(["a", "b", "shots", "a − b", "95% interval", "p", "test images", "draws"],
+           "over test images and draws; two-sided p, and Holm's correction over all of the run's comparisons.", ""]
+    out += table(["a", "b", "shots", "a − b", "95% interval", "p", "test images", "draws", "Holm p"],
                  [[c["a"], c["b"], c["shots"], num(c.get("diff"), 1, True), interval(c.get("ci95"), 1, True),
-                   pvalue(c.get("p")), c.get("n_test"), len(c.get("seeds") or [])] for c in comps])
+                   pvalue(c.get("p")), c.get("n_test"), len(c.get("seeds") or []), pvalue(c.get("p_holm"))]
+                  for c in comps])
     known = [c for c in comps if (c["a"], c["b"]) in PAIRS]
-    return out + ([""] + [f"- {s}" for s in findings(known)] if known else [])
+    out += [""] + [f"- {s}" for s in findings(known)] if known else []
+    if any(m in {c["a"] for c in comps} | {c["b"] for c in comps} for m in ("gist", "oracle")):
+        out += ["", "**The GIST question** (as 04_evaluate ends; a difference holds when its Holm p < 0.05):", ""]
+        out += [f"- {s}" for s in gist_question(comps)[1]]
+    return out
 
 
 def finetune_section(m: dict) -> list[str]:
