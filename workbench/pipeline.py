@@ -32,6 +32,7 @@ from . import __version__
 from . import config as C
 from .data import load_dataset
 from .io import atomic_write_text
+from .progress import relay
 from .runs import PARAMS, run_lock, update_metrics
 
 KERNEL_NAME = "gist-workbench"
@@ -308,7 +309,8 @@ def _run_stage(p: RunPlan, stage: str, nb: Path, log) -> None:
     params = {"run_dir": str(p.run_dir), **C.stage_parameters(p.config, stage, p.schema)}
     log(f"[{stage}] {nb.name} -> {p.run_dir / nb.name}")
     t0 = time.perf_counter()
-    run_notebook(nb, p.run_dir / nb.name, params, cwd=p.run_dir, stage=stage)
+    with relay(prefix=f"[{stage}] "):  # the kernel's progress bars, on this terminal instead of in the notebook
+        run_notebook(nb, p.run_dir / nb.name, params, cwd=p.run_dir, stage=stage)
     dt = time.perf_counter() - t0
     update_metrics(p.run_dir, "timing", {f"{stage}_s": round(dt, 2)})
     log(f"[{stage}] done in {dt:.1f} s")

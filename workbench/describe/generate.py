@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from ..io import append_jsonl, hash_key, iter_jsonl, write_jsonl
+from ..progress import progress_bar
 from ..runs import DESCRIPTIONS, dedupe_jsonl, update_metrics
 from .backend import BackendError, ChatBackend, ChatRequest, RecordBackend, make_backend
 from .cache import ResponseCache, now, repair_jsonl, request_key
@@ -237,7 +237,7 @@ class _ChatRun:
             self.validator.add(r["class"], r["text"])
             r["_index"] = self.by_id[r["id"]].index
         pending = [s for s in slots if s.id not in self.done]
-        self.bar = tqdm(total=len(pending), disable=not self.progress, desc=f"describe ({self.be.name})", unit="desc")
+        self.bar = progress_bar(total=len(pending), disable=not self.progress, desc=f"describe ({self.be.name})", unit="desc")
         try:
             for s in pending:
                 self.schedule(s, 0)

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..clip import encode_texts, load_clip
 from ..data import Dataset, DrawSpec, parse_shots
 from ..identity import table_sha256
+from ..progress import progress_bar
 from ..runs import FINETUNE_METHODS, INDEX, read_index
 from ..stats import bootstrap_ci
 from .draws import Draw, dataset_features, make_draw
@@ -99,7 +99,7 @@ def probe_rows(
         raise ValueError("seeds is empty")
     jobs = [(s, seed) for s in shots for seed in spec.seeds_for(s, seeds)]
     rows = []
-    for s, seed in tqdm(jobs, disable=not progress, desc=f"{method} probes"):
+    for s, seed in progress_bar(jobs, disable=not progress, desc=f"{method} probes"):
         draw = make_draw(ds, s, seed, spec)
         m, _ = probe_draw(features, ds.labels, draw, ds.num_classes, weight_decays=weight_decays,
                           use_trainval=use_trainval, device=device, bootstrap_n=bootstrap_n, bootstrap_seed=bootstrap_seed)
@@ -195,7 +195,7 @@ def finetuned_rows(
     for key, e in jobs:
         check_checkpoint(e, ds, draws[key], Path(run_dir) / INDEX)
     rows = []
-    for (method, s, seed), e in jobs:
+    for (method, s, seed), e in progress_bar(jobs, disable=not progress, desc="fine-tuned encoders", unit="ckpt"):
         bundle = load_clip(e["model"], pretrained=e["abspath"], device=device)
         feats = dataset_features(bundle, ds, batch_size=batch_size, progress=progress)
         del bundle
