@@ -25,12 +25,12 @@ from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 from nbclient.exceptions import DeadKernelError
-from nbconvert import HTMLExporter
 from papermill.exceptions import PapermillExecutionError
 
 from . import __version__
 from . import config as C
 from .data import load_dataset
+from .htmlreport import export_html
 from .io import atomic_write_text
 from .progress import relay
 from .runs import PARAMS, run_lock, update_metrics
@@ -217,14 +217,6 @@ def _record_dead_kernel(out: Path) -> tuple[int | None, str]:
         c.metadata.get("papermill", {})["status"] = "pending"
     atomic_write_text(out, nbformat.writes(nb))
     return cell, evalue
-
-
-def export_html(nb_path: str | Path) -> Path:
-    nb_path = Path(nb_path)
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(nb_path, as_version=4))
-    out = nb_path.with_suffix(".html")
-    atomic_write_text(out, body)
-    return out
 
 
 def _git_commit() -> str | None:
