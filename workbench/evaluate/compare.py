@@ -170,6 +170,12 @@ def check_checkpoint(e: dict, ds: Dataset, draw: Draw, index_path) -> None:
                          f"the draw: {len(draw.train)} images, {draw.train_sha256[:12]}..., from {draw.source}). {how}")
 
 
+def load_checkpoint(entry: dict, device="auto"):
+    """The CLIP of one ``checkpoints/index.json`` entry (as :func:`workbench.runs.read_index` returns it):
+    its architecture with the fine-tuned weights, as the probes encode with it."""
+    return load_clip(entry["model"], pretrained=entry["abspath"], device=device)
+
+
 def finetuned_rows(
     run_dir: str | Path, ds: Dataset, shots, *, seeds=(0,), index: list[dict] | None = None,
     spec: DrawSpec | None = None, weight_decays=DEFAULT_WEIGHT_DECAYS, use_trainval: bool = False, device="auto",
@@ -196,7 +202,7 @@ def finetuned_rows(
         check_checkpoint(e, ds, draws[key], Path(run_dir) / INDEX)
     rows = []
     for (method, s, seed), e in progress_bar(jobs, disable=not progress, desc="fine-tuned encoders", unit="ckpt"):
-        bundle = load_clip(e["model"], pretrained=e["abspath"], device=device)
+        bundle = load_checkpoint(e, device=device)
         feats = dataset_features(bundle, ds, batch_size=batch_size, progress=progress)
         del bundle
         m, _ = probe_draw(feats, ds.labels, draws[(method, s, seed)], ds.num_classes, weight_decays=weight_decays,
