@@ -103,7 +103,7 @@ def item_maps(model, tokenizer, images: torch.Tensor, items: list[PartItem], met
     the method allows (similarity: patches per image, token states per caption; rollout: per image)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
-    bar = lambda n: progress_bar(range(0, n, batch_size), disable=not progress, desc=f"pointing ({method})")  # noqa: E731
+    bar = lambda n: progress_bar(range(0, n, batch_size), disable=not progress, desc=f"pointing ({method})", unit="batch")  # noqa: E731
     uniq = sorted({it.index for it in items})
     where = {u: k for k, u in enumerate(uniq)}
     if method == "relevance":  # the gradient depends on the pair: one pass per pair

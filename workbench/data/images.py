@@ -105,7 +105,7 @@ def _decode_pool(paths: list[str], args: tuple, decode, workers: int, progress: 
     """``(i, decode(paths[i], *args) or None, reason or None)`` for each file, in order, decoded in threads."""
     with ThreadPoolExecutor(workers) as ex:
         it = ex.map(lambda p: _decode_or_reason(p, *args, decode=decode), paths)
-        for i, (got, reason) in enumerate(progress_bar(it, total=len(paths), disable=not progress, desc="decode")):
+        for i, (got, reason) in enumerate(progress_bar(it, total=len(paths), disable=not progress, desc="decode", unit="img")):
             yield i, got, reason
 
 

@@ -146,7 +146,7 @@ def generate_descriptions(
     t0 = time.time()
 
     if isinstance(be, RecordBackend):
-        result = _run_records(be, ds, classnames, n_per_class, seed, out_path, existing, validator)
+        result = _run_records(be, ds, classnames, n_per_class, seed, out_path, existing, validator, progress)
         metrics = {"backend": be.name, "model": be.model, "prompt_set": None, **result.pop("metrics")}
     elif isinstance(be, ChatBackend):
         if n_per_class is None:
@@ -365,7 +365,7 @@ def _fill(rec: dict, be: RecordBackend, index: int) -> dict:
     return r
 
 
-def _run_records(be, ds, classnames, n, seed, out_path, existing, validator):
+def _run_records(be, ds, classnames, n, seed, out_path, existing, validator, progress: bool = False):
     produced = be.records(ds, classnames, n, seed)
     unknown = sorted({r["class"] for r in produced} - set(classnames))
     if unknown:
@@ -382,7 +382,7 @@ def _run_records(be, ds, classnames, n, seed, out_path, existing, validator):
         r["_index"] = index[r["id"]]
     dropped = Counter()
     new = []
-    for r in produced:
+    for r in progress_bar(produced, disable=not progress, desc=f"describe ({be.name})", unit="desc"):
         if r["id"] in done:
             continue
         r["text"] = clean_text(r["text"])

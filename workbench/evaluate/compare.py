@@ -99,7 +99,7 @@ def probe_rows(
         raise ValueError("seeds is empty")
     jobs = [(s, seed) for s in shots for seed in spec.seeds_for(s, seeds)]
     rows = []
-    for s, seed in progress_bar(jobs, disable=not progress, desc=f"{method} probes"):
+    for s, seed in progress_bar(jobs, disable=not progress, desc=f"{method} probes", unit="probe"):
         draw = make_draw(ds, s, seed, spec)
         m, _ = probe_draw(features, ds.labels, draw, ds.num_classes, weight_decays=weight_decays,
                           use_trainval=use_trainval, device=device, bootstrap_n=bootstrap_n, bootstrap_seed=bootstrap_seed)
