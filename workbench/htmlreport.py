@@ -182,7 +182,8 @@ def key_figures(run_dir: Path, stage: str | None) -> list[str]:
     return KEY_FIGURES[stage](read_metrics(run_dir))
 
 
-_WARNING = re.compile(r"\bwarning\b", re.IGNORECASE)
+# "UserWarning: ...", "Warning: ...", "**Warning:** ...": not "import warnings" (the source line Python echoes)
+_WARNING = re.compile(r"\w*warning\b", re.IGNORECASE)
 
 
 def warnings_in(nb) -> list[str]:
@@ -194,7 +195,7 @@ def warnings_in(nb) -> list[str]:
             if kind == "error":
                 found.append(f"{out.get('ename')}: {out.get('evalue')}")
             elif kind == "stream" and out.get("name") == "stderr":
-                found += [ln.strip() for ln in out.get("text", "").splitlines() if _WARNING.search(ln)]
+                found += [ln[m.start():].strip() for ln in out.get("text", "").splitlines() if (m := _WARNING.search(ln))]
             elif kind in ("display_data", "execute_result"):
                 text = (out.get("data") or {}).get("text/markdown") or ""
                 found += [ln.strip().lstrip("-* ").replace("**", "") for ln in text.splitlines() if _WARNING.search(ln)]
