@@ -47,9 +47,14 @@ class _RelayedBar(tqdm.std.tqdm):
         super().__init__(*args, file=_Discard(), **kw)
 
     def _emit(self, event: str) -> None:
+        if self._relay_file is None:
+            return
         rec = {"id": f"{os.getpid()}-{id(self)}", "event": event, "line": str(self)}
-        with _write_lock, open(self._relay_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        try:
+            with _write_lock, open(self._relay_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError:  # a progress line is never worth stopping the work for: this bar goes quiet
+            self._relay_file = None
 
     def display(self, msg=None, pos=None):
         if msg is None:  # tqdm clears a bar with msg=""; close() below says it ended
