@@ -308,3 +308,12 @@ def test_the_relay_prints_finished_bars_and_redraws_a_terminal_status_line():
     assert tty.getvalue().endswith("\r\x1b[K[s] a 1/2 · b 0/1")
     r.feed(events({"id": "b", "event": "close", "line": "b 1/1"}))
     assert tty.getvalue().endswith("\r\x1b[K[s] b 1/1\n\r\x1b[K[s] a 1/2")
+
+
+def test_a_report_is_written_when_its_key_figures_cannot_be_read(tmp_path):
+    """The HTML is written after the stage succeeded: an odd metrics.json must not fail the run."""
+    nb = make_notebook(tmp_path / "04_evaluate.ipynb", 'run_dir: str = "x"  # where', "1 + 1")
+    (tmp_path / "metrics.json").write_text(json.dumps({"accuracy": [{"method": "gist"}]}))  # no shots, no top1
+    text = htmlreport.export_html(nb).read_text()
+    assert "The key figures could not be read from metrics.json: KeyError" in text
+    assert "not executed by papermill" in text

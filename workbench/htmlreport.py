@@ -179,7 +179,10 @@ def key_figures(run_dir: Path, stage: str | None) -> list[str]:
     """Markdown lines of the stage's key figures from ``run_dir/metrics.json`` ([] when it has none)."""
     if stage not in KEY_FIGURES or not (run_dir / METRICS).is_file():
         return []
-    return KEY_FIGURES[stage](read_metrics(run_dir))
+    try:
+        return KEY_FIGURES[stage](read_metrics(run_dir))
+    except Exception as e:  # a report is written after the stage succeeded: a summary bug must not fail it
+        return [f"_The key figures could not be read from {METRICS}: {type(e).__name__}: {html.escape(str(e))}_"]
 
 
 # "UserWarning: ...", "Warning: ...", "**Warning:** ...": not "import warnings" (the source line Python echoes)
@@ -259,19 +262,29 @@ def shrink_image(out) -> None:
     raw = base64.b64decode(data["image/png"])
     if len(raw) <= REENCODE_BYTES:
         return
-    with Image.open(io.BytesIO(raw)) as im:
-        im.load()
-        if im.width > MAX_WIDTH:
-            im = im.resize((MAX_WIDTH, round(im.height * MAX_WIDTH / im.width)), Image.LANCZOS)
-        png = _encode(im, "PNG") if im.width == MAX_WIDTH else raw
-        rgb = Image.new("RGB", im.size, "white")
-        rgb.paste(im.convert("RGBA"), mask=im.convert("RGBA").split()[3])
-        jpeg = _encode(rgb, "JPEG")
+    try:
+        png, jpeg = _encodings(raw)
+    except (OSError, ValueError):  # an image PIL cannot read stays as it is
+        return
     if len(jpeg) * 2 <= len(png):
         del data["image/png"]
         data["image/jpeg"] = base64.b64encode(jpeg).decode()
     elif png is not raw:
         data["image/png"] = base64.b64encode(png).decode()
+
+
+def _encodings(raw: bytes) -> tuple[bytes, bytes]:
+    """The PNG at most :data:`MAX_WIDTH` wide (``raw`` itself when it is narrower) and a JPEG of it on white."""
+    with Image.open(io.BytesIO(raw)) as im:
+        im.load()
+        scaled = im.width > MAX_WIDTH
+        if scaled:
+            im = im.resize((MAX_WIDTH, round(im.height * MAX_WIDTH / im.width)), Image.LANCZOS)
+        png = _encode(im, "PNG") if scaled else raw
+        rgb = Image.new("RGB", im.size, "white")
+        rgb.paste(im.convert("RGBA"), mask=im.convert("RGBA").split()[3])
+        jpeg = _encode(rgb, "JPEG")
+    return png, jpeg
 
 
 def _encode(im: Image.Image, fmt: str) -> bytes:
