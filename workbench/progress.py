@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -82,7 +83,8 @@ class _Relay:
     """Reads the relay file and writes its bars to ``out`` (a terminal: a status line of the open bars,
     redrawn in place; otherwise one in ``every`` seconds), each finished bar's last state on a line of its own."""
 
-    def __init__(self, out: IO, prefix: str, tty: bool, every: float = 30.0, width: int = 120):
+    def __init__(self, out: IO, prefix: str, tty: bool, every: float = 30.0, width: int | None = None):
+        width = width or shutil.get_terminal_size((120, 24)).columns - 1  # the status line must not wrap
         self.out, self.prefix, self.tty, self.every, self.width = out, prefix, tty, every, width
         self.open: dict[str, str] = {}  # bar id -> its last line, in the order the bars opened
         self.status_shown, self.last_status = False, time.monotonic()
