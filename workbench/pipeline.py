@@ -25,13 +25,14 @@ from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
 from nbclient.exceptions import DeadKernelError
-from nbconvert import HTMLExporter
 from papermill.exceptions import PapermillExecutionError
 
 from . import __version__
 from . import config as C
 from .data import load_dataset
+from .htmlreport import export_html
 from .io import atomic_write_text
+from .progress import relay
 from .runs import PARAMS, run_lock, update_metrics
 
 KERNEL_NAME = "gist-workbench"
@@ -218,14 +219,6 @@ def _record_dead_kernel(out: Path) -> tuple[int | None, str]:
     return cell, evalue
 
 
-def export_html(nb_path: str | Path) -> Path:
-    nb_path = Path(nb_path)
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(nb_path, as_version=4))
-    out = nb_path.with_suffix(".html")
-    atomic_write_text(out, body)
-    return out
-
-
 def _git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -308,7 +301,8 @@ def _run_stage(p: RunPlan, stage: str, nb: Path, log) -> None:
     params = {"run_dir": str(p.run_dir), **C.stage_parameters(p.config, stage, p.schema)}
     log(f"[{stage}] {nb.name} -> {p.run_dir / nb.name}")
     t0 = time.perf_counter()
-    run_notebook(nb, p.run_dir / nb.name, params, cwd=p.run_dir, stage=stage)
+    with relay(prefix=f"[{stage}] "):  # the kernel's progress bars, on this terminal instead of in the notebook
+        run_notebook(nb, p.run_dir / nb.name, params, cwd=p.run_dir, stage=stage)
     dt = time.perf_counter() - t0
     update_metrics(p.run_dir, "timing", {f"{stage}_s": round(dt, 2)})
     log(f"[{stage}] done in {dt:.1f} s")

@@ -18,12 +18,11 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from . import __version__
 from .evaluate import METHODS, PAIRS, findings, gist_question, seed_summary, val_note
 from .io import atomic_write_text
-from .runs import METRICS, PARAMS, read_metrics, unmoved_counts
+from .runs import METRICS, PARAMS, read_metrics, read_params, unmoved_counts
 
 DEFAULT_RUN = "reports/demo"
 DEFAULT_OUT = "reports/RESULTS.md"
@@ -55,18 +54,6 @@ def render(run_dir: str | Path = DEFAULT_RUN) -> str:
         counts = ", ".join(f"{k}: {len(v)}" for k, v in stale.items() if isinstance(v, list))
         lines += ["", f"Rows of earlier configurations, kept under `metrics.json[\"stale\"]` and not shown: {counts}."]
     return "\n".join(lines).rstrip() + "\n"
-
-
-def read_params(run_dir: Path) -> tuple[dict, dict]:
-    """``params.yaml`` as a dict and its header line's ``{version, commit, created}`` (empty when absent)."""
-    path = run_dir / PARAMS
-    if not path.is_file():
-        return {}, {}
-    text = path.read_text(encoding="utf-8")
-    first = text.splitlines()[0] if text else ""
-    found = re.search(r"workbench (\S+), commit (\S+), (\S+)", first)
-    header = dict(zip(("version", "commit", "created"), found.groups())) if found else {}
-    return yaml.safe_load(text) or {}, header
 
 
 def machine() -> dict:
@@ -188,7 +175,8 @@ def _shots_key(s) -> tuple:
     return (0, 0) if str(s) == "full" else (1, int(s)) if str(s).isdigit() else (2, str(s))
 
 
-def accuracy_section(m: dict) -> list[str]:
+def accuracy_section(m: dict, every_row: bool = True) -> list[str]:
+    """The methods x shots table, then (``every_row``) every row and the zero-shot-by-descriptions figures."""
     rows = m.get("accuracy")
     if not rows:
         return missing("accuracy", "evaluate")
@@ -205,6 +193,8 @@ def accuracy_section(m: dict) -> list[str]:
            "mean ± sample sd over the draws (each draw's interval is in the next table). † k: k of the cell's "
            "fine-tuning runs collapsed or stayed unmoved (see Fine-tuning runs).", ""]
     out += table(["method"] + shots, [[x] + [cells.get((x, s)) for s in shots] for x in methods])
+    if not every_row:
+        return out
     every = sorted(rows, key=lambda r: (methods.index(r["method"]), _shots_key(r["shots"]), r.get("seed") or 0))
     out += ["", "Every row:", ""] + table(
         ["method", "shots", "seed", "top-1", "95% interval", "top-3", "val", "warning"],

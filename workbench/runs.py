@@ -10,10 +10,13 @@ from __future__ import annotations
 import datetime as _dt
 import difflib
 import math
+import re
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Sequence
+
+import yaml
 
 from .data.shots import parse_shots
 from .io import CorruptFileError, read_json, read_jsonl, set_aside, write_json, write_jsonl
@@ -47,6 +50,18 @@ def stage_file(run_dir_or_path: str | Path, name: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the {WRITERS.get(name, 'stage that writes it')} first")
     return path
+
+
+def read_params(run_dir: str | Path) -> tuple[dict, dict]:
+    """``params.yaml`` as a dict and its header line's ``{version, commit, created}`` (both empty when absent)."""
+    path = Path(run_dir) / PARAMS
+    if not path.is_file():
+        return {}, {}
+    text = path.read_text(encoding="utf-8")
+    first = text.splitlines()[0] if text else ""
+    found = re.search(r"workbench (\S+), commit (\S+), (\S+)", first)
+    header = dict(zip(("version", "commit", "created"), found.groups())) if found else {}
+    return yaml.safe_load(text) or {}, header
 
 
 # ----------------------------------------------------------------------------- metrics.json

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from ..stats import bootstrap_ci, paired_difference, wilson_interval
 from .attention import image_rollout, pair_relevance
 from .features import image_tokens, similarity_maps, text_tokens, token_patch_similarity, tokenize, word_map
@@ -107,7 +107,7 @@ def item_maps(model, tokenizer, images: torch.Tensor, items: list[PartItem], met
     the method allows (similarity: patches per image, token states per caption; rollout: per image)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
-    bar = lambda n: tqdm(range(0, n, batch_size), disable=not progress, desc=f"pointing ({method})")  # noqa: E731
+    bar = lambda n: progress_bar(range(0, n, batch_size), disable=not progress, desc=f"pointing ({method})", unit="batch")  # noqa: E731
     uniq = sorted({it.index for it in items})
     where = {u: k for k, u in enumerate(uniq)}
     if method == "relevance":  # the gradient depends on the pair: one pass per pair

@@ -9,9 +9,9 @@ from typing import Sequence
 import open_clip
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..data.geometry import resize_crop_tensor
+from ..progress import progress_bar
 from .load import image_size
 
 
@@ -75,7 +75,7 @@ def _image_batches(model, images: torch.Tensor, batch_size: int | None, normaliz
     batch_size = batch_size or default_batch_size(device)
     model.eval()
     out = []
-    for i in tqdm(range(0, len(images), batch_size), disable=not progress, desc="encode images"):
+    for i in progress_bar(range(0, len(images), batch_size), disable=not progress, desc="encode images"):
         x = normalize_images(images[i : i + batch_size].to(device, non_blocking=True), model)
         with autocast(device, precision):
             f = model.encode_image(x)
@@ -108,7 +108,7 @@ def encode_uint8(model, images: torch.Tensor, batch_size: int | None = None, nor
     stage = (lambda t: t.pin_memory()) if device.type == "cuda" else (lambda t: t)
     n = len(images)
     out = []
-    bar = tqdm(total=n, disable=not progress, desc="encode images", unit="img")
+    bar = progress_bar(total=n, disable=not progress, desc="encode images", unit="img")
     with ThreadPoolExecutor(1) as ex:
         nxt = ex.submit(stage, images[0:chunk])
         for s in range(0, n, chunk):
@@ -128,7 +128,7 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 1024,
     device = model_device(model)
     model.eval()
     out = []
-    for i in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="encode texts"):
+    for i in progress_bar(range(0, len(texts), batch_size), disable=not progress, desc="encode texts"):
         tok = tokenizer(list(texts[i : i + batch_size])).to(device)
         with autocast(device, precision):
             f = model.encode_text(tok)

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from tqdm.auto import tqdm
 
 from ..cache import cached_tensors, file_fingerprint
 from ..io import cache_root, hash_key, read_json, write_json
+from ..progress import progress_bar
 from .geometry import crop_box, resize_crop_pil
 
 
@@ -105,7 +105,7 @@ def _decode_pool(paths: list[str], args: tuple, decode, workers: int, progress: 
     """``(i, decode(paths[i], *args) or None, reason or None)`` for each file, in order, decoded in threads."""
     with ThreadPoolExecutor(workers) as ex:
         it = ex.map(lambda p: _decode_or_reason(p, *args, decode=decode), paths)
-        for i, (got, reason) in enumerate(tqdm(it, total=len(paths), disable=not progress, desc="decode")):
+        for i, (got, reason) in enumerate(progress_bar(it, total=len(paths), disable=not progress, desc="decode", unit="img")):
             yield i, got, reason
 
 

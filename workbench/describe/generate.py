@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from ..io import append_jsonl, hash_key, iter_jsonl, write_jsonl
+from ..progress import progress_bar
 from ..runs import DESCRIPTIONS, dedupe_jsonl, update_metrics
 from .backend import BackendError, ChatBackend, ChatRequest, RecordBackend, make_backend
 from .cache import ResponseCache, now, repair_jsonl, request_key
@@ -146,7 +146,7 @@ def generate_descriptions(
     t0 = time.time()
 
     if isinstance(be, RecordBackend):
-        result = _run_records(be, ds, classnames, n_per_class, seed, out_path, existing, validator)
+        result = _run_records(be, ds, classnames, n_per_class, seed, out_path, existing, validator, progress)
         metrics = {"backend": be.name, "model": be.model, "prompt_set": None, **result.pop("metrics")}
     elif isinstance(be, ChatBackend):
         if n_per_class is None:
@@ -237,7 +237,7 @@ class _ChatRun:
             self.validator.add(r["class"], r["text"])
             r["_index"] = self.by_id[r["id"]].index
         pending = [s for s in slots if s.id not in self.done]
-        self.bar = tqdm(total=len(pending), disable=not self.progress, desc=f"describe ({self.be.name})", unit="desc")
+        self.bar = progress_bar(total=len(pending), disable=not self.progress, desc=f"describe ({self.be.name})", unit="desc")
         try:
             for s in pending:
                 self.schedule(s, 0)
@@ -365,7 +365,7 @@ def _fill(rec: dict, be: RecordBackend, index: int) -> dict:
     return r
 
 
-def _run_records(be, ds, classnames, n, seed, out_path, existing, validator):
+def _run_records(be, ds, classnames, n, seed, out_path, existing, validator, progress: bool = False):
     produced = be.records(ds, classnames, n, seed)
     unknown = sorted({r["class"] for r in produced} - set(classnames))
     if unknown:
@@ -382,7 +382,7 @@ def _run_records(be, ds, classnames, n, seed, out_path, existing, validator):
         r["_index"] = index[r["id"]]
     dropped = Counter()
     new = []
-    for r in produced:
+    for r in progress_bar(produced, disable=not progress, desc=f"describe ({be.name})", unit="desc"):
         if r["id"] in done:
             continue
         r["text"] = clean_text(r["text"])

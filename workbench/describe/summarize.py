@@ -11,10 +11,9 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-from tqdm.auto import tqdm
-
 from ..clip.text import context_length, get_tokenizer, token_counter
 from ..data.names import mention_regex, name_regex
+from ..progress import progress_bar
 from .backend import ChatBackend, ChatRequest, make_backend
 from .cache import ResponseCache, request_key
 from .prompts import SUMMARY_PROMPT_ID, summary_messages
@@ -210,7 +209,7 @@ def _llm_answers(be: ChatBackend, texts, classes, cache_path, max_words: int, pr
                 cache.put(r.key, res, backend=be.name, model=be.model, messages=r.messages, params=r.params, meta=r.meta)
 
     with ThreadPoolExecutor(max_workers=be.max_concurrency) as ex:
-        list(tqdm(ex.map(work, [todo[i : i + step] for i in range(0, len(todo), step)]),
+        list(progress_bar(ex.map(work, [todo[i : i + step] for i in range(0, len(todo), step)]),
                   total=-(-len(todo) // step), disable=not progress, desc="summarize"))
     return [cache.get(r.key) or "" for r in reqs]
 
@@ -262,7 +261,7 @@ def summarize(
         return caption
 
     if backend is None:
-        return [extract(c, t) for t, c in tqdm(list(zip(texts, classes)), disable=not progress, desc="summarize")]
+        return [extract(c, t) for t, c in progress_bar(list(zip(texts, classes)), disable=not progress, desc="summarize")]
     be = make_backend(backend)
     if not isinstance(be, ChatBackend):
         raise TypeError("summarize(backend=...) needs an LLM backend (openai, transformers)")

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..clip import encode_texts, load_clip
 from ..data import Dataset, DrawSpec, parse_shots
 from ..identity import table_sha256
+from ..progress import progress_bar
 from ..runs import FINETUNE_METHODS, INDEX, read_index
 from ..stats import bootstrap_ci
 from .draws import Draw, dataset_features, make_draw
@@ -99,7 +99,7 @@ def probe_rows(
         raise ValueError("seeds is empty")
     jobs = [(s, seed) for s in shots for seed in spec.seeds_for(s, seeds)]
     rows = []
-    for s, seed in tqdm(jobs, disable=not progress, desc=f"{method} probes"):
+    for s, seed in progress_bar(jobs, disable=not progress, desc=f"{method} probes", unit="probe"):
         draw = make_draw(ds, s, seed, spec)
         m, _ = probe_draw(features, ds.labels, draw, ds.num_classes, weight_decays=weight_decays,
                           use_trainval=use_trainval, device=device, bootstrap_n=bootstrap_n, bootstrap_seed=bootstrap_seed)
@@ -170,6 +170,12 @@ def check_checkpoint(e: dict, ds: Dataset, draw: Draw, index_path) -> None:
                          f"the draw: {len(draw.train)} images, {draw.train_sha256[:12]}..., from {draw.source}). {how}")
 
 
+def load_checkpoint(entry: dict, device="auto"):
+    """The CLIP of one ``checkpoints/index.json`` entry (as :func:`workbench.runs.read_index` returns it):
+    its architecture with the fine-tuned weights, as the probes encode with it."""
+    return load_clip(entry["model"], pretrained=entry["abspath"], device=device)
+
+
 def finetuned_rows(
     run_dir: str | Path, ds: Dataset, shots, *, seeds=(0,), index: list[dict] | None = None,
     spec: DrawSpec | None = None, weight_decays=DEFAULT_WEIGHT_DECAYS, use_trainval: bool = False, device="auto",
@@ -195,8 +201,8 @@ def finetuned_rows(
     for key, e in jobs:
         check_checkpoint(e, ds, draws[key], Path(run_dir) / INDEX)
     rows = []
-    for (method, s, seed), e in jobs:
-        bundle = load_clip(e["model"], pretrained=e["abspath"], device=device)
+    for (method, s, seed), e in progress_bar(jobs, disable=not progress, desc="fine-tuned encoders", unit="ckpt"):
+        bundle = load_checkpoint(e, device=device)
         feats = dataset_features(bundle, ds, batch_size=batch_size, progress=progress)
         del bundle
         m, _ = probe_draw(feats, ds.labels, draws[(method, s, seed)], ds.num_classes, weight_decays=weight_decays,

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from ..io import append_jsonl
+from ..progress import progress_bar
 from .checkpoint import save_weights
 from .runstate import STATE_FILE, RunState
 from .step import lr_at
@@ -108,8 +108,8 @@ class TrainRun(RunState, StepLog):
         self.restore(resume)
         if self.step0 == 0:
             self.validate(0, 0)
-        self.bar = tqdm(total=self.tr.total, initial=self.step0, disable=not (self.progress and self.lead),
-                        desc=self.run_name, leave=False)
+        self.bar = progress_bar(total=self.tr.total, initial=self.step0, disable=not (self.progress and self.lead),
+                        desc=self.run_name, unit="step", leave=False)
         done, interrupted, t_train = self.loop()
         self.bar.close()
         return self.summary(done, interrupted, t_train)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from ..clip import image_size, load_clip
 from ..clip.device import auto_device
@@ -30,6 +29,7 @@ from ..identity import (
     with_version,
 )
 from ..params import Params
+from ..progress import progress_bar
 from ..runs import (
     CHECKPOINTS,
     DESCRIPTIONS,
@@ -304,7 +304,7 @@ def finetune_all(run_dir: str | Path, dataset="synthetic", data_root: str | None
             if k != "full":
                 spec.subset(ctx.ds, k, seeds[0])  # raises early when a class has fewer than k images
         results, index_rows = [], []
-        for method, k, sd in tqdm(plan, desc="runs", disable=not (progress and lead)):
+        for method, k, sd in progress_bar(plan, desc="runs", unit="run", disable=not (progress and lead)):
             r = _train_one(ctx, method, k, sd)
             results.append(r)
             index_rows.append(_index_row(ctx, r))

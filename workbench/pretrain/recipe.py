@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import PatchDropout
 from safetensors.torch import save as save_safetensors
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..cache import cached_tensors
@@ -31,6 +30,7 @@ from ..finetune.config import FinetuneConfig
 from ..finetune.losses import multi_positive_loss
 from ..finetune.trainer import TrainStep, lr_at
 from ..io import atomic_write_bytes, hash_key
+from ..progress import progress_bar
 from .captions import attribute_prompts, caption_vocabulary, training_captions, truth_table
 
 PRETRAIN_VERSION = 3  # 3: conv stem, one-attribute captions with hard negatives, text tower frozen at first
@@ -145,7 +145,7 @@ def _fit(config: dict, progress: bool, log, caption_weights: dict | None = None)
     trainer = TrainStep(model, cfg, "cpu", steps, distributed=False, lr_scale=text_lr_scale(config))
     source = CaptionSource(images, attrs, tokenizer, config, caption_weights)
     losses = []
-    for step in tqdm(range(steps), disable=not progress, desc="pretrain tiny CLIP"):
+    for step in progress_bar(range(steps), disable=not progress, desc="pretrain tiny CLIP"):
         x, ids, pos = source.batch(model)
         loss, _ = trainer.step(step, x, ids, _loss(pos))
         losses.append(loss.item())
