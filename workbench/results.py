@@ -225,7 +225,13 @@ def comparisons_section(m: dict) -> list[str]:
     out += [""] + [f"- {s}" for s in findings(known)] if known else []
     if any(m in {c["a"] for c in comps} | {c["b"] for c in comps} for m in ("gist", "oracle")):
         out += ["", "**The GIST question** (as 04_evaluate ends; a difference holds when its Holm p < 0.05):", ""]
-        out += [f"- {s}" for s in gist_question(comps)[1]]
+        said = gist_question(comps)[1]
+        answered = [s for s in said if ": not answered:" not in s]
+        unanswered = len(said) - len(answered)
+        out += [f"- {s}" for s in answered]
+        if unanswered:  # one line, not one per question and shots setting
+            out += [f"- {unanswered} question(s) not answered: a method they compare did not run "
+                    "(turn the controls on with `--set 'finetune.methods=[...]'`; 04_evaluate names each)."]
     return out
 
 
