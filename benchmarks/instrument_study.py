@@ -62,6 +62,8 @@ def parse_args(argv=None):
     ap.add_argument("--text-freeze", type=int, default=None, help="pretraining text-freeze steps (default steps/5)")
     ap.add_argument("--noise", type=float, default=syn.DEFAULTS["noise"], help="downstream max pixel noise sigma")
     ap.add_argument("--occlusion", type=float, default=syn.DEFAULTS["occlusion"])
+    ap.add_argument("--pretrain-pose", type=float, default=0.0,
+                    help="pose spread of the pretraining birds (the shipped recipe: 0)")
     ap.add_argument("--pose", type=float, default=0.0,
                     help="downstream pose spread (0: centred and upright, as in every run recorded before the "
                          "benchmark's default became 1)")
@@ -100,9 +102,15 @@ def pretrained_state(args) -> tuple[dict, dict]:
     config = recipe.pretrain_config(steps=steps, text_freeze=args.text_freeze if args.text_freeze is not None else steps // 5,
                                     warmup=min(recipe.DEFAULTS["warmup"], max(1, steps // 20)))
     weights = {a: (0 if a in withheld else w) for a, w in WEIGHTS.items()}
-    key = hash_key("instrument-pretrain", syn.GENERATOR_VERSION, recipe.PRETRAIN_VERSION, config, weights)
+    posed = {"pretrain_pose": args.pretrain_pose} if args.pretrain_pose else {}  # absent at 0: older keys hold
+    key = hash_key("instrument-pretrain", syn.GENERATOR_VERSION, recipe.PRETRAIN_VERSION, config, weights, *posed.values())
     path = cache_root() / "instrument" / f"{key}.safetensors"
-    info = {"weights": str(path), "config": config, "caption_weights": weights, "withheld": withheld}
+    info = {"weights": str(path), "config": config, "caption_weights": weights, "withheld": withheld, **posed}
+    if posed:  # the recipe's image cache is keyed without a pose: render these birds afresh, uncached
+        def posed_images(cfg):
+            images, attrs = syn.random_birds(cfg["n_images"], cfg["data_seed"], cfg["size"], pose=args.pretrain_pose)
+            return torch.from_numpy(images), attrs
+        recipe.pretrain_images = posed_images
     if path.exists():
         meta = json.loads((path.with_suffix(".json")).read_text())
         return load_file(str(path)), {**info, **meta, "cached": True}

@@ -136,18 +136,19 @@ def variant_attributes(species_row, variant: str) -> dict:
 
 
 # ---------------------------------------------------------------- random birds
-def random_birds(n: int, seed: int, size: int = 64, occlusion: float = 0.3, noise: float = 6.0):
+def random_birds(n: int, seed: int, size: int = 64, occlusion: float = 0.3, noise: float = 6.0, pose: float = 0.0):
     """``n`` birds with independently random attributes (no species): ``(uint8 N x 3 x S x S, [attrs])``.
 
     Used to pretrain the tiny CLIP on attribute captions; any value an image can show is drawn. The
-    birds are centred and upright (pose 0): the benchmark's varied poses are a shift the pretraining never saw.
+    shipped weights' birds are centred and upright (``pose`` 0): the benchmark's varied poses are a shift
+    their pretraining never saw (``benchmarks/instrument_study.py --pretrain-pose`` tries otherwise).
     """
     rng = np.random.default_rng([seed, 202])
     images = np.empty((n, 3, size, size), np.uint8)
     attrs = []
     for i in range(n):
         a = {k: str(rng.choice(v)) for k, v in ATTRIBUTE_VALUES.items()}
-        rgb, _ = render_bird(a, sample_nuisance(rng, size, occlusion, noise), size)
+        rgb, _ = render_bird(a, sample_nuisance(rng, size, occlusion, noise, pose), size)
         images[i] = rgb.transpose(2, 0, 1)
         attrs.append(a)
     return images, attrs
