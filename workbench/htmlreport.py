@@ -23,7 +23,7 @@ from nbconvert import HTMLExporter
 from PIL import Image
 
 from . import results as R
-from .evaluate import gist_question
+from .evaluate import gist_answers
 from .io import atomic_write_text
 from .runs import METRICS, read_metrics, unmoved_counts
 
@@ -155,12 +155,11 @@ def _evaluate_figures(m: dict) -> list[str]:
     out = R.accuracy_section(m, every_row=False) if m.get("accuracy") else []
     comps = m.get("comparisons") or []
     if comps:  # the GIST question's answers per shots setting; the unanswered ones (method not run) are counted
-        said = gist_question(comps)[1]
-        answered = [s for s in said if ": not answered:" not in s]
+        answered, unanswered = gist_answers(comps)
         out += ["", "The GIST question (paired comparisons; every pair is in the notebook below):", ""]
         out += [f"- {s}" for s in answered] or ["- no question could be answered: its methods did not run"]
-        if len(answered) < len(said):
-            out.append(f"- {len(said) - len(answered)} question(s) not answered: their methods did not run here")
+        if unanswered:
+            out.append(f"- {unanswered} question(s) not answered: their methods did not run here")
     return out
 
 

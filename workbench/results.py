@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .evaluate import METHODS, PAIRS, findings, gist_question, seed_summary, val_note
+from .evaluate import METHODS, PAIRS, findings, gist_answers, seed_summary, val_note
 from .io import atomic_write_text
 from .runs import METRICS, PARAMS, read_metrics, read_params, unmoved_counts
 
@@ -225,9 +225,7 @@ def comparisons_section(m: dict) -> list[str]:
     out += [""] + [f"- {s}" for s in findings(known)] if known else []
     if any(m in {c["a"] for c in comps} | {c["b"] for c in comps} for m in ("gist", "oracle")):
         out += ["", "**The GIST question** (as 04_evaluate ends; a difference holds when its Holm p < 0.05):", ""]
-        said = gist_question(comps)[1]
-        answered = [s for s in said if ": not answered:" not in s]
-        unanswered = len(said) - len(answered)
+        answered, unanswered = gist_answers(comps)
         out += [f"- {s}" for s in answered]
         if unanswered:  # one line, not one per question and shots setting
             out += [f"- {unanswered} question(s) not answered: a method they compare did not run "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,9 +19,6 @@ from .attention import image_rollout, pair_relevance
 from .features import image_tokens, similarity_maps, text_tokens, token_patch_similarity, tokenize, word_map
 
 METHODS = ("similarity", "rollout", "relevance")
-# Scores that read no image-text alignment, beside the methods in ``pointing_game`` results (model key
-# ``"baseline"``): a map that cannot beat them has not shown that it localises.
-BASELINES = ("prior", "random_bird_patch")
 # Rollout is computed from the image tower alone: the same map for every caption, so it cannot point at
 # the part a caption names; its score says where the model looks, and a word-specificity control is moot.
 WORD_SPECIFIC = {"similarity": True, "rollout": False, "relevance": True}
@@ -136,6 +132,15 @@ def item_maps(model, tokenizer, images: torch.Tensor, items: list[PartItem], met
     return torch.stack(out)
 
 
+def _per_part(parts: list[str], hit: torch.Tensor, chance: torch.Tensor) -> dict[str, dict]:
+    """``{part: {score, chance, n}}`` over the queries of each part (in first-seen order)."""
+    out = {}
+    for p in dict.fromkeys(parts):
+        sel = torch.tensor([q == p for q in parts])
+        out[p] = {"score": hit[sel].mean().item(), "chance": chance[sel].mean().item(), "n": int(sel.sum())}
+    return out
+
+
 def check_methods(methods) -> list[str]:
     """The methods, validated (call before loading models: a typo should not cost a run)."""
     methods = [methods] if isinstance(methods, str) else list(methods)
@@ -179,10 +184,7 @@ def pointing_game(
         other = None
         if WORD_SPECIFIC[method]:
             other = other_part_hits(items, res["argmax"], patch_cover(regions, maps.shape[-2:]) > min_cover)
-        per_part = {}
-        for p in dict.fromkeys(parts):
-            sel = torch.tensor([q == p for q in parts])
-            per_part[p] = {"score": res["hit"][sel].mean().item(), "chance": res["chance"][sel].mean().item(), "n": int(sel.sum())}
+        per_part = _per_part(parts, res["hit"], res["chance"])
         out[method] = {
             "score": res["hit"].mean().item(),
             "score_ci95": wilson_interval(int(res["hit"].sum().item()), len(items)),
@@ -213,11 +215,7 @@ def part_prior(regions: dict[str, dict[str, torch.Tensor]], grid: tuple[int, int
 
 def _baseline_entry(items: list[PartItem], hit: torch.Tensor, chance: torch.Tensor, area: torch.Tensor,
                     other: float | None, binary: bool) -> dict:
-    parts = [it.part for it in items]
-    per_part = {}
-    for p in dict.fromkeys(parts):
-        sel = torch.tensor([q == p for q in parts])
-        per_part[p] = {"score": hit[sel].mean().item(), "chance": chance[sel].mean().item(), "n": int(sel.sum())}
+    per_part = _per_part([it.part for it in items], hit, chance)
     n = len(items)
     ci = (wilson_interval(int(hit.sum().item()), n) if binary
           else [v / 100 for v in bootstrap_ci(hit.numpy())["ci95"]])
@@ -266,5 +264,5 @@ def baseline_scores(items: list[PartItem], grid: tuple[int, int], prior: dict[st
 
 def versus(entry: dict, baseline: dict) -> dict:
     """A method's hits minus a baseline's, paired over the same queries: ``{diff, ci95, p}`` in points."""
-    r = paired_difference(np.asarray(entry["_hit"], dtype=np.float64), np.asarray(baseline["_hit"], dtype=np.float64))
+    r = paired_difference(entry["_hit"], baseline["_hit"])
     return {"diff": r["diff"], "ci95": r["ci95"], "p": r["p"]}

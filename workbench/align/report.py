@@ -10,7 +10,6 @@ import torch
 
 from ..clip import load_clip
 from ..runs import INDEX, MATCHES, read_index, read_matches, update_metrics
-from ..stats import paired_difference
 from . import plots
 from .attention import image_rollout, pair_relevance
 from .features import argmax_token_map, find_phrase, similarity_maps, word_maps
@@ -128,9 +127,8 @@ def run_pointing(
 
 def pointing_change(before: dict, after: dict) -> dict:
     """How fine-tuning moved a method's score, paired over the same queries: ``{diff, ci95, p}`` in points
-    (:func:`workbench.stats.paired_difference`: bootstrap interval, sign-flip p-value)."""
-    r = paired_difference(after["_hit"], before["_hit"])
-    return {"diff": r["diff"], "ci95": r["ci95"], "p": r["p"]}
+    (:func:`~workbench.align.pointing.versus`: bootstrap interval, sign-flip p-value)."""
+    return versus(after, before)
 
 
 def pointing_table(results: dict) -> pd.DataFrame:

@@ -180,10 +180,13 @@ def _options(options: dict) -> dict:
 
 def config_key(**options) -> str:
     """Cache key of a generation: generator version + resolved options."""
-    opts = _options(options)
-    if not opts["pose"]:  # datasets made before the option existed keep their key
-        del opts["pose"]
-    return hash_key("synthetic", GENERATOR_VERSION, opts)
+    return hash_key("synthetic", GENERATOR_VERSION, _recorded(_options(options)))
+
+
+def _recorded(opts: dict) -> dict:
+    """The options as keys and ``config.json`` record them: one at its :data:`ABSENT_MEANS` value is left
+    out, so datasets made before that option existed keep their key and bytes."""
+    return {k: v for k, v in opts.items() if not (k in ABSENT_MEANS and v == ABSENT_MEANS[k])}
 
 
 def generate(root: str | Path, **options) -> Path:
@@ -253,7 +256,7 @@ def _write(root: Path, opts: dict) -> None:
     pd.DataFrame(boxes).to_csv(root / "parts.csv", index=False, lineterminator="\n")
     sp.to_csv(root / "species.csv", index=False, lineterminator="\n")
     (root / "classes.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(sp["species"])))
-    cfg = {"generator_version": GENERATOR_VERSION, **{k: v for k, v in opts.items() if k != "pose" or v}}
+    cfg = {"generator_version": GENERATOR_VERSION, **_recorded(opts)}
     (root / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 

@@ -110,13 +110,26 @@ def gist_question(comps: list[dict], level: float = 0.05) -> tuple[pd.DataFrame,
     the sign, plus one per question that could not be answered, naming the method(s) that did not run.
     A difference "holds" when its Holm p is below ``level``.
     """
+    rows, said = _gist_question(comps, level)
+    return pd.DataFrame(rows), [s for s, _ in said]
+
+
+def gist_answers(comps: list[dict], level: float = 0.05) -> tuple[list[str], int]:
+    """:func:`gist_question`'s answered sentences and how many questions went unanswered (a method did not
+    run): what a summary shows, where 04_evaluate names every unanswered question."""
+    said = _gist_question(comps, level)[1]
+    return [s for s, answered in said if answered], sum(not answered for _, answered in said)
+
+
+def _gist_question(comps: list[dict], level: float) -> tuple[list[dict], list[tuple[str, bool]]]:
+    """(table rows, [(sentence, answered)]): see :func:`gist_question`."""
     by = {(c["a"], c["b"], str(c["shots"])): c for c in comps}
     ran = {}
     for c in comps:
         ran.setdefault(str(c["shots"]), set()).update((c["a"], c["b"]))
     rows, sentences = [], []
     if not comps:
-        return pd.DataFrame(rows), ["no comparisons: no two methods were evaluated at the same shots setting"]
+        return rows, [("no comparisons: no two methods were evaluated at the same shots setting", False)]
     for s in _shots_sorted(str(c["shots"]) for c in comps):
         for a, b, question in QUESTIONS:
             label = f"{LABELS[a]} − {LABELS[b]}"
@@ -125,7 +138,7 @@ def gist_question(comps: list[dict], level: float = 0.05) -> tuple[pd.DataFrame,
                 missing = [m for m in (a, b) if m not in ran[s]]
                 why = (f"{' and '.join(f'`{m}`' for m in missing)} did not run (or was not evaluated) at this shots setting"
                        if missing else "the two were not scored on the same draws")
-                sentences.append(f"{_at(s)}, {question} {label}: not answered: {why}.")
+                sentences.append((f"{_at(s)}, {question} {label}: not answered: {why}.", False))
                 continue
             lo, hi = c["ci95"]
             ph = c.get("p_holm")
@@ -138,12 +151,12 @@ def gist_question(comps: list[dict], level: float = 0.05) -> tuple[pd.DataFrame,
             rows.append({"shots": c["shots"], "question": question, "difference": label, "diff": round(c["diff"], 2),
                          "ci95_low": round(lo, 2), "ci95_high": round(hi, 2), "p": c["p"], "p_holm": ph,
                          "n_test": c["n_test"], "draws": len(c["seeds"])})
-            sentences.append(f"{_at(s)}, {question} {label} = {c['diff']:+.1f} points [{lo:+.1f}, {hi:+.1f}], "
-                             f"{_p(c['p'])}, {p_holm}: {verdict}.")
+            sentences.append((f"{_at(s)}, {question} {label} = {c['diff']:+.1f} points [{lo:+.1f}, {hi:+.1f}], "
+                              f"{_p(c['p'])}, {p_holm}: {verdict}.", True))
         share = _captured(by, s)
         if share:
-            sentences.append(share)
-    return pd.DataFrame(rows), sentences
+            sentences.append((share, True))
+    return rows, sentences
 
 
 def _captured(by: dict, s: str) -> str | None:
