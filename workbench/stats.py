@@ -155,4 +155,5 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> list[float] | None:
     d = 1 + z * z / n
     c = (p + z * z / (2 * n)) / d
     h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return [max(0.0, float(c - h)), min(1.0, float(c + h))]
+    # at 0 or n hits an end is exactly 0 or 1; computed, it can land a float hair inside the proportion
+    return [0.0 if hits == 0 else max(0.0, float(c - h)), 1.0 if hits == n else min(1.0, float(c + h))]

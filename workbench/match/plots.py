@@ -72,7 +72,9 @@ def plot_match_diagnostics(records: Sequence[dict], descriptions: Sequence[dict]
                     color="k" if np.isnan(v) or v < 0.08 else "w")
         ci = metrics.get("variant_precision_ci95")
         if ci and not np.isnan(vals[0]):  # Wilson 95% interval: how many picks back the top-1 figure
-            ax.errorbar([0], [vals[0]], yerr=[[vals[0] - ci[0]], [ci[1] - vals[0]]], color="k", capsize=4, lw=1)
+            # clipped at 0: at a precision of 1 the interval's float upper end can fall a hair below it
+            ax.errorbar([0], [vals[0]], yerr=[[max(0.0, vals[0] - ci[0])], [max(0.0, ci[1] - vals[0])]], color="k",
+                        capsize=4, lw=1)
         ax.set_ylim(0, 1.05)
         n1 = metrics.get("n_top1_variant_specific")
         ax.set_title("variant precision vs truth" + (f" (n={n1})" if n1 is not None else ""))
