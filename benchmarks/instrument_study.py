@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from workbench.clip import encode_images, image_size, load_clip
+from workbench.clip.weights import metadata, package_weights
 from workbench.data import synthetic as syn
 from workbench.data.images import image_cache
 from workbench.data.shots import few_shot
@@ -45,7 +46,7 @@ from workbench.io import cache_root, hash_key
 from workbench.match.captions import truncate_caption
 from workbench.pretrain import evaluate as pre_eval
 from workbench.pretrain import recipe
-from workbench.pretrain.captions import _OPENERS, WEIGHTS, _phrase
+from workbench.pretrain.captions import _OPENERS, _phrase
 from workbench.stats import bootstrap_ci, paired_difference
 
 METHODS = ("linear-probe", "finetune-classname", "oracle", "random-own-class")
@@ -56,14 +57,16 @@ PAIRS = (("oracle", "finetune-classname"), ("oracle", "linear-probe"), ("finetun
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--design", default="baseline", help="a name for the design (reported)")
-    ap.add_argument("--withhold", default="", help="attributes the pretraining captions never name (comma list)")
+    ap.add_argument("--withhold", default=None,
+                    help="attributes the pretraining captions never name (comma list; '' none). With the shipped "
+                         "weights it must be theirs (the default: read from their recipe)")
     ap.add_argument("--pretrain-steps", type=int, default=0,
-                    help="pretrain here with this many steps (0: shipped weights; required when withholding)")
+                    help="pretrain here with this many steps (0: the shipped weights)")
     ap.add_argument("--text-freeze", type=int, default=None, help="pretraining text-freeze steps (default steps/5)")
     ap.add_argument("--noise", type=float, default=syn.DEFAULTS["noise"], help="downstream max pixel noise sigma")
     ap.add_argument("--occlusion", type=float, default=syn.DEFAULTS["occlusion"])
-    ap.add_argument("--pretrain-pose", type=float, default=0.0,
-                    help="pose spread of the pretraining birds (the shipped recipe: 0)")
+    ap.add_argument("--pretrain-pose", type=float, default=recipe.DEFAULTS["pose"],
+                    help="pose spread of the pretraining birds (the shipped recipe's by default)")
     ap.add_argument("--pose", type=float, default=0.0,
                     help="downstream pose spread (0: centred and upright, as in every run recorded before the "
                          "benchmark's default became 1)")
@@ -90,32 +93,29 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- weights
 def pretrained_state(args) -> tuple[dict, dict]:
     """The design's starting weights and how they were made (seconds, zero-shot attribute figures)."""
-    withheld = [a for a in args.withhold.split(",") if a]
+    shipped = load_clip("tiny", "synthetic", "cpu")
+    shipped_withheld = metadata(package_weights("wb-tiny", "synthetic"))["recipe"]["withhold"]
+    withheld = shipped_withheld if args.withhold is None else [a for a in args.withhold.split(",") if a]
+    args.withhold = ",".join(withheld)  # what the oracle's "withheld" style names
     bad = [a for a in withheld if a not in syn.ATTRIBUTES]
     if bad:
         raise SystemExit(f"unknown attribute(s) {bad}; expected {syn.ATTRIBUTES}")
     if not args.pretrain_steps:
-        if withheld:
-            raise SystemExit("--withhold needs --pretrain-steps (the shipped weights name every attribute)")
-        return load_clip("tiny", "synthetic", "cpu").model.state_dict(), {"weights": "shipped", "seconds": 0.0}
+        if withheld != shipped_withheld:
+            raise SystemExit(f"--withhold {withheld} needs --pretrain-steps (the shipped weights withhold {shipped_withheld})")
+        return shipped.model.state_dict(), {"weights": "shipped", "seconds": 0.0, "withheld": withheld}
     steps = args.pretrain_steps
     config = recipe.pretrain_config(steps=steps, text_freeze=args.text_freeze if args.text_freeze is not None else steps // 5,
-                                    warmup=min(recipe.DEFAULTS["warmup"], max(1, steps // 20)))
-    weights = {a: (0 if a in withheld else w) for a, w in WEIGHTS.items()}
-    posed = {"pretrain_pose": args.pretrain_pose} if args.pretrain_pose else {}  # absent at 0: older keys hold
-    key = hash_key("instrument-pretrain", syn.GENERATOR_VERSION, recipe.PRETRAIN_VERSION, config, weights, *posed.values())
+                                    warmup=min(recipe.DEFAULTS["warmup"], max(1, steps // 20)), withhold=withheld,
+                                    pose=args.pretrain_pose)
+    key = hash_key("instrument-pretrain", syn.GENERATOR_VERSION, recipe.PRETRAIN_VERSION, config)
     path = cache_root() / "instrument" / f"{key}.safetensors"
-    info = {"weights": str(path), "config": config, "caption_weights": weights, "withheld": withheld, **posed}
-    if posed:  # the recipe's image cache is keyed without a pose: render these birds afresh, uncached
-        def posed_images(cfg):
-            images, attrs = syn.random_birds(cfg["n_images"], cfg["data_seed"], cfg["size"], pose=args.pretrain_pose)
-            return torch.from_numpy(images), attrs
-        recipe.pretrain_images = posed_images
+    info = {"weights": str(path), "config": config, "caption_weights": recipe.caption_weights(config), "withheld": withheld}
     if path.exists():
         meta = json.loads((path.with_suffix(".json")).read_text())
         return load_file(str(path)), {**info, **meta, "cached": True}
     t0 = time.time()
-    state, tinfo = recipe.train(config, threads=args.threads, caption_weights=weights)
+    state, tinfo = recipe.train(config, threads=args.threads)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     meta = {"seconds": round(time.time() - t0, 1), "loss_first": tinfo["loss_first"], "loss_last": tinfo["loss_last"]}

@@ -3,6 +3,9 @@ from pathlib import Path
 
 import nbformat
 
+# a configuration file holding only `dataset: synthetic`, for tests that run their own stage notebooks
+MINIMAL = str(Path(__file__).parent / "minimal.yaml")
+
 
 def make_notebook(path: Path, parameters: str, *cells: str) -> Path:
     nb = nbformat.v4.new_notebook()

@@ -9,7 +9,7 @@ import re
 
 import numpy as np
 import pytest
-from toydata import make_toy_dataset
+from toydata import QUICK_DEMO, make_toy_dataset
 
 from workbench import cli
 from workbench.clip.text import count_tokens, get_tokenizer
@@ -42,21 +42,19 @@ def tok():
 
 
 def _parse(body: str) -> dict:
-    """The attributes a caption names, read back independently of how it was written."""
+    """The attributes a caption names, read back independently of how it was written (breast pattern and
+    colour in one phrase, or either alone)."""
     out = {}
-    for a, vals in syn.ATTRIBUTE_VALUES.items():
-        if a == "breast_pattern":
-            continue
-        noun = {"crown_color": "crown", "wing_color": "wings", "breast_color": "breast", "beak_shape": "beak",
-                "tail_size": "tail"}[a]
-        if a == "breast_color":
-            found = re.findall(rf"\b({'|'.join(syn.ATTRIBUTE_VALUES['breast_pattern'])}) ({'|'.join(vals)}) breast\b", body)
-            assert len(found) == 1, body
-            out["breast_pattern"], out[a] = found[0]
-        else:
-            found = re.findall(rf"\b({'|'.join(vals)}) {noun}\b", body)
-            assert len(found) == 1, (a, body)
-            out[a] = found[0]
+    for a, noun in {"crown_color": "crown", "wing_color": "wings", "beak_shape": "beak", "tail_size": "tail"}.items():
+        found = re.findall(rf"\b({'|'.join(syn.ATTRIBUTE_VALUES[a])}) {noun}\b", body)
+        assert len(found) <= 1, (a, body)
+        out.update({a: found[0]} if found else {})
+    breasts = re.findall(r"\ba ((?:\w+ )?\w+) breast\b", body)
+    assert len(breasts) <= 1, body
+    for word in breasts[0].split() if breasts else []:
+        a = "breast_pattern" if word in syn.ATTRIBUTE_VALUES["breast_pattern"] else "breast_color"
+        assert word in syn.ATTRIBUTE_VALUES[a] and a not in out, (word, body)
+        out[a] = word
     return out
 
 
@@ -76,6 +74,43 @@ def test_oracle_captions_are_the_true_attributes(synth, tok):
     # an image's captions do not depend on which other images the draw holds
     sub = train.subset([2])
     assert sources.oracle_captions(sub, 3, seed=5, tokenizer=tok)[0] == recs[2]
+
+
+@pytest.mark.parametrize("named", [["breast_pattern", "beak_shape", "tail_size"], ["breast_pattern"],
+                                   ["breast_color", "breast_pattern"], ["crown_color"]])
+def test_an_oracle_of_some_attributes_names_those_and_no_other(synth, tok, named):
+    train = synth.split("train")
+    table = train.table.set_index("filename")
+    for r in sources.oracle_captions(train, 2, seed=1, tokenizer=tok, attributes=named):
+        row = table.loc[r["image"]]
+        for c in r["captions"]:
+            assert c.startswith(f"{row['species']}: ")
+            assert _parse(c.split(": ", 1)[1]) == {a: row[a] for a in named}, c
+
+
+def test_which_attributes_the_oracle_names():
+    """"untaught" reads the starting weights' recipe: the shipped tiny CLIP was never taught pattern, beak and
+    tail in words; weights that record no recipe (random init, open_clip tags) get every attribute."""
+    from workbench.clip.weights import metadata, package_weights
+
+    shipped = metadata(package_weights("wb-tiny", "synthetic"))["recipe"]["withhold"]
+    assert shipped == ["breast_pattern", "beak_shape", "tail_size"]
+    assert sources.oracle_attributes("untaught", "tiny", "synthetic") == shipped
+    assert sources.oracle_attributes("untaught", "tiny", None) == list(syn.ATTRIBUTES)
+    assert sources.oracle_attributes("untaught", "ViT-B-32", "openai") == list(syn.ATTRIBUTES)
+    assert sources.oracle_attributes("all", "tiny", "synthetic") == list(syn.ATTRIBUTES)
+    assert sources.oracle_attributes(["tail_size", "crown_color"]) == ["crown_color", "tail_size"]  # table order
+    for bad, msg in (([], "non-empty list"), ("tails", "'untaught', 'all'"), (["tail"], r"unknown attribute\(s\) \['tail'\]")):
+        with pytest.raises(ValueError, match=msg):
+            sources.oracle_attributes(bad)
+
+
+def test_a_bad_oracle_setting_fails_before_any_run(tmp_path):
+    toy = make_toy_dataset(tmp_path / "toy")
+    with pytest.raises(ValueError, match=r"unknown attribute\(s\) \['tail'\]"):
+        finetune_all(tmp_path / "run", toy, model="tiny", pretrained=None, methods=["finetune-classname"], shots=["full"],
+                     seeds=[0], progress=False, oracle_attributes=["tail"])
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_oracle_refuses_a_dataset_without_attributes(tmp_path, tok):
@@ -237,7 +272,8 @@ def test_control_methods_through_workbench_run(tmp_path, capsys):
             "--set", "dataset_options={n_species: 4, n_train: 4, n_val: 2, n_test: 2}", "--set", "model=tiny",
             "--set", "progress=false", "--set", "describe.per_class=4", "--set", "epochs=1",
             "--set", "seeds=[0]", "--set", "shots=[1]", "--set", "bootstrap_n=100",
-            "--set", "finetune.batch_size=16", "--set", "evaluate.weight_decays=[0.1]"]
+            "--set", "finetune.batch_size=16", "--set", "evaluate.weight_decays=[0.1]",
+            *sum((["--set", s] for s in QUICK_DEMO), [])]
     rc = cli.main([*base, "--stages", "describe,match,finetune,evaluate",
                    "--set", "finetune.methods=[gist, finetune-classname, oracle, random-own-class, waffle]"])
     assert rc == 0

@@ -7,12 +7,13 @@ import json
 
 import yaml
 from fixtures_datasets import make_mini_cub
+from toydata import QUICK_DEMO
 
 from workbench import cli
 from workbench.io import read_jsonl
 
 # Tiny sizes shared by both runs: one epoch, one few-shot setting, one seed.
-SMALL = ["model=tiny", "progress=false", "epochs=1", "shots=[full, 1]", "seeds=[0]", "bootstrap_n=200",
+SMALL = [*QUICK_DEMO, "model=tiny", "progress=false", "epochs=1", "shots=[full, 1]", "seeds=[0]", "bootstrap_n=200",
          "align.max_images=6", "align.n_examples=1", "match.n_examples=4"]
 METHODS = {"zero-shot", "linear-probe", "finetune-classname", "gist"}
 
@@ -77,7 +78,7 @@ def test_every_loss_and_option_runs_through_workbench_run(tmp_path):
     base = ["run", "demo", "--name", "opts", "--reports", str(tmp_path),
             "--set", "dataset_options={n_species: 4, n_train: 4, n_val: 2, n_test: 2}", "--set", "model=tiny",
             "--set", "progress=false", "--set", "describe.per_class=4", "--set", "finetune.epochs=2",
-            "--set", "finetune.seeds=[0]", "--set", "finetune.batch_size=16"]
+            "--set", "finetune.seeds=[0]", "--set", "finetune.batch_size=16", *sum((["--set", s] for s in QUICK_DEMO), [])]
     run_dir = tmp_path / "opts"
     settings = [
         (["describe", "match", "finetune"], {"loss": "filip", "grad_checkpointing": True, "shots": ["full", 1]}),

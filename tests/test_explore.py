@@ -23,6 +23,7 @@ import torch
 import yaml
 from nbutil import make_notebook
 from PIL import Image
+from toydata import QUICK_DEMO
 
 import workbench
 from workbench import cli, htmlreport, pipeline
@@ -34,7 +35,7 @@ from workbench.io import CorruptFileError, read_json, read_jsonl
 from workbench.progress import PROGRESS_ENV, _Relay, progress_bar
 
 STAGES = ["describe", "match", "finetune", "evaluate", "align"]
-SMALL = ["dataset_options={n_species: 4, n_train: 6, n_val: 3, n_test: 4}", "model=tiny", "progress=true",
+SMALL = [*QUICK_DEMO, "dataset_options={n_species: 4, n_train: 6, n_val: 3, n_test: 4}", "model=tiny", "progress=true",
          "epochs=1", "shots=[full, 1]", "seeds=[0]", "bootstrap_n=200", "align.max_images=6", "align.n_examples=2",
          "match.n_examples=4", "describe.per_class=4"]
 # tqdm's counter, elapsed<left and rate: "12/12 [00:03<00:00, 4.01img/s]" (or "6.72s/step" when slow)

@@ -118,6 +118,7 @@ CASES: dict[str, dict[str, Case]] = {
     "finetune": {
         **DATA, "model": case("wb-reach", RANDOM), "pretrained": case(None), "methods": case(["gist"]),
         "shots": case([2]), "seeds": case([1]), "shot_files": case({"1": At("shot_file")}),
+        "oracle_attributes": case(["beak_shape"], {"methods": ["oracle"]}),
         "val_policy": case("k_shot"), "epochs": case(2), "batch_size": case(2), "lr": case(1e-3),
         # 3 pairs in one batch: 1 step per epoch; steps=3 trains 3, validated after each (epoch ends) or at 2 and 3
         "steps": case(3), "validate_every": case(2, {"steps": 3}),
@@ -131,13 +132,14 @@ CASES: dict[str, dict[str, Case]] = {
         "seeds": case([1]), "shot_files": case({"1": At("shot_file")}), "val_policy": case("k_shot"),
         "weight_decays": case([0.1]), "use_trainval": case(True, {"shots": ["full"]}), "bootstrap_n": case(30),
         "templates": case(["a photo of a {}."]), "use_descriptions": case(False),
-        "description_template": case("a bird: {text}"),
+        # a template far from the base: on this small draw "a bird: {text}" predicts exactly what "{text}" does
+        "description_template": case("{classname}"),
     },
     "align": {
         **DATA, "dataset": case("cub", also={"data_root": At("cub_root"), "dataset_options": {}}),  # parts needed
         "model": case("wb-reach", RANDOM), "pretrained": case(None),
-        "finetuned_method": case("finetune-classname"), "split": case("val"), "max_images": case(3),
-        "methods": case(["rollout"]), "parts": case(["crown", "beak"]), "part_nouns": case({"wing": "feathers"}),
+        "finetuned_method": case("finetune-classname"), "finetuned_shots": case(1), "split": case("val"), "max_images": case(3),
+        "methods": case(["rollout"]), "parts": case(["crown", "beak"]), "part_nouns": case({"wing": "tail"}),  # "feathers": the same hits on 4 images
         "caption_template": case("a photo of a bird with {desc}"), "radius": case(3.0, CUB), "n_examples": case(2),
     },
 }

@@ -5,7 +5,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
-from nbutil import make_notebook
+from nbutil import MINIMAL, make_notebook
 
 from workbench import cli, pipeline
 from workbench import config as C
@@ -35,7 +35,7 @@ def nb_dir(tmp_path, monkeypatch):
 
 
 def test_run_writes_run_directory(nb_dir, tmp_path):
-    p = pipeline.plan("demo", ["k=7", "seed=3", "second.scale=0.5"], name="t1", reports=tmp_path / "reports")
+    p = pipeline.plan(MINIMAL, ["k=7", "seed=3", "second.scale=0.5"], name="t1", reports=tmp_path / "reports")
     run_dir = pipeline.execute(p, log=lambda *_: None)
     params = yaml.safe_load((run_dir / "params.yaml").read_text())
     assert params["first"] == {"k": 7, "tag": None} and params["second"] == {"scale": 0.5}
@@ -51,7 +51,7 @@ def test_run_writes_run_directory(nb_dir, tmp_path):
 
 
 def test_stage_subset(nb_dir, tmp_path):
-    p = pipeline.plan("demo", stages=["first"], name="t2", reports=tmp_path / "r")
+    p = pipeline.plan(MINIMAL, stages=["first"], name="t2", reports=tmp_path / "r")
     assert list(p.stages) == ["first"]
     pipeline.execute(p, log=lambda *_: None)
     assert not (p.run_dir / "02_second.ipynb").exists()
@@ -60,7 +60,7 @@ def test_stage_subset(nb_dir, tmp_path):
 def test_failing_stage_keeps_partial_notebook(nb_dir, tmp_path, capsys):
     make_notebook(nb_dir / "02_second.ipynb", 'run_dir: str = "x"  # run directory',
                   "ok = 1", "raise RuntimeError('boom in stage two')", "never = 1")
-    rc = cli.main(["run", "demo", "--name", "bad", "--reports", str(tmp_path / "r")])
+    rc = cli.main(["run", MINIMAL, "--name", "bad", "--reports", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert rc == 1
     assert "stage 'second' failed in cell" in err and "RuntimeError: boom in stage two" in err
@@ -73,7 +73,7 @@ def test_failing_stage_keeps_partial_notebook(nb_dir, tmp_path, capsys):
 
 
 def test_unknown_key_fails_before_running(nb_dir, tmp_path, capsys):
-    rc = cli.main(["run", "demo", "--set", "nonexistent=1", "--reports", str(tmp_path / "r")])
+    rc = cli.main(["run", MINIMAL, "--set", "nonexistent=1", "--reports", str(tmp_path / "r")])
     assert rc == 2
     assert "nonexistent" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
@@ -96,21 +96,21 @@ def test_notebook_without_run_dir_is_rejected(tmp_path):
 
 def test_relative_data_root_made_absolute(nb_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    p = pipeline.plan("demo", ["data_root=some/where"], name="t3", reports=tmp_path / "r")
+    p = pipeline.plan(MINIMAL, ["data_root=some/where"], name="t3", reports=tmp_path / "r")
     assert p.config["data_root"] == str(tmp_path / "some" / "where")
 
 
 def test_relative_shot_files_made_absolute(nb_dir, tmp_path, monkeypatch):
     """A shot file named relative to where `workbench run` starts is the same file inside the run folder."""
     monkeypatch.chdir(tmp_path)
-    p = pipeline.plan("demo", ["shot_files={1: meta/metadata_1shot.csv, 3: ~/m3.csv}"], name="t4", reports=tmp_path / "r")
+    p = pipeline.plan(MINIMAL, ["shot_files={1: meta/metadata_1shot.csv, 3: ~/m3.csv}"], name="t4", reports=tmp_path / "r")
     assert p.config["shot_files"] == {1: str(tmp_path / "meta" / "metadata_1shot.csv"),
                                       3: str(Path("~/m3.csv").expanduser())}
 
 
 @pytest.mark.parametrize("bad", ["../escape", "a/b", "..", ".", "with space", "x;rm"])
 def test_a_run_name_must_be_one_folder_name(nb_dir, tmp_path, capsys, bad):
-    rc = cli.main(["run", "demo", "--name", bad, "--reports", str(tmp_path / "r")])
+    rc = cli.main(["run", MINIMAL, "--name", bad, "--reports", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert rc == 2
     assert f"run name {bad!r} is not allowed" in err and "letters, digits" in err
@@ -119,11 +119,11 @@ def test_a_run_name_must_be_one_folder_name(nb_dir, tmp_path, capsys, bad):
 
 
 def test_a_run_name_of_dots_and_dashes_is_fine(nb_dir, tmp_path):
-    assert pipeline.plan("demo", [], name="gist-v1.2_a", reports=tmp_path).name == "gist-v1.2_a"
+    assert pipeline.plan(MINIMAL, [], name="gist-v1.2_a", reports=tmp_path).name == "gist-v1.2_a"
 
 
 def test_wrong_data_root_fails_before_any_stage(nb_dir, tmp_path, capsys):
-    rc = cli.main(["run", "demo", "--set", "dataset=cub", "--set", f"data_root={tmp_path}/nope",
+    rc = cli.main(["run", MINIMAL, "--set", "dataset=cub", "--set", f"data_root={tmp_path}/nope",
                    "--reports", str(tmp_path / "r")])
     assert rc == 2
     assert "nope" in capsys.readouterr().err
@@ -198,7 +198,7 @@ def test_dead_kernel_names_stage_and_cell_and_keeps_partial_notebook(nb_dir, tmp
                   "print('before the kill')", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "never = 1")
     (tmp_path / "t").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))  # where the kernels' socket folders go
-    rc = cli.main(["run", "demo", "--name", "dead", "--reports", str(tmp_path / "r")])
+    rc = cli.main(["run", MINIMAL, "--name", "dead", "--reports", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert rc == 1, err
     assert "stage 'second' failed in cell 3: DeadKernelError: the kernel died while running this cell" in err

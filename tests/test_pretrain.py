@@ -114,26 +114,34 @@ def test_a_provided_tag_without_its_file_says_how_to_rebuild(monkeypatch, tmp_pa
 
 @pytest.fixture(scope="session")
 def pretrained_figures(tmp_path_factory):
-    """The shipped tiny CLIP's zero-shot figures on a small synthetic dataset in the pretraining's pose
-    (pose 0: centred, upright). At the benchmark's default pose 1 the figures drop (beak 0.80, pattern
-    0.85, the rest 0.93-0.97 on 600 test images): a pose shift the weights were not trained on."""
+    """The shipped tiny CLIP's zero-shot figures on a small synthetic dataset at the benchmark's (and the
+    pretraining's) default pose."""
     bundle = load_clip("tiny", pretrained="synthetic", device="cpu")
-    ds = load_dataset("synthetic", tmp_path_factory.mktemp("syn") / "data", n_species=8, n_train=2, n_val=1, n_test=10,
-                      pose=0.0)
+    ds = load_dataset("synthetic", tmp_path_factory.mktemp("syn") / "data", n_species=8, n_train=2, n_val=1, n_test=10)
     return P.evaluate_pretrained(bundle, dataset=ds, n_heldout=240)
 
 
-def test_pretrained_knows_attributes_not_species(pretrained_figures):
-    """The shipped weights on a small draw: every attribute, on 240 held-out birds and on the 80 test images
-    of a small dataset, at least 0.85. The full-size figures (600 held-out, 1,200 test images) are 0.965 to
-    0.995; at n = 240 one binomial standard deviation is about 1.2 points, so 0.85 fails only if the
-    weights regress (the previous recipe's shapes were 0.27 to 0.43)."""
+def test_pretrained_knows_the_taught_attributes_not_the_withheld_ones_nor_species(pretrained_figures):
+    """The shipped weights on a small draw (240 held-out birds, the 80 test images of a small dataset): every
+    colour the captions named at least 0.85 (full size, 600 held-out and 1,200 test images: 0.98 to 1.00), and
+    the attributes they never named near chance on the held-out birds (values drawn uniformly), at most
+    chance + 0.3 (full size: pattern 0.36 against chance 0.33, beak 0.30 against 0.33, tail 0.51 against
+    0.5), and on the dataset's images no better than always answering its commonest value (a species table
+    of 8 is mostly plain-breasted). At n = 240 one binomial standard deviation is about 3 points, so no
+    bound fails by luck."""
     f = pretrained_figures
     attrs = f["attributes"]
     assert set(attrs) == set(syn.ATTRIBUTES) == set(f["dataset_attributes"])
+    withheld = P.DEFAULTS["withhold"]
+    assert withheld == ["breast_pattern", "beak_shape", "tail_size"]
     for a in syn.ATTRIBUTES:
-        assert attrs[a]["top1"] >= 0.85 and attrs[a]["n"] == 240, (a, attrs[a])
-        assert f["dataset_attributes"][a]["top1"] >= 0.85 and f["dataset_attributes"][a]["n"] == 80, a
+        for figures, n in ((attrs[a], 240), (f["dataset_attributes"][a], 80)):
+            assert figures["n"] == n
+            if a in withheld:
+                bound = figures["chance"] + 0.3 if n == 240 else figures["majority"] + 0.05
+                assert figures["top1"] <= bound, (a, figures)
+            else:
+                assert figures["top1"] >= 0.85, (a, figures)
     sp = f["species"]
     assert sp["chance"] == 1 / 8 and sp["n"] == 80
     assert sp["null95"][0] <= sp["top1"] <= sp["null95"][1] and abs(sp["null_mean"] - sp["chance"]) < 0.01
@@ -225,11 +233,10 @@ def test_notebook_runs_and_writes_metrics(pretrained_figures, tmp_path):
     assert read_json(tmp_path / "metrics.json")["pretrain"]["skipped"] is True
 
 
-def test_caption_weights_of_zero_never_name_an_attribute(monkeypatch):
-    """The instrument study's withheld attributes (``recipe.train(caption_weights=...)``): the captions of a
-    pretraining batch never name an attribute of weight 0, and name the others."""
+def test_withheld_attributes_are_never_named(monkeypatch):
+    """The recipe's ``withhold`` (the shipped weights: pattern, beak, tail): the captions of a pretraining
+    batch never name a withheld attribute, and name the others."""
     from workbench.pretrain import recipe
-    from workbench.pretrain.captions import WEIGHTS
 
     named = set()
 
@@ -243,9 +250,26 @@ def test_caption_weights_of_zero_never_name_an_attribute(monkeypatch):
     rng = np.random.default_rng(1)
     attrs = [{a: str(rng.choice(v)) for a, v in syn.ATTRIBUTE_VALUES.items()} for _ in range(16)]
     images = torch.zeros(16, 3, 64, 64, dtype=torch.uint8)
-    weights = {a: (0 if a in ("beak_shape", "tail_size") else w) for a, w in WEIGHTS.items()}
-    source = recipe.CaptionSource(images, attrs, bundle.tokenizer, {**recipe.DEFAULTS, "batch_size": 16}, weights)
+    config = recipe.pretrain_config(batch_size=16, withhold="tail_size,beak_shape")
+    assert config["withhold"] == ["beak_shape", "tail_size"]  # attribute order, from the --set spelling
+    weights = recipe.caption_weights(config)
+    assert weights["beak_shape"] == weights["tail_size"] == 0 and weights["wing_color"] == P.WEIGHTS["wing_color"]
+    source = recipe.CaptionSource(images, attrs, bundle.tokenizer, config, weights)
     for _ in range(5):
         x, ids, pos = source.batch(bundle.model)
         assert x.shape[0] == 16 and pos.shape == (16, ids.shape[0])
     assert named == set(syn.ATTRIBUTES) - {"beak_shape", "tail_size"}
+
+
+@pytest.mark.parametrize("bad, msg", [({"withhold": ["tail"]}, r"unknown attribute\(s\) \['tail'\]"),
+                                      ({"withhold": list(syn.ATTRIBUTES)}, "every attribute"),
+                                      ({"pose": 2}, r"pose must be in \[0, 1\]")])
+def test_a_recipe_that_cannot_work_is_refused(bad, msg, capsys):
+    from workbench.cli import main
+
+    with pytest.raises(ValueError, match=msg):
+        P.pretrain_config(**bad)
+    key, value = next(iter(bad.items()))
+    value = ",".join(value) if isinstance(value, list) else value
+    assert main(["pretrain", "--out", "/nonexistent/x.safetensors", "--set", f"{key}={value}"]) == 2
+    assert "workbench pretrain:" in capsys.readouterr().err

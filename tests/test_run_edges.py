@@ -23,7 +23,8 @@ def _cmd(reports: Path, epochs: int) -> list[str]:
     """Only the fine-tuning stage, on class-name captions (no earlier stage needed), a few seconds long."""
     sets = ["model=tiny", "progress=false", "dataset_options={n_species: 4, n_train: 6, n_val: 3, n_test: 4}",
             f"finetune.epochs={epochs}", "finetune.seeds=[0]", "finetune.shots=[full]",
-            "finetune.methods=[finetune-classname]", "finetune.batch_size=4"]
+            "finetune.methods=[finetune-classname]", "finetune.batch_size=4", "finetune.steps=0",
+            "finetune.validate_every=0"]
     return [sys.executable, "-m", "workbench.cli", "run", "demo", "--name", "edge", "--reports", str(reports),
             "--stages", "finetune", *sum((["--set", s] for s in sets), [])]
 

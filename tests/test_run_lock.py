@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from nbutil import make_notebook
+from nbutil import MINIMAL, make_notebook
 
 from workbench import cli, config, describe, runlock
 from workbench.describe import ChatBackend, generate_descriptions
@@ -73,7 +73,7 @@ def test_a_second_run_on_a_busy_name_refuses_at_once_naming_the_holder(tmp_path)
     (PID, host, start time); the first, whose own stage kernel passes the lock, finishes and frees it."""
     nbs = make_notebook(tmp_path / "notebooks" / "01_hold.ipynb", PARAMS, HOLD).parent
     env = _env(WORKBENCH_NOTEBOOKS=str(nbs))
-    cmd = [sys.executable, "-m", "workbench.cli", "run", "demo", "--name", "same", "--reports", str(tmp_path / "r")]
+    cmd = [sys.executable, "-m", "workbench.cli", "run", MINIMAL, "--name", "same", "--reports", str(tmp_path / "r")]
     run_dir = tmp_path / "r" / "same"
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -180,7 +180,7 @@ def test_lock_from_another_host_is_reported_and_force_breaks_it(tmp_path, monkey
     holder = {"pid": 4242, "host": "gpu-node-7", "started": "2026-01-02T03:04:05+00:00",
               "command": "workbench run cub --name shared", "pid_start": "99", "token": "theirs"}
     (run_dir / LOCK).write_text(json.dumps(holder))
-    args = ["run", "demo", "--name", "shared", "--reports", str(tmp_path / "r")]
+    args = ["run", MINIMAL, "--name", "shared", "--reports", str(tmp_path / "r")]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     for part in ("PID 4242", "host gpu-node-7", "started 2026-01-02T03:04:05+00:00", "--force"):

@@ -22,7 +22,7 @@ RUN = "finetune-classname-full-s0"
 # Non-default settings (03_finetune: lr 3e-4, 3 epochs, batch 128, shots full/1/3/5, both methods, 3 seeds).
 SETS = ["model=tiny", "progress=false", "device=cpu", "dataset_options={n_species: 4, n_train: 6, n_val: 3, n_test: 4}",
         "finetune.methods=[finetune-classname]", "finetune.shots=[full]", "finetune.seeds=[0]",
-        "finetune.lr=1e-3", "finetune.epochs=2", "finetune.batch_size=8"]
+        "finetune.lr=1e-3", "finetune.epochs=2", "finetune.batch_size=8", "finetune.steps=0", "finetune.validate_every=0"]
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,11 @@ from PIL import Image
 
 from workbench.data import Dataset
 
+# `workbench run demo` overrides that give the quick pipeline tests want: the preset's fine-tuning (the
+# instrument's 300-step, 5-shot design with the oracle) is the demo's, not a test's.
+QUICK_DEMO = ["finetune.methods=[gist, finetune-classname]", "finetune.steps=0", "finetune.validate_every=0",
+              "align.finetuned_shots=full"]
+
 COLORS = [(220, 40, 40), (40, 200, 60), (50, 80, 220), (230, 210, 40), (200, 60, 200), (40, 200, 210)]
 
 

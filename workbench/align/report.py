@@ -29,12 +29,15 @@ def finetuned_checkpoint(run_dir: str | Path, method: str = "gist", shots="full"
     return row
 
 
-def load_models(run_dir, model: str, pretrained: str | None, device="auto", method: str = "gist") -> tuple[dict, str]:
-    """``{"pretrained": bundle[, "finetuned": bundle]}`` and a note saying what was (not) found."""
+def load_models(run_dir, model: str, pretrained: str | None, device="auto", method: str = "gist",
+                shots="full") -> tuple[dict, str]:
+    """``{"pretrained": bundle[, "finetuned": bundle]}`` and a note saying what was (not) found; the
+    fine-tuned one is the ``method``/``shots`` run of best validation accuracy."""
     bundles = {"pretrained": load_clip(model, pretrained, device=device)}
-    row = finetuned_checkpoint(run_dir, method)
+    row = finetuned_checkpoint(run_dir, method, shots)
     if row is None:
-        return bundles, f"no {method!r} full-shot checkpoint in {Path(run_dir) / INDEX}: pretrained only"
+        what = "full-shot" if str(shots) == "full" else f"{shots}-shot"
+        return bundles, f"no {method!r} {what} checkpoint in {Path(run_dir) / INDEX}: pretrained only"
     bundles["finetuned"] = load_clip(row.get("model") or model, row["path"], device=device)
     return bundles, f"fine-tuned: {row['method']} shots={row['shots']} seed={row.get('seed')} epoch={row.get('epoch')} ({row['path']})"
 

@@ -45,7 +45,8 @@ def prepare(p: Params) -> Setup:
     and their part queries. Bad methods or parts fail before any model loads."""
     methods = check_methods(p.methods)
     ds = load_dataset(p.dataset, p.data_root, **p.dataset_options)
-    bundles, note = report.load_models(p.run_dir, p.model, p.pretrained, p.device, p.finetuned_method)
+    bundles, note = report.load_models(p.run_dir, p.model, p.pretrained, p.device, p.finetuned_method,
+                                       p.get("finetuned_shots", "full"))
     size = image_size(bundles["pretrained"].model)
     items, files = part_items(ds.split(p.split), size, parts=p.parts, max_images=p.max_images, radius=p.radius,
                               template=p.caption_template, seed=p.seed, part_nouns=p.part_nouns)

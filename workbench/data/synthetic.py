@@ -140,8 +140,7 @@ def random_birds(n: int, seed: int, size: int = 64, occlusion: float = 0.3, nois
     """``n`` birds with independently random attributes (no species): ``(uint8 N x 3 x S x S, [attrs])``.
 
     Used to pretrain the tiny CLIP on attribute captions; any value an image can show is drawn. The
-    shipped weights' birds are centred and upright (``pose`` 0): the benchmark's varied poses are a shift
-    their pretraining never saw (``benchmarks/instrument_study.py --pretrain-pose`` tries otherwise).
+    shipped weights' birds are drawn at the benchmark's default pose spread (the recipe's ``pose``).
     """
     rng = np.random.default_rng([seed, 202])
     images = np.empty((n, 3, size, size), np.uint8)

@@ -4,7 +4,10 @@ returned as match records (``{image, class, captions}``, the ``matches.jsonl`` s
 :func:`workbench.finetune.stage.build_pairs` trains on) with the identity of their inputs.
 
 - ``oracle``: the image's TRUE attributes in the pretraining captions' words (synthetic data only): the
-  most a description can tell about an image, an upper reference for GIST.
+  most a description can tell about an image, an upper reference for GIST. By default it names the
+  attributes the starting weights were never taught in words (:func:`oracle_attributes`): a caption that
+  also names colours the model already reads is told apart from its batch by the colours alone, and its
+  other words get no gradient (``benchmarks/INSTRUMENT_STUDY.md``).
 - ``random-own-class``: descriptions of the image's own class drawn at random instead of by matching:
   what matching adds over "any text of the right class".
 - ``waffle``: the class name plus random words, as many tokens as GIST's captions (WaffleCLIP, Roth et
@@ -27,7 +30,8 @@ from ..match.captions import truncate_caption
 from ..pretrain import captions as pretrain_captions
 
 SOURCES = ("oracle", "random-own-class", "waffle")
-VERSION = 1  # bump when a source writes other captions from the same inputs (it is part of run identities)
+# bump when a source writes other captions from the same inputs (it is part of run identities)
+VERSION = 2  # 2: the oracle names the attributes it is given (default: those the weights were not taught)
 _SALT = {"oracle": 2301, "random-own-class": 2302, "waffle": 2303}
 WAFFLE_WORDS = (3, 10)  # letters of a random word, at least and at most
 
@@ -52,16 +56,54 @@ def check_oracle(ds) -> None:
                          + (f" (no columns {missing})" if missing else "") + ": drop 'oracle' from the methods")
 
 
-def oracle_captions(train, per_image: int, seed: int, tokenizer) -> list[dict]:
-    """``per_image`` captions per image naming all six of its true attributes (the table's columns) in
-    the pretraining captions' phrasing (:func:`workbench.pretrain.captions.bird_caption`: opener and
-    attribute order drawn per caption), prefixed ``"<class>: "``. Raises when one exceeds the context."""
+def oracle_attributes(value="untaught", model: str | None = None, pretrained: str | None = None) -> list[str]:
+    """The attributes the oracle names (:data:`syn.ATTRIBUTES` order).
+
+    ``"untaught"``: those the starting weights' pretraining never named in words (the ``withhold`` of the
+    recipe recorded in the weights' metadata: the shipped tiny CLIP's, or a ``workbench pretrain --out``
+    file given as ``pretrained``); every attribute when the weights record none. ``"all"``: every
+    attribute. A list: those attributes."""
+    if value == "all":
+        return list(syn.ATTRIBUTES)
+    if value == "untaught":
+        withheld = _withheld(model, pretrained)
+        return list(syn.ATTRIBUTES) if not withheld else [a for a in syn.ATTRIBUTES if a in withheld]
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"oracle_attributes must be 'untaught', 'all' or a non-empty list of attributes, got {value!r}")
+    bad = [a for a in value if a not in syn.ATTRIBUTES]
+    if bad:
+        raise ValueError(f"oracle_attributes names unknown attribute(s) {bad}; known: {list(syn.ATTRIBUTES)}")
+    return [a for a in syn.ATTRIBUTES if a in value]
+
+
+def _withheld(model: str | None, pretrained: str | None) -> list[str]:
+    """The recipe ``withhold`` recorded in the metadata of the weights ``(model, pretrained)``, or []."""
+    from pathlib import Path
+
+    from ..clip.load import resolve_name
+    from ..clip.weights import metadata, package_weights
+
+    if model is None or pretrained is None:
+        return []
+    path = package_weights(resolve_name(model), pretrained)
+    if path is None and str(pretrained).endswith(".safetensors") and Path(pretrained).expanduser().is_file():
+        path = Path(pretrained).expanduser()
+    if path is None:
+        return []
+    return list((metadata(path).get("recipe") or {}).get("withhold") or [])
+
+
+def oracle_captions(train, per_image: int, seed: int, tokenizer, attributes=None) -> list[dict]:
+    """``per_image`` captions per image naming its true ``attributes`` (the table's columns; default all
+    six) in the pretraining captions' phrasing (:func:`workbench.pretrain.captions.bird_caption`: opener
+    and attribute order drawn per caption), prefixed ``"<class>: "``. Raises when one exceeds the context."""
     check_oracle(train)
+    only = oracle_attributes("all" if attributes is None else attributes)
     limit, out = context_length(tokenizer), []
     for f, name, row in _images(train):
         rng = _rng("oracle", seed, f)
         attrs = {a: str(row[a]) for a in syn.ATTRIBUTES}
-        caps = [f"{name}: {pretrain_captions.bird_caption(attrs, rng)}" for _ in range(per_image)]
+        caps = [f"{name}: {pretrain_captions.bird_caption(attrs, rng, only)}" for _ in range(per_image)]
         long = [c for c in caps if count_tokens(tokenizer, c) > limit]
         if long:
             raise ValueError(f"oracle caption over {limit} tokens: {long[0]!r}")
@@ -196,12 +238,14 @@ def waffle_captions(train, per_image: int, seed: int, tokenizer, matches: list[d
 
 # ---------------------------------------------------------------- one entry point
 def caption_records(method: str, train, per_image: int, seed: int, tokenizer, matches: list[dict] | None = None,
-                    descriptions: list[dict] | None = None) -> tuple[list[dict], dict]:
+                    descriptions: list[dict] | None = None, attributes=None) -> tuple[list[dict], dict]:
     """``(match records, caption_source identity)`` of source ``method`` for the training images of
-    ``train``; the identity names every input the captions are written from."""
+    ``train``; the identity names every input the captions are written from. ``attributes``: the
+    oracle's (a list, default all six; :func:`oracle_attributes` resolves the stage's setting)."""
     if method == "oracle":
-        records = oracle_captions(train, per_image, seed, tokenizer)
-        inputs = {"attributes_sha256": columns_sha256(train.table, syn.ATTRIBUTES)}
+        named = oracle_attributes("all" if attributes is None else attributes)
+        records = oracle_captions(train, per_image, seed, tokenizer, named)
+        inputs = {"attributes_sha256": columns_sha256(train.table, syn.ATTRIBUTES), "attributes": named}
     elif method == "random-own-class":
         if descriptions is None:
             raise ValueError("method 'random-own-class' needs descriptions.jsonl: run the describe stage first")

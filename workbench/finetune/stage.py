@@ -150,6 +150,7 @@ class Context:
     progress: bool
     train_options: dict
     identity: dict  # of the weights and the dataset, shared by every run
+    oracle_attributes: list | None = None  # what the oracle's captions name (sources.oracle_attributes)
 
 
 def run_identity(ctx: Context, cfg: FinetuneConfig, k, seed: int, sub: Dataset, texts: list[str],
@@ -183,7 +184,7 @@ def _train_one(ctx: Context, method: str, k, seed: int) -> dict:
     matches, source = ctx.matches, None
     if method in sources.SOURCES:  # the controls' captions, written here (their seed: the run's)
         matches, source = sources.caption_records(method, sub, cfg.captions_per_image, cfg.seed, bundle.tokenizer,
-                                                  ctx.matches, ctx.descriptions)
+                                                  ctx.matches, ctx.descriptions, ctx.oracle_attributes)
     pair_rows, texts, pair_labels = build_pairs(sub, "gist" if source else method, cfg.captions_per_image, matches)
     identity = run_identity(ctx, cfg, k, seed, drawn, texts, source)
     labels_sub, labels_val = torch.tensor(sub.labels), torch.tensor(val_ds.labels)
@@ -238,12 +239,13 @@ def _index_row(ctx: Context, r: dict) -> dict:
 
 
 def _context(run_dir: Path, dataset, data_root, dataset_options, model, pretrained, spec, device, resume, progress,
-             methods, train_options) -> Context:
+             methods, train_options, oracle_attributes="untaught") -> Context:
     """Load and check everything the runs share, before any heavy work."""
     ds = dataset if isinstance(dataset, Dataset) else load_dataset(dataset, data_root, **(dataset_options or {}))
     if "gist" in methods and not (run_dir / MATCHES).exists():
         raise FileNotFoundError(f"{run_dir / MATCHES} not found: method 'gist' trains on matched captions; "
                                 "run the match stage first")
+    named = sources.oracle_attributes(oracle_attributes, model, pretrained)  # a bad value fails even when unused
     if "oracle" in methods:
         sources.check_oracle(ds)
     if "random-own-class" in methods and not (run_dir / DESCRIPTIONS).exists():
@@ -260,7 +262,7 @@ def _context(run_dir: Path, dataset, data_root, dataset_options, model, pretrain
     dev = auto_device(device, distributed=rank_world()[1] > 1)
     caches = _image_caches(model, pretrained, ds.split("train"), ds.split("val"), progress)
     return Context(run_dir, ds, spec, caches, matches, descriptions, model, pretrained, dev, resume, progress,
-                   train_options, identity)
+                   train_options, identity, named)
 
 
 def check_matches(run_dir: Path) -> None:
@@ -280,12 +282,14 @@ def finetune_all(run_dir: str | Path, dataset="synthetic", data_root: str | None
                  dataset_options: dict | None = None, model: str = "tiny", pretrained: str | None = "synthetic",
                  methods=("gist", "finetune-classname"), shots=("full", 1, 3, 5), seeds=(0, 1, 2),
                  device: str = "auto", resume: bool = True, progress: bool = True, shot_files: dict | None = None,
-                 val_policy: str = "full", seed: int = 0, **train_options) -> list[dict]:
+                 val_policy: str = "full", seed: int = 0, oracle_attributes="untaught", **train_options) -> list[dict]:
     """Train every (method, shots, seed) run and record them in ``run_dir``.
 
     ``dataset``: a name for :func:`workbench.data.load_dataset` or a Dataset. Few-shot runs train on the
     draws of :class:`workbench.data.DrawSpec` (``shot_files``, ``val_policy``, the base ``seed``), the
     same the evaluate stage probes on, and only their matches; ``"full"`` uses one seed (the first).
+    ``oracle_attributes``: what the ``oracle`` control names (:func:`sources.oracle_attributes`; default
+    the attributes the starting weights were never taught in words).
     ``train_options`` are :class:`FinetuneConfig` fields. Every run records its identity; a finished or
     interrupted run of another identity is refused, naming what differs. Returns the
     ``checkpoints/index.json`` rows of these runs.
@@ -299,7 +303,7 @@ def finetune_all(run_dir: str | Path, dataset="synthetic", data_root: str | None
         spec, shots = DrawSpec(shot_files or {}, val_policy, seed), parse_shots(shots)
         plan = plan_runs(methods, shots, seeds, spec)
         ctx = _context(run_dir, dataset, data_root, dataset_options, model, pretrained, spec, device, resume,
-                       progress, methods, train_options)
+                       progress, methods, train_options, oracle_attributes)
         for k in shots:
             if k != "full":
                 spec.subset(ctx.ds, k, seeds[0])  # raises early when a class has fewer than k images
@@ -331,4 +335,4 @@ def run(p: Params) -> list[dict]:
     return finetune_all(p.run_dir, p.dataset, p.data_root, p.dataset_options, p.model, p.pretrained,
                         methods=p.methods, shots=p.shots, seeds=p.seeds, device=p.device, resume=p.resume,
                         progress=p.progress, shot_files=p.shot_files, val_policy=p.val_policy, seed=p.seed,
-                        **train_options(p))
+                        oracle_attributes=p.get("oracle_attributes", "untaught"), **train_options(p))

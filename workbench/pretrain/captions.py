@@ -45,24 +45,28 @@ def training_captions(attrs: dict, rng: np.random.Generator, k: int, weights: di
     return out
 
 
-def bird_phrases(attrs: dict) -> list[str]:
-    """Every attribute of ``attrs`` in the captions' words, :data:`syn.ATTRIBUTES` order, breast pattern and
-    colour in one phrase (``["a red crown", "blue wings", "a streaked yellow breast", "a short beak", ...]``)."""
+def bird_phrases(attrs: dict, only=None) -> list[str]:
+    """The attributes ``only`` (default every one) of ``attrs`` in the captions' words, :data:`syn.ATTRIBUTES`
+    order, breast pattern and colour in one phrase when both are named (``["a red crown", "blue wings",
+    "a streaked yellow breast", "a short beak", ...]``); a pattern named alone is "a streaked breast"."""
+    only = set(syn.ATTRIBUTES if only is None else only)
     out = []
     for a in syn.ATTRIBUTES:
-        if a == "breast_pattern":
+        if a not in only or (a == "breast_pattern" and "breast_color" in only):
             continue
-        value = f"{attrs['breast_pattern']} {attrs[a]}" if a == "breast_color" else attrs[a]
+        value = f"{attrs['breast_pattern']} {attrs[a]}" if a == "breast_color" and "breast_pattern" in only else attrs[a]
         out.append(_phrase(a, value))
     return out
 
 
-def bird_caption(attrs: dict, rng: np.random.Generator) -> str:
-    """One sentence naming every attribute of ``attrs`` (:func:`bird_phrases` in a random order, a random
-    opener of the pretraining captions): "this bird has blue wings, a long tail, ... and a red crown."."""
-    parts = bird_phrases(attrs)
+def bird_caption(attrs: dict, rng: np.random.Generator, only=None) -> str:
+    """One sentence naming the attributes ``only`` (default every one) of ``attrs`` (:func:`bird_phrases` in
+    a random order, a random opener of the pretraining captions): "this bird has blue wings, a long tail,
+    ... and a red crown."."""
+    parts = bird_phrases(attrs, only)
     parts = [parts[i] for i in rng.permutation(len(parts))]
-    return str(rng.choice(_OPENERS)).format(", ".join(parts[:-1]) + " and " + parts[-1])
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return str(rng.choice(_OPENERS)).format(body)
 
 
 def caption_vocabulary() -> set[str]:
