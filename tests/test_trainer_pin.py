@@ -39,8 +39,7 @@ PINS = {
             "resume.safetensors": "3152231f427d63069b1a2449d547ebddebb208754587aae4ee0bc6460534cfc5",
         },
     },
-    "AVX2": {  # a 2-core AMD EPYC, from the same code as the first pin (checked: it reproduces the first pin's
-        # best.safetensors, and the commit that recorded it gives these losses here)
+    "AVX2": {  # a 2-core AMD EPYC: the commit before this pin failed the first one here too; same best.safetensors
         "losses": [
             (1, 1.4775460958480835, 28.839641571044922), (2, 3.152895212173462, 79.05944061279297),
             (3, 2.044480323791504, 42.06461715698242), (4, 2.805666446685791, 46.316349029541016),

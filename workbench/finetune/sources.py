@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import zlib
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
+from ..clip.load import resolve_name
 from ..clip.text import context_length, count_tokens, get_tokenizer
+from ..clip.weights import metadata, package_weights
 from ..data import synthetic as syn
 from ..identity import caption_source_identity, columns_sha256, descriptions_sha256, matches_sha256, texts_sha256
 from ..match.captions import truncate_caption
@@ -78,11 +81,6 @@ def oracle_attributes(value="untaught", model: str | None = None, pretrained: st
 
 def _withheld(model: str | None, pretrained: str | None) -> list[str]:
     """The recipe ``withhold`` recorded in the metadata of the weights ``(model, pretrained)``, or []."""
-    from pathlib import Path
-
-    from ..clip.load import resolve_name
-    from ..clip.weights import metadata, package_weights
-
     if model is None or pretrained is None:
         return []
     path = package_weights(resolve_name(model), pretrained)
