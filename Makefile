@@ -43,4 +43,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_finetune.py
 
 clean-reports:
-	find reports -mindepth 1 -maxdepth 1 ! -name README.md ! -name RESULTS.md -exec rm -rf {} +
+	find reports -mindepth 1 -maxdepth 1 ! -name README.md ! -name RESULTS.md ! -name figures -exec rm -rf {} +

@@ -373,11 +373,11 @@ def test_notebook_runs_with_tiny_parameters(tmp_path):
               "dataset_options": {"n_species": 3, "n_train": 1, "n_val": 1, "n_test": 2}}
     run_notebook(nb, run / "05_align.ipynb", params, cwd=run, html=False)
     pg = read_json(run / "metrics.json")["alignment"]["pointing_game"]
-    assert set(pg) == {"similarity", "rollout", "relevance", "prior", "random_bird_patch"}
+    assert set(pg) == set(pointing.METHODS) | {"prior", "random_bird_patch"}  # the notebook's default: every method
     for name in ("prior", "random_bird_patch"):  # no model: stored once, marked as reading no alignment
         assert set(pg[name]) == {"baseline"} and pg[name]["baseline"]["image_agnostic"] and "_hit" not in pg[name]["baseline"]
     prior = pg["prior"]["baseline"]["score"]
-    for method in ("similarity", "rollout", "relevance"):
+    for method in pointing.METHODS:
         by_model = pg[method]
         assert set(by_model) == {"pretrained", "finetuned"}
         for r in by_model.values():
@@ -386,7 +386,8 @@ def test_notebook_runs_with_tiny_parameters(tmp_path):
         change = by_model["finetuned"]["change"]
         assert change["diff"] == pytest.approx(100 * (by_model["finetuned"]["score"] - by_model["pretrained"]["score"]))
     figs = {p.name for p in (run / "figures").glob("align_*.png")}
-    assert {"align_words_0.png", "align_argmax_0.png", "align_before_after_0.png", "align_pointing.png"} <= figs
+    assert {"align_default.png", "align_words_0.png", "align_argmax_0.png", "align_before_after_0.png",
+            "align_pointing.png"} <= figs
 
 
 def test_bad_method_fails_fast():

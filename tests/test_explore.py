@@ -239,6 +239,14 @@ def test_a_large_image_is_re_encoded_and_a_small_plot_kept():
     before = dict(plot["data"])
     htmlreport.shrink_image(plot)
     assert plot["data"] == before
+    # a small but wide plot (a bar chart of many methods) is scaled down and stays a PNG
+    wide = Image.new("RGB", (2000, 300), "white")
+    buf = io.BytesIO()
+    wide.save(buf, format="PNG")
+    assert len(buf.getvalue()) < htmlreport.REENCODE_BYTES
+    bars = {"output_type": "display_data", "data": {"image/png": base64.b64encode(buf.getvalue()).decode()}}
+    htmlreport.shrink_image(bars)
+    assert Image.open(io.BytesIO(base64.b64decode(bars["data"]["image/png"]))).size == (htmlreport.MAX_WIDTH, 240)
 
 
 def test_a_failed_notebook_says_so_first(tmp_path):

@@ -135,11 +135,27 @@ def test_every_number_comes_from_the_run(tmp_path):
     assert "| prior | baseline | 0.164 | [0.145, 0.184] | 0.072 | 0.106 | 997 |" in pg
     assert "| relevance | finetuned | 0.601 | [0.570, 0.631] | 0.072 | 0.160 | 997 | -4.9 | [-7.5, -2.2] | 0.002 |" in pg
     assert "| rollout | pretrained | 0.261 | [0.234, 0.289] | 0.072 | — | 997 |" in pg
+    # rollout is caption-independent: the best caption-specific map is relevance, and 0.164 / 0.650 = 0.25
+    assert "Best caption-specific map of the pretrained weights on this run: `relevance`, 0.650; the prior scores 0.25" in pg
+    assert "align_default.png" not in text and not (tmp_path / "figures").exists()  # the run has no figure
     pre = _section(text, "The pretrained tiny CLIP")
     assert "| crown_color | 0.983 | 0.200 | 600 | 0.971 | 1200 |" in pre and "| beak_shape | 0.321 |" in pre
     assert "top-1 7.3% against 8.3% chance" in pre and "0.3% to 19.3%" in pre and "44%" in pre
     assert "3000 steps in 1011 s" in pre
     assert "Not in this run" not in text
+
+
+def test_the_default_alignment_figure_is_copied_beside_the_page_and_shown(tmp_path):
+    m = _metrics()
+    m["alignment"]["default_method"] = "surgery-qqkk"
+    run = _run(tmp_path, m)
+    (run / "figures").mkdir()
+    (run / "figures" / "align_default.png").write_bytes(b"\x89PNG fake")
+    out = results.write_results(run, tmp_path / "pages" / "RESULTS.md")
+    assert (tmp_path / "pages" / "figures" / "align_default.png").read_bytes() == b"\x89PNG fake"
+    pg = _section(out.read_text(), "Pointing game")
+    assert "![default alignment map](figures/align_default.png)" in pg and "`surgery-qqkk`" in pg
+    assert not list((tmp_path / "pages" / "figures").glob("*.tmp"))
 
 
 def test_a_missing_section_is_said_not_crashed_on(tmp_path):

@@ -253,19 +253,17 @@ def _parsed(source):
 
 # ----------------------------------------------------------------------------- images
 def shrink_image(out) -> None:
-    """Scale an embedded PNG down to :data:`MAX_WIDTH` and, when it is large, re-encode it as JPEG if that is
-    at most half the size (maps over photos compress; line plots stay crisp PNGs). In place."""
+    """Scale an embedded PNG down to :data:`MAX_WIDTH` (a small one too) and, when it is large, re-encode it as
+    JPEG if that is at most half the size (maps over photos compress; line plots stay crisp PNGs). In place."""
     data = out.get("data") or {}
     if "image/png" not in data:
         return
     raw = base64.b64decode(data["image/png"])
-    if len(raw) <= REENCODE_BYTES:
-        return
     try:
         png, jpeg = _encodings(raw)
     except (OSError, ValueError):  # an image PIL cannot read stays as it is
         return
-    if len(jpeg) * 2 <= len(png):
+    if len(raw) > REENCODE_BYTES and len(jpeg) * 2 <= len(png):
         del data["image/png"]
         data["image/jpeg"] = base64.b64encode(jpeg).decode()
     elif png is not raw:

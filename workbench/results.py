@@ -13,6 +13,7 @@ import datetime as _dt
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,11 +29,26 @@ DEFAULT_RUN = "reports/demo"
 DEFAULT_OUT = "reports/RESULTS.md"
 
 
+# Figures of the run copied beside the Markdown (``<out dir>/figures/``) so that the page, and the README
+# that shows them, keep working when the run folder is cleaned.
+FIGURES = ("align_default.png",)
+
+
 def write_results(run_dir: str | Path = DEFAULT_RUN, out_path: str | Path = DEFAULT_OUT) -> Path:
-    """Write :func:`render`'s Markdown to ``out_path`` (atomically); returns the path."""
+    """Write :func:`render`'s Markdown to ``out_path`` (atomically) and copy the run's :data:`FIGURES`
+    to ``figures/`` beside it; returns the path."""
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, render(run_dir))
+    text = render(run_dir)
+    for name in FIGURES:
+        src = Path(run_dir) / "figures" / name
+        if src.is_file():
+            dst = out.parent / "figures" / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_suffix(".tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+    atomic_write_text(out, text)
     return out
 
 
@@ -49,6 +65,10 @@ def render(run_dir: str | Path = DEFAULT_RUN) -> str:
     lines += provenance(run_dir, m, params, header)
     for title, section in SECTIONS:
         lines += ["", f"## {title}", ""] + section(m)
+        if section is pointing_section and (run_dir / "figures" / "align_default.png").is_file():
+            lines += ["", f"The default map (`{(m.get('alignment') or {}).get('default_method', 'default')}`) on three "
+                      "birds, three part captions each, the named part outlined (`figures/align_default.png` of the run):",
+                      "", "![default alignment map](figures/align_default.png)"]
     stale = m.get("stale") or {}
     if stale:
         counts = ", ".join(f"{k}: {len(v)}" for k, v in stale.items() if isinstance(v, list))
@@ -279,6 +299,13 @@ def pointing_section(m: dict) -> list[str]:
                          num(vp.get("diff"), 1, True), interval(vp.get("ci95"), 1, True)])
     out += table(["method", "model", "score", "95% interval", "chance", "other parts", "queries", "change",
                   "change 95%", "p", "vs prior", "vs prior 95%"], rows)
+    prior = (pg.get("prior") or {}).get("baseline")
+    specific = {k: v["pretrained"] for k, v in pg.items() if (v.get("pretrained") or {}).get("word_specific")}
+    if prior and specific:
+        best = max(specific, key=lambda k: specific[k]["score"])
+        out += ["", f"Best caption-specific map of the pretrained weights on this run: `{best}`, "
+                    f"{num(specific[best]['score'], 3)}; the prior scores {num(prior['score'] / specific[best]['score'], 2)} "
+                    "× that (the default map was chosen on validation, not here)."]
     return out + (["", al["note"]] if al.get("note") else [])
 
 

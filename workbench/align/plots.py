@@ -156,15 +156,35 @@ def plot_before_after(image, before: dict[str, torch.Tensor], after: dict[str, t
 
 
 def plot_method_maps(image, maps: dict[str, torch.Tensor], title: str = ""):
-    """One overlay per method (similarity, rollout, relevance), each with its own labelled scale:
+    """One overlay per method (the default dense map, similarity, rollout, relevance), each with its own labelled scale:
     the methods' units differ, so a shared scale across them would mean nothing."""
     fig, axes = plt.subplots(1, len(maps), figsize=(3.6 * len(maps), 3.0), squeeze=False, layout="constrained")
     for ax, (name, m) in zip(axes.flat, maps.items()):
         im = overlay(ax, image, m, shared_norm([m]), title=name)
-        label = "cosine" if name.startswith("similarity") else "rollout weight" if name.startswith("rollout") else "relevance"
+        label = "rollout weight" if name.startswith("rollout") else "relevance" if name.startswith("relevance") else "cosine"
         fig.colorbar(im, ax=ax, shrink=0.8, label=label)
     if title:
         fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_query_grid(rows: list[tuple], method: str, title: str = ""):
+    """The maps of one method for a few images, several part queries each, with the queried part's
+    outline: ``rows`` of ``(image, [(caption, word, map, region S x S bool), ...])``. Each row shares one
+    colour scale (a query the model does not see stays dark against the others)."""
+    ncols = 1 + max(len(q) for _, q in rows)
+    fig, axes = _grid(len(rows) * ncols, ncols, nrows=len(rows), size=2.0, extra_w=0.2, title_h=0.45)
+    for r, (image, queries) in enumerate(rows):
+        overlay(axes[r, 0], image, torch.full((1, 1), float("nan")), Normalize(0, 1), title="image")
+        norm = shared_norm([m for _, _, m, _ in queries])
+        for c, (caption, word, m, region) in enumerate(queries, start=1):
+            ax = axes[r, c]
+            overlay(ax, image, m, norm, title=f"{word}\n{caption}" if len(caption) < 34 else f"{word}\n{caption[:31]}...")
+            ax.contour(torch.as_tensor(region).float().numpy(), levels=[0.5], colors="cyan", linewidths=0.8)
+            ax.title.set_fontsize(7)
+        for c in range(1 + len(queries), ncols):
+            axes[r, c].axis("off")
+    fig.suptitle(title or f"{method}: the named part outlined", fontsize=10)
     return fig
 
 

@@ -15,13 +15,12 @@ import torch.nn.functional as F
 
 from ..progress import progress_bar
 from ..stats import bootstrap_ci, paired_difference, wilson_interval
-from .attention import image_rollout, pair_relevance
-from .features import image_tokens, similarity_maps, text_tokens, token_patch_similarity, tokenize, word_map
+from . import maps as map_methods
 
-METHODS = ("similarity", "rollout", "relevance")
+METHODS = tuple(map_methods.METHODS)
 # Rollout is computed from the image tower alone: the same map for every caption, so it cannot point at
 # the part a caption names; its score says where the model looks, and a word-specificity control is moot.
-WORD_SPECIFIC = {"similarity": True, "rollout": False, "relevance": True}
+WORD_SPECIFIC = {name: m.query_specific for name, m in map_methods.METHODS.items()}
 
 
 @dataclass
@@ -81,55 +80,37 @@ def other_part_hits(items: list[PartItem], top: torch.Tensor, cover: torch.Tenso
 
 
 def method_maps(model, tokenizer, images: torch.Tensor, texts: list[str], words: list[str], method: str) -> torch.Tensor:
-    """Maps ``B x gh x gw`` for image-caption pairs (row i with row i) by one method.
-
-    - ``similarity``: cosine of the word's token states (mean over its pieces) with each patch;
-    - ``rollout``: image-tower attention rollout (the same for every caption);
-    - ``relevance``: Chefer et al. relevance of the image-caption similarity.
-    """
-    if method == "similarity":
-        sim, tt = similarity_maps(model, tokenizer, images, texts)
-        return torch.stack([word_map(s, w, word) for s, w, word in zip(sim, tt.words, words)])
-    if method == "rollout":
-        return image_rollout(model, images)
-    if method == "relevance":
-        return pair_relevance(model, images, tokenize(tokenizer, texts).ids, text=False)[0]
-    raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+    """Maps ``B x gh x gw`` for image-caption pairs (row i with row i) by one method of
+    :data:`workbench.align.maps.METHODS` (``words``: the part word each caption names)."""
+    return map_methods.maps(model, tokenizer, images, texts, words, method)
 
 
 def item_maps(model, tokenizer, images: torch.Tensor, items: list[PartItem], method: str, batch_size: int = 32,
               progress: bool = False) -> torch.Tensor:
-    """``method_maps`` for every item, ``N x gh x gw``, computing each image and each caption once where
-    the method allows (similarity: patches per image, token states per caption; rollout: per image)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+    """``method_maps`` for every item, ``N x gh x gw``, computing each image and each query once where
+    the method allows (dense methods: patch features per image, a query per caption; rollout: per image)."""
+    m = map_methods.get(method)
     bar = lambda n: progress_bar(range(0, n, batch_size), disable=not progress, desc=f"pointing ({method})", unit="batch")  # noqa: E731
     uniq = sorted({it.index for it in items})
     where = {u: k for k, u in enumerate(uniq)}
-    if method == "relevance":  # the gradient depends on the pair: one pass per pair
+    if m.pair is not None:  # the gradient depends on the pair: one pass per pair
         out = []
         for i in bar(len(items)):
             b = items[i : i + batch_size]
-            out.append(method_maps(model, tokenizer, images[[it.index for it in b]], [it.text for it in b], [it.word for it in b], method))
+            out.append(m.pair(model, tokenizer, images[[it.index for it in b]], [it.text for it in b]))
         return torch.cat(out)
-    if method == "rollout":
-        per_image = torch.cat([image_rollout(model, images[uniq[i : i + batch_size]]) for i in bar(len(uniq))])
+    if m.image is not None:
+        per_image = torch.cat([m.image(model, images[uniq[i : i + batch_size]]) for i in bar(len(uniq))])
         return per_image[[where[it.index] for it in items]]
-    gh, gw = model.visual.grid_size
     with torch.no_grad():
-        patches = torch.cat([image_tokens(model, images[uniq[i : i + batch_size]])[1].float().cpu() for i in bar(len(uniq))])
-        texts = list(dict.fromkeys(it.text for it in items))
-        tt = tokenize(tokenizer, texts)
-        states = torch.cat([text_tokens(model, tt.ids[i : i + batch_size]).float().cpu() for i in range(0, len(texts), batch_size)])
-    tpos = {t: k for k, t in enumerate(texts)}
-    out = []
-    for i in range(0, len(items), batch_size):
-        b = items[i : i + batch_size]
-        t = [tpos[it.text] for it in b]
-        sim = token_patch_similarity(states[t], patches[[where[it.index] for it in b]], tt.mask[t])
-        sim = sim.reshape(len(b), -1, gh, gw)
-        out += [word_map(s, tt.words[k], it.word) for s, k, it in zip(sim, t, b)]
-    return torch.stack(out)
+        patches = torch.cat([m.dense(model, images[uniq[i : i + batch_size]]).float().cpu() for i in bar(len(uniq))])
+        keys = list(dict.fromkeys((it.text, it.word) for it in items))
+        q = torch.cat([map_methods.queries(model, tokenizer, [t for t, _ in keys[i : i + batch_size]],
+                                           [w for _, w in keys[i : i + batch_size]], m.query).float().cpu()
+                       for i in range(0, len(keys), batch_size)])
+    qpos = {key: k for k, key in enumerate(keys)}
+    grid = tuple(model.visual.grid_size)
+    return map_methods.score(patches[[where[it.index] for it in items]], q[[qpos[(it.text, it.word)] for it in items]], grid)
 
 
 def _per_part(parts: list[str], hit: torch.Tensor, chance: torch.Tensor) -> dict[str, dict]:

@@ -10,6 +10,7 @@ import torch
 
 from ..clip import load_clip
 from ..runs import INDEX, MATCHES, read_index, read_matches, update_metrics
+from . import maps as map_methods
 from . import plots
 from .attention import image_rollout, pair_relevance
 from .features import argmax_token_map, find_phrase, similarity_maps, word_maps
@@ -69,7 +70,8 @@ def pair_maps(bundle, image: torch.Tensor, caption: str, classname: str | None =
     """Everything the figures show for one image-caption pair under one model.
 
     ``words``: word -> similarity map; ``argmax``/``pieces``/``highlight``: the argmax-token map, the
-    caption's pieces, the class-name positions; ``rollout``, ``relevance``: image maps; ``text_relevance``.
+    caption's pieces, the class-name positions; ``rollout``, ``relevance``: image maps; ``text_relevance``;
+    ``default``: the caption's map by :data:`~workbench.align.maps.DEFAULT` (sentence query).
     """
     model, _, tok = bundle
     sim, tt = similarity_maps(model, tok, image[None], caption)
@@ -84,6 +86,7 @@ def pair_maps(bundle, image: torch.Tensor, caption: str, classname: str | None =
         "highlight": find_phrase(tok, ids[0], classname) if classname else [],
         "rollout": image_rollout(model, image[None])[0],
         "relevance": rel[0],
+        "default": map_methods.maps(model, tok, image[None], [caption], method=map_methods.DEFAULT)[0],
         "text_relevance": trel[0, : int(tt.eot[0]) + 1],
         "similarity": score.item(),
     }
@@ -122,7 +125,8 @@ def run_pointing(
     for name, entry in (baselines or {}).items():
         results[name] = {"baseline": entry}
     section = {"pointing_game": results, "note": note,
-               "models": {k: {"model": b.name, "weights": b.pretrained} for k, b in bundles.items()}}
+               "models": {k: {"model": b.name, "weights": b.pretrained} for k, b in bundles.items()},
+               "default_method": map_methods.DEFAULT}
     section.update(extra or {})
     update_metrics(run_dir, "alignment", section)
     return results
@@ -178,7 +182,8 @@ def example_figures(run_dir, bundles: dict, image: torch.Tensor, caption: str, c
                                            title=f"most similar token per patch ({last})"),
         "methods": plots.plot_method_maps(
             image,
-            {"similarity (word mean)": torch.stack(list(maps[last]["words"].values())).mean(0),
+            {f"{map_methods.DEFAULT} (sentence)": maps[last]["default"],
+             "similarity (word mean)": torch.stack(list(maps[last]["words"].values())).mean(0),
              "rollout": maps[last]["rollout"], "relevance": maps[last]["relevance"]},
             title=f"{last}, image-caption cosine {maps[last]['similarity']:.2f}"),
     }

@@ -14,7 +14,7 @@ from ..data import Dataset, load_dataset
 from ..data.images import image_cache
 from ..params import Params
 from ..runs import locked
-from . import plots, report
+from . import maps, plots, report
 from .pointing import PartItem, baseline_scores, check_methods, part_prior
 from .regions import object_regions, part_items, part_regions
 
@@ -82,13 +82,33 @@ def captions(s: Setup, i: int, with_parts: bool = False) -> list[str]:
 
 
 def examples(p: Params, s: Setup) -> list[Path]:
-    """The example figures of the first ``n_examples`` images (saved; paths returned)."""
-    paths = []
+    """The default method's maps of three birds, three part queries each (``figures/align_default.png``),
+    then the example figures of the first ``n_examples`` images (saved; paths returned)."""
+    paths = [default_view(p, s)] if s.items else []
     for k in range(min(p.n_examples, len(s.files))):
         row = s.row(k)
         figs = report.example_figures(p.run_dir, s.bundles, s.images[k], captions(s, k)[0], row["species"], tag=str(k))
         paths += list(figs.values())
     return paths
+
+
+def default_view(p: Params, s: Setup, n_images: int = 3, n_queries: int = 3) -> Path:
+    """``figures/align_default.png``: :data:`maps.DEFAULT` on the first ``n_images`` pointing-game images,
+    ``n_queries`` part queries each, under the fine-tuned model when there is one."""
+    name = "finetuned" if "finetuned" in s.bundles else "pretrained"
+    model, _, tok = s.bundles[name]
+    by_image: dict[int, list[PartItem]] = {}
+    for it in s.items:
+        by_image.setdefault(it.index, []).append(it)
+    rows = []
+    for i, its in list(by_image.items())[:n_images]:
+        its = its[:n_queries]
+        m = maps.maps(model, tok, s.images[i], [it.text for it in its], [it.word for it in its], method=maps.DEFAULT)
+        rows.append((s.images[i], [(it.text, it.word, mp, it.region) for it, mp in zip(its, m)]))
+    fig = plots.plot_query_grid(rows, maps.DEFAULT, title=f"{maps.DEFAULT} ({name} weights): the named part outlined")
+    path = plots.save(fig, p.run_dir, "default")
+    plt.close(fig)
+    return path
 
 
 @locked

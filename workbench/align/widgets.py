@@ -4,6 +4,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import torch
 
+from . import maps as map_methods
 from .plots import SIM_LABEL, overlay, shared_norm
 from .report import pair_maps
 
@@ -15,6 +16,8 @@ def explorer(bundles: dict, images: torch.Tensor, captions: list[list[str]], nam
     ``bundles``: ``{"pretrained": bundle, "finetuned": bundle}``; ``images``: uint8 ``N x 3 x S x S``;
     ``captions[i]``: suggested captions of image i (any text can be typed in the caption box).
     The similarity scale is shared across the caption's words, so words compare with each other.
+    The method starts at :data:`~workbench.align.maps.DEFAULT`; a dense method's ``query`` is the
+    caption's sentence embedding or the chosen word's token state.
     """
     import ipywidgets as W  # optional UI dependency: loaded only when a widget is built
     from IPython.display import display
@@ -26,7 +29,8 @@ def explorer(bundles: dict, images: torch.Tensor, captions: list[list[str]], nam
     cap_w = W.Combobox(options=captions[0], value=captions[0][0], description="caption", ensure_option=False,
                        layout=W.Layout(width="60%"))
     word_w = W.Dropdown(description="word")
-    method_w = W.ToggleButtons(options=["similarity", "rollout", "relevance"], description="method")
+    method_w = W.Dropdown(options=list(map_methods.METHODS), value=map_methods.DEFAULT, description="method")
+    query_w = W.ToggleButtons(options=list(map_methods.QUERIES), value="sentence", description="query")
     model_w = W.ToggleButtons(options=list(bundles), description="model")
     out = W.Output()
     cache: dict = {}
@@ -54,14 +58,9 @@ def explorer(bundles: dict, images: torch.Tensor, captions: list[list[str]], nam
                     word_w.value = keep if keep in words else words[0]
                     word_w.observe(render, "value")
                 method = method_w.value
-                if method == "similarity":
-                    mp = m["words"][word_w.value]
-                    norm = shared_norm(list(m["words"].values()))  # same scale for every word of the caption
-                    label, title = SIM_LABEL, f"{word_w.value!r} ({model_w.value})"
-                else:
-                    mp = m[method]
-                    norm, label = shared_norm([mp]), ("rollout weight" if method == "rollout" else "relevance")
-                    title = f"{method} ({model_w.value}), cos = {m['similarity']:.3f}"
+                query_w.disabled = map_methods.METHODS[method].dense is None or method == "similarity"
+                mp, norm, label, title = chosen_map(bundles[model_w.value], images[img_w.value], m, cap_w.value,
+                                                    word_w.value, method, query_w.value, model_w.value, cache, img_w.value)
                 fig, ax = plt.subplots(figsize=(4, 4))
                 im = overlay(ax, images[img_w.value], mp, norm, title=title)
                 fig.colorbar(im, ax=ax, label=label, shrink=0.8)
@@ -74,9 +73,28 @@ def explorer(bundles: dict, images: torch.Tensor, captions: list[list[str]], nam
         cap_w.value = captions[change["new"]][0]
 
     img_w.observe(on_image, "value")
-    for w in (cap_w, word_w, method_w, model_w):
+    for w in (cap_w, word_w, method_w, query_w, model_w):
         w.observe(render, "value")
-    ui = W.VBox([W.HBox([img_w, model_w]), cap_w, W.HBox([word_w, method_w]), out])
+    ui = W.VBox([W.HBox([img_w, model_w]), cap_w, W.HBox([word_w, method_w, query_w]), out])
     render()
     display(ui)
     return ui
+
+
+def chosen_map(bundle, image: torch.Tensor, m: dict, caption: str, word: str, method: str, query: str, model_name: str,
+               cache: dict, image_key=None) -> tuple:
+    """The explorer's overlay: ``(map, colour norm, colour-bar label, title)`` for one method; ``m``:
+    :func:`~workbench.align.report.pair_maps` of the image-caption pair (similarity, rollout, relevance);
+    other dense methods are computed here and kept in ``cache`` under ``image_key`` (the image's index)."""
+    if method == "similarity":
+        norm = shared_norm(list(m["words"].values()))  # same scale for every word of the caption
+        return m["words"][word], norm, SIM_LABEL, f"{word!r} ({model_name})"
+    if map_methods.METHODS[method].dense is None:
+        label = "rollout weight" if method == "rollout" else "relevance"
+        return m[method], shared_norm([m[method]]), label, f"{method} ({model_name}), cos = {m['similarity']:.3f}"
+    key = (model_name, image_key, caption, method, query, word if query == "word" else None)
+    if key not in cache:
+        model, _, tok = bundle
+        cache[key] = map_methods.maps(model, tok, image, [caption], [word], method=method, query=query)[0]
+    what = repr(word) if query == "word" else "sentence"
+    return cache[key], shared_norm([cache[key]]), "cosine (patch · query)", f"{method}, {what} ({model_name})"

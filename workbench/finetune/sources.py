@@ -69,7 +69,7 @@ def oracle_attributes(value="untaught", model: str | None = None, pretrained: st
     if value == "all":
         return list(syn.ATTRIBUTES)
     if value == "untaught":
-        withheld = _withheld(model, pretrained)
+        withheld = recorded_withhold(model, pretrained)
         return list(syn.ATTRIBUTES) if not withheld else [a for a in syn.ATTRIBUTES if a in withheld]
     if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
         raise ValueError(f"oracle_attributes must be 'untaught', 'all' or a non-empty list of attributes, got {value!r}")
@@ -79,7 +79,7 @@ def oracle_attributes(value="untaught", model: str | None = None, pretrained: st
     return [a for a in syn.ATTRIBUTES if a in value]
 
 
-def _withheld(model: str | None, pretrained: str | None) -> list[str]:
+def recorded_withhold(model: str | None, pretrained: str | None) -> list[str]:
     """The recipe ``withhold`` recorded in the metadata of the weights ``(model, pretrained)``, or []."""
     if model is None or pretrained is None:
         return []
