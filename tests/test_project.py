@@ -109,7 +109,7 @@ def test_finetune_config_defaults_are_the_notebooks():
 
 # ----------------------------------------------------------------------------- README, docs, ARCHITECTURE.md
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-GENERATED = {"reports/RESULTS.md"}  # written by `make results`; linked before it exists in a fresh checkout
+GENERATED = {"reports/RESULTS.md", "reports/figures/align_default.png"}  # written by `make results`
 README_WORDS = 1200  # the budget every later README section counts against (`wc -w README.md`)
 
 
