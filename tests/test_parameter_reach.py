@@ -139,7 +139,7 @@ CASES: dict[str, dict[str, Case]] = {
         **DATA, "dataset": case("cub", also={"data_root": At("cub_root"), "dataset_options": {}}),  # parts needed
         "model": case("wb-reach", RANDOM), "pretrained": case(None),
         "finetuned_method": case("finetune-classname"), "finetuned_shots": case(1), "split": case("val"), "max_images": case(3),
-        "methods": case(["rollout"]), "parts": case(["crown", "beak"]), "part_nouns": case({"wing": "tail"}),  # "feathers": the same hits on 4 images
+        "methods": case(["rollout"]), "word_specificity": case(False), "parts": case(["crown", "beak"]), "part_nouns": case({"wing": "tail"}),  # "feathers": the same hits on 4 images
         "caption_template": case("a photo of a bird with {desc}"), "radius": case(3.0, CUB), "n_examples": case(2),
     },
 }

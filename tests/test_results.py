@@ -65,6 +65,10 @@ def _metrics() -> dict:
         ],
         "alignment": {
             "dataset": "synthetic", "split": "test", "n_images": 200, "note": "",
+            "word_specificity": {"method": "surgery-qqkk",
+                                 "pretrained": {"named": {"score": 0.52, "n": 997},
+                                                "bare": {"score": 0.21, "n": 997, "named_score": 0.52,
+                                                         "vs_named": {"diff": -31.0, "ci95": [-34.25, -27.5], "p": 0.0005}}}},
             "pointing_game": {
                 "relevance": {
                     "pretrained": {"score": 0.65, "score_ci95": [0.62, 0.679], "chance": 0.072, "other_parts": 0.149,
@@ -137,6 +141,8 @@ def test_every_number_comes_from_the_run(tmp_path):
     assert "| rollout | pretrained | 0.261 | [0.234, 0.289] | 0.072 | — | 997 |" in pg
     # rollout is caption-independent: the best caption-specific map is relevance, and 0.164 / 0.650 = 0.25
     assert "Best caption-specific map of the pretrained weights on this run: `relevance`, 0.650; the prior scores 0.25" in pg
+    assert "Word specificity of `surgery-qqkk`" in pg and "| pretrained | named | 0.520 | 997 | — | — |" in pg
+    assert "| pretrained | bare | 0.210 | 997 | -31.0 | [-34.2, -27.5] |" in pg
     assert "align_default.png" not in text and not (tmp_path / "figures").exists()  # the run has no figure
     pre = _section(text, "The pretrained tiny CLIP")
     assert "| crown_color | 0.983 | 0.200 | 600 | 0.971 | 1200 |" in pre and "| beak_shape | 0.321 |" in pre

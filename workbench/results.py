@@ -299,6 +299,14 @@ def pointing_section(m: dict) -> list[str]:
                          num(vp.get("diff"), 1, True), interval(vp.get("ci95"), 1, True)])
     out += table(["method", "model", "score", "95% interval", "chance", "other parts", "queries", "change",
                   "change 95%", "p", "vs prior", "vs prior 95%"], rows)
+    spec = al.get("word_specificity") or {}
+    if spec:
+        out += ["", f"Word specificity of `{spec.get('method')}`: the same queries with the part noun alone and with a "
+                    "wrong attribute value; vs named: the difference from the named query on the same queries (points).", ""]
+        srows = [[model, kind, num(r.get("score"), 3), r.get("n"), num((r.get("vs_named") or {}).get("diff"), 1, True),
+                  interval((r.get("vs_named") or {}).get("ci95"), 1, True)]
+                 for model, by in spec.items() if model != "method" for kind, r in by.items()]
+        out += table(["model", "query", "score", "queries", "vs named", "vs named 95%"], srows)
     prior = (pg.get("prior") or {}).get("baseline")
     specific = {k: v["pretrained"] for k, v in pg.items() if (v.get("pretrained") or {}).get("word_specific")}
     if prior and specific:

@@ -199,3 +199,41 @@ def part_items(
                 items.append(PartItem(i, part, text, word, region))
     return items, files
 
+
+def query_variants(items: list[PartItem], ds, files: list[str], template: str = "a bird with {desc}",
+                   part_nouns: dict[str, str] | None = None, seed: int = 0) -> dict[str, list[tuple[int, PartItem]]]:
+    """Word-specificity controls of pointing-game queries: ``{"bare": [...], "wrong_value": [...]}``, each a
+    list of ``(k, item)`` with ``k`` the position of the original query in ``items`` (same image, part and
+    region, another caption):
+
+    - ``bare``: the part noun alone ("a bird with a crown");
+    - ``wrong_value``: every attribute value of the part replaced by another value the same attribute takes
+      in ``ds`` (a seeded pick: "a bird with a brown crown" on a yellow crown); parts without attribute
+      values, or whose attributes take one value only, have none.
+    """
+    attribute_part = ds.extras.get("attribute_part")
+    rows = ds.table.set_index(ds.table["filename"].astype(str))
+    values: dict[str, list[str]] = {}  # the values each attribute column takes, filled as columns are met
+    rng = np.random.default_rng(seed)
+    out: dict[str, list] = {"bare": [], "wrong_value": []}
+    for k, it in enumerate(items):
+        row = rows.loc[files[it.index]]
+        row = row.iloc[0] if isinstance(row, pd.DataFrame) else row
+        noun = (part_nouns or {}).get(it.part) or it.part.replace("_", " ")
+        out["bare"].append((k, PartItem(it.index, it.part, part_text(it.part, None, template, attribute_part, noun),
+                                        it.word, it.region)))
+        cols = [c for c in row.index if part_attributes(it.part, pd.Series({c: row[c]}), attribute_part)]
+        wrong = row.copy()
+        for c in cols:
+            if c not in values:
+                values[c] = sorted({v.strip() for v in ds.table[c] if isinstance(v, str) and v.strip()
+                                    and v.lower() not in ("none", "nan")})
+            others = [v for v in values[c] if v != str(row[c]).strip()]
+            if not others:
+                break
+            wrong[c] = others[int(rng.integers(len(others)))]
+        else:
+            if cols:
+                out["wrong_value"].append((k, PartItem(it.index, it.part, part_text(it.part, wrong, template,
+                                                                                    attribute_part, noun), it.word, it.region)))
+    return out

@@ -132,6 +132,43 @@ def run_pointing(
     return results
 
 
+def word_specificity(bundles: dict, images: torch.Tensor, items, variants: dict, method: str = map_methods.DEFAULT,
+                     batch_size: int = 32) -> dict:
+    """Does ``method``'s map follow the words? Per model, the pointing game of the named queries and of each
+    control of :func:`~workbench.align.regions.query_variants` (the bare part noun, a wrong attribute value):
+    ``{"method", model: {"named": {score, n}, variant: {score, n, vs_named: {diff, ci95, p}}}}``, the
+    difference paired over the same queries (points). A map read from the part noun scores the same bare;
+    one read from the attribute value drops, and drops further with a wrong value."""
+    out: dict = {"method": method}
+    for name, (model, _, tok) in bundles.items():
+        named = pointing_game(model, tok, images, items, [method], batch_size)[method]
+        by = {"named": {"score": named["score"], "n": named["n"]}}
+        for variant, pairs in variants.items():
+            if not pairs:
+                continue
+            keep = [k for k, _ in pairs]
+            r = pointing_game(model, tok, images, [it for _, it in pairs], [method], batch_size)[method]
+            vs = versus(r, {"_hit": named["_hit"][keep]})
+            by[variant] = {"score": r["score"], "n": r["n"], "named_score": float(named["_hit"][keep].mean()),
+                           "vs_named": vs}
+        out[name] = by
+    return out
+
+
+def specificity_table(spec: dict) -> pd.DataFrame:
+    """One row per model and query kind of :func:`word_specificity`."""
+    rows = []
+    for model, by in spec.items():
+        if model == "method":
+            continue
+        for kind, r in by.items():
+            vs = r.get("vs_named") or {}
+            rows.append({"method": spec["method"], "model": model, "query": kind, "score": r["score"], "n": r["n"],
+                         "named, same queries": r.get("named_score", r["score"]), "vs named": vs.get("diff"),
+                         "vs named 95%": vs.get("ci95")})
+    return pd.DataFrame(rows)
+
+
 def pointing_change(before: dict, after: dict) -> dict:
     """How fine-tuning moved a method's score, paired over the same queries: ``{diff, ci95, p}`` in points
     (:func:`~workbench.align.pointing.versus`: bootstrap interval, sign-flip p-value)."""

@@ -13,10 +13,10 @@ from ..clip import image_size
 from ..data import Dataset, load_dataset
 from ..data.images import image_cache
 from ..params import Params
-from ..runs import locked
+from ..runs import locked, read_metrics
 from . import maps, plots, report
 from .pointing import PartItem, baseline_scores, check_methods, part_prior
-from .regions import object_regions, part_items, part_regions
+from .regions import object_regions, part_items, part_regions, query_variants
 
 PRIOR_IMAGES = 1000  # training images the part-location prior averages (a seeded draw when there are more)
 
@@ -115,10 +115,13 @@ def default_view(p: Params, s: Setup, n_images: int = 3, n_queries: int = 3) -> 
 def pointing(p: Params, s: Setup) -> tuple[dict, Path]:
     """The pointing game for every model, stored in ``metrics.json["alignment"]``; returns the results
     and the saved figure."""
+    extra = {"dataset": p.dataset, "split": p.split, "n_images": len(s.files), "caption_template": p.caption_template}
+    if p.word_specificity:
+        variants = query_variants(s.items, s.ds.split(p.split), s.files, p.caption_template, p.part_nouns, p.seed)
+        extra["word_specificity"] = report.word_specificity(s.bundles, s.images, s.items, variants,
+                                                            batch_size=p.batch_size)
     results = report.run_pointing(p.run_dir, s.bundles, s.images, s.items, p.methods, note=s.note,
-                                  batch_size=p.batch_size, progress=p.progress, baselines=s.baselines,
-                                  extra={"dataset": p.dataset, "split": p.split, "n_images": len(s.files),
-                                         "caption_template": p.caption_template})
+                                  batch_size=p.batch_size, progress=p.progress, baselines=s.baselines, extra=extra)
     fig = plots.plot_pointing(results, title=f"pointing game, {p.dataset} {p.split} ({len(s.items)} part queries)")
     path = plots.save(fig, p.run_dir, "pointing")
     plt.close(fig)
@@ -132,3 +135,9 @@ def explorer(s: Setup):
     caps = [captions(s, i, with_parts=True) for i in range(len(s.files))]
     names = [Path(f).name for f in s.files]
     return build(s.bundles, s.images, caps, names=names, classnames=[s.row(i)["species"] for i in range(len(s.files))])
+
+
+def specificity(p: Params):
+    """The word-specificity table of the run (:func:`report.specificity_table`), None when not scored."""
+    spec = (read_metrics(p.run_dir).get("alignment") or {}).get("word_specificity")
+    return report.specificity_table(spec) if spec else None
