@@ -349,6 +349,12 @@ def test_word_figure_shares_one_scale_and_saves(clip, images, tmp_path):
     fig = plots.plot_before_after(images[0], maps["words"], {k: v * 2 for k, v in maps["words"].items()})
     assert len({im.get_clim() for ax in fig.axes for im in ax.get_images() if im.get_alpha() is not None}) == 1
     plots.plot_argmax_tokens(images[0], maps["argmax"], maps["pieces"], maps["highlight"])
+    # FILIP's argmax map only for a FILIP-trained checkpoint: its token-wise loss is what gives it a meaning
+    bundle = load_clip("tiny", device="cpu")
+    plain = report.example_figures(tmp_path, {"pretrained": bundle}, images[0], "a red crown", None, tag="p")
+    assert set(plain) == {"words", "methods"}
+    filip = report.example_figures(tmp_path, {"pretrained": bundle}, images[0], "a red crown", None, tag="f", argmax=True)
+    assert set(filip) == {"words", "methods", "argmax"} and filip["argmax"].name == "align_argmax_f.png"
 
 
 def test_notebook_runs_with_tiny_parameters(tmp_path):
@@ -367,7 +373,7 @@ def test_notebook_runs_with_tiny_parameters(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "checkpoints" / "g.safetensors"))
     (run / "checkpoints" / "index.json").write_text(json.dumps([
         {"method": "gist", "shots": "full", "seed": 0, "path": "checkpoints/g.safetensors", "model": "tiny",
-         "pretrained": None, "epoch": 1, "val_top1": 0.5}]))
+         "pretrained": None, "epoch": 1, "val_top1": 0.5, "loss": "filip"}]))
     nb = Path(__file__).resolve().parents[1] / "notebooks" / "05_align.ipynb"
     params = {"run_dir": str(run), "pretrained": None, "progress": False, "max_images": 4, "n_examples": 1,
               "dataset_options": {"n_species": 3, "n_train": 1, "n_val": 1, "n_test": 2}}

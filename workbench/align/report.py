@@ -204,10 +204,12 @@ def per_part_table(results: dict) -> pd.DataFrame:
     return df.pivot_table(index="part", columns=["method", "model"], values="score") if len(df) else df
 
 
-def example_figures(run_dir, bundles: dict, image: torch.Tensor, caption: str, classname: str | None, tag: str) -> dict:
+def example_figures(run_dir, bundles: dict, image: torch.Tensor, caption: str, classname: str | None, tag: str,
+                    argmax: bool = False) -> dict:
     """The figures of one image-caption pair, saved as ``figures/align_<kind>_<tag>.png``:
-    per-word maps (pretrained), the argmax-token map (last model), the three methods side by side
-    (last model), and pretrained vs fine-tuned when both are given. Returns ``{kind: path}``; the
+    per-word maps (pretrained), the methods side by side (last model), pretrained vs fine-tuned when both
+    are given, and with ``argmax`` (a FILIP-trained checkpoint: its token-wise loss is what gives this
+    map a meaning) FILIP's most-similar-token-per-patch map of the last model. Returns ``{kind: path}``; the
     figures are closed (show the PNGs: rendering each figure once is what costs time)."""
     maps = {name: pair_maps(b, image, caption, classname) for name, b in bundles.items()}
     for m in maps.values():  # punctuation pieces have maps too, but nobody asks where ":" is
@@ -215,8 +217,6 @@ def example_figures(run_dir, bundles: dict, image: torch.Tensor, caption: str, c
     last = list(maps)[-1]
     figs = {
         "words": plots.plot_word_maps(image, maps["pretrained"]["words"], title=f"pretrained: {caption}"),
-        "argmax": plots.plot_argmax_tokens(image, maps[last]["argmax"], maps[last]["pieces"], maps[last]["highlight"],
-                                           title=f"most similar token per patch ({last})"),
         "methods": plots.plot_method_maps(
             image,
             {f"{map_methods.DEFAULT} (sentence)": maps[last]["default"],
@@ -224,6 +224,9 @@ def example_figures(run_dir, bundles: dict, image: torch.Tensor, caption: str, c
              "rollout": maps[last]["rollout"], "relevance": maps[last]["relevance"]},
             title=f"{last}, image-caption cosine {maps[last]['similarity']:.2f}"),
     }
+    if argmax:
+        figs["argmax"] = plots.plot_argmax_tokens(image, maps[last]["argmax"], maps[last]["pieces"], maps[last]["highlight"],
+                                                  title=f"FILIP's map: most similar token per patch ({last}, FILIP loss)")
     if "finetuned" in maps:
         figs["before_after"] = plots.plot_before_after(image, maps["pretrained"]["words"], maps["finetuned"]["words"],
                                                        title=caption)

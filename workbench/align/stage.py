@@ -31,6 +31,7 @@ class Setup:
     images: torch.Tensor  # those images, uint8 at the model's input size
     matches: dict[str, list[str]]  # filename -> matched captions of the run
     baselines: dict  # pointing-game scores of the prior and a random bird patch (pointing.baseline_scores)
+    finetuned_loss: str | None = None  # the fine-tuned checkpoint's loss (checkpoints/index.json), None without one
 
     @property
     def parts(self) -> list[str]:
@@ -55,7 +56,9 @@ def prepare(p: Params) -> Setup:
     grid = tuple(bundles["pretrained"].model.visual.grid_size)
     baselines = baseline_scores(items, grid, training_prior(ds, size, grid, p.radius, p.seed),
                                 object_regions(ds, size, files, p.radius))
-    return Setup(ds, bundles, note, items, files, images, report.matched_captions(p.run_dir), baselines)
+    row = report.finetuned_checkpoint(p.run_dir, p.finetuned_method, p.get("finetuned_shots", "full")) if "finetuned" in bundles else None
+    return Setup(ds, bundles, note, items, files, images, report.matched_captions(p.run_dir), baselines,
+                 (row or {}).get("loss"))
 
 
 def training_prior(ds: Dataset, size: int, grid: tuple[int, int], radius=None, seed: int = 0) -> dict | None:
@@ -87,7 +90,8 @@ def examples(p: Params, s: Setup) -> list[Path]:
     paths = [default_view(p, s)] if s.items else []
     for k in range(min(p.n_examples, len(s.files))):
         row = s.row(k)
-        figs = report.example_figures(p.run_dir, s.bundles, s.images[k], captions(s, k)[0], row["species"], tag=str(k))
+        figs = report.example_figures(p.run_dir, s.bundles, s.images[k], captions(s, k)[0], row["species"], tag=str(k),
+                                      argmax=s.finetuned_loss == "filip")
         paths += list(figs.values())
     return paths
 
