@@ -6,7 +6,8 @@ This is how the default map method (``workbench.align.maps.DEFAULT``) was chosen
 split, never on test. The weights are the shipped tiny CLIP (or ``--pretrained``). Parts are split into
 those whose words the weights' pretraining taught (a part with an attribute outside the recipe's
 ``withhold``) and those it never named; each method's paired difference from the part-location prior
-(points, 95% bootstrap interval) and from the best method are reported.
+(points, 95% bootstrap interval) and from the best method are reported. ``--contrast`` adds each
+caption-specific method with ``+contrast`` (the map minus the mean map of the image's other part queries).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def main():
     ap.add_argument("--max-images", type=int, default=1000)
     ap.add_argument("--pretrained", default="synthetic")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--contrast", action="store_true", help="also every caption-specific method with +contrast")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -55,11 +57,14 @@ def main():
     results, out = {}, {"split": args.split, "n_images": len(s.files), "n_queries": len(s.items),
                         "taught_parts": sorted(taught_parts & set(s.parts)), "withheld": sorted(withheld),
                         "baselines": {k: row(v) for k, v in s.baselines.items()}, "methods": {}}
-    for name, m in maps.METHODS.items():
+    names = [(n, m.query_specific) for n, m in maps.METHODS.items()]
+    if args.contrast:
+        names += [(n + pointing.CONTRAST, True) for n, m in maps.METHODS.items() if m.query_specific]
+    for name, specific in names:
         t = time.perf_counter()
         results[name] = pointing.pointing_game(model, tok, s.images, s.items, [name])[name]
-        out["methods"][name] = {"query_specific": m.query_specific, **row(results[name], time.perf_counter() - t)}
-    specific = [n for n, m in maps.METHODS.items() if m.query_specific]
+        out["methods"][name] = {"query_specific": specific, **row(results[name], time.perf_counter() - t)}
+    specific = [n for n, q in names if q]
     best = max(specific, key=lambda n: results[n]["score"])
     out["best"] = best
     out["prior_over_best"] = round(prior["score"] / results[best]["score"], 3)

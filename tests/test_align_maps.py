@@ -239,3 +239,40 @@ def test_the_default_map_finds_the_taught_parts_and_follows_their_words(tmp_path
     assert spec["named"]["score"] == pytest.approx(r["score"])
     for kind in ("bare", "wrong_value"):
         assert spec[kind]["vs_named"]["diff"] <= -15 and spec[kind]["vs_named"]["ci95"][1] < 0, (kind, spec[kind])
+
+
+def test_contrast_subtracts_the_mean_map_of_the_images_other_queries():
+    reg = torch.zeros(64, 64, dtype=torch.bool)
+    items = [pointing.PartItem(0, "crown", "c", "crown", reg), pointing.PartItem(0, "wing", "w", "wings", reg),
+             pointing.PartItem(0, "tail", "t", "tail", reg), pointing.PartItem(1, "crown", "c", "crown", reg)]
+    m = torch.arange(4 * 2 * 2, dtype=torch.float32).reshape(4, 2, 2) ** 1.5
+    got = pointing.contrast_maps(m, items)
+    for k in range(3):  # image 0: three queries
+        others = [j for j in range(3) if j != k]
+        torch.testing.assert_close(got[k], m[k] - m[others].mean(0))
+    torch.testing.assert_close(got[3], m[3])  # the only query of image 1: unchanged
+    assert pointing.split_method("surgery-qqkk+contrast") == ("surgery-qqkk", True)
+    assert pointing.check_methods(["surgery-qqkk+contrast", "relevance"]) == ["surgery-qqkk+contrast", "relevance"]
+    with pytest.raises(ValueError, match="needs a caption-specific method"):
+        pointing.check_methods(["rollout+contrast"])
+    with pytest.raises(ValueError, match=r"unknown pointing-game methods \['surgery\+contrast'\]"):
+        pointing.check_methods(["surgery+contrast"])
+
+
+def test_pointing_game_scores_a_contrast_method_from_the_contrasted_maps(bundle):
+    model, tok, size = bundle
+    images = _images(size)
+    g = model.visual.grid_size
+    S = size
+    regs = [torch.zeros(S, S, dtype=torch.bool) for _ in range(3)]
+    regs[0][: S // 2] = True
+    regs[1][S // 2:] = True
+    regs[2][:, : S // 2] = True
+    items = [pointing.PartItem(0, "crown", "a bird with a red crown", "crown", regs[0]),
+             pointing.PartItem(0, "tail", "a bird with a long tail", "tail", regs[1]),
+             pointing.PartItem(1, "wing", "a bird with blue wings", "wings", regs[2])]
+    res = pointing.pointing_game(model, tok, images, items, ["surgery-kk", "surgery-kk+contrast"])
+    plain = pointing.item_maps(model, tok, images, items, "surgery-kk")
+    want = pointing.point_hits(pointing.contrast_maps(plain, items), torch.stack(regs))["hit"]
+    assert res["surgery-kk+contrast"]["_hit"].tolist() == want.bool().tolist()
+    assert res["surgery-kk+contrast"]["word_specific"] and plain.shape[-2:] == tuple(g)

@@ -122,13 +122,43 @@ def _per_part(parts: list[str], hit: torch.Tensor, chance: torch.Tensor) -> dict
     return out
 
 
+CONTRAST = "+contrast"  # method-name suffix: the map minus the mean map of the image's other part queries
+
+
+def split_method(name: str) -> tuple[str, bool]:
+    """``"surgery-qqkk+contrast"`` -> ``("surgery-qqkk", True)``."""
+    return (name[: -len(CONTRAST)], True) if name.endswith(CONTRAST) else (name, False)
+
+
 def check_methods(methods) -> list[str]:
-    """The methods, validated (call before loading models: a typo should not cost a run)."""
+    """The methods, validated (call before loading models: a typo should not cost a run). A caption-specific
+    method may carry the suffix ``+contrast`` (:func:`contrast_maps`)."""
     methods = [methods] if isinstance(methods, str) else list(methods)
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if not isinstance(m, str) or split_method(m)[0] not in METHODS]
     if bad or not methods:
-        raise ValueError(f"unknown pointing-game methods {bad or methods}; expected some of {list(METHODS)}")
+        raise ValueError(f"unknown pointing-game methods {bad or methods}; expected some of {list(METHODS)}, "
+                         f"a caption-specific one optionally with {CONTRAST!r}")
+    flat = [m for m in methods if split_method(m)[1] and not WORD_SPECIFIC[split_method(m)[0]]]
+    if flat:
+        raise ValueError(f"{flat}: {CONTRAST!r} needs a caption-specific method (a caption-independent map "
+                         "minus itself is zero)")
     return methods
+
+
+def contrast_maps(maps: torch.Tensor, items: list[PartItem]) -> torch.Tensor:
+    """Each query's map minus the mean map of the other part queries on its image (unchanged when it is the
+    image's only query): what is specific to the named part, not to the bird."""
+    by_image: dict[int, list[int]] = {}
+    for k, it in enumerate(items):
+        by_image.setdefault(it.index, []).append(k)
+    out = maps.clone()
+    for ks in by_image.values():
+        if len(ks) < 2:
+            continue
+        m = maps[ks].float()
+        others = (m.sum(0, keepdim=True) - m) / (len(ks) - 1)
+        out[ks] = (m - others).to(out.dtype)
+    return out
 
 
 def pointing_game(
@@ -160,10 +190,13 @@ def pointing_game(
     parts = [it.part for it in items]
     out = {}
     for method in methods:
-        maps = item_maps(model, tokenizer, images, items, method, batch_size, progress)
+        base, contrast = split_method(method)
+        maps = item_maps(model, tokenizer, images, items, base, batch_size, progress)
+        if contrast:
+            maps = contrast_maps(maps, items)
         res = point_hits(maps, regions, min_cover)
         other = None
-        if WORD_SPECIFIC[method]:
+        if WORD_SPECIFIC[base]:
             other = other_part_hits(items, res["argmax"], patch_cover(regions, maps.shape[-2:]) > min_cover)
         per_part = _per_part(parts, res["hit"], res["chance"])
         out[method] = {
@@ -172,7 +205,7 @@ def pointing_game(
             "chance": res["chance"].mean().item(),
             "area": res["area"].mean().item(),
             "other_parts": other,
-            "word_specific": WORD_SPECIFIC[method],
+            "word_specific": WORD_SPECIFIC[base],
             "n": len(items),
             "per_part": per_part,
             "_hit": res["hit"].bool().numpy(),  # per query, for paired comparisons; never written to metrics.json
