@@ -276,3 +276,21 @@ def test_pointing_game_scores_a_contrast_method_from_the_contrasted_maps(bundle)
     want = pointing.point_hits(pointing.contrast_maps(plain, items), torch.stack(regs))["hit"]
     assert res["surgery-kk+contrast"]["_hit"].tolist() == want.bool().tolist()
     assert res["surgery-kk+contrast"]["word_specific"] and plain.shape[-2:] == tuple(g)
+
+
+def test_on_object_counts_hottest_patches_on_the_bird(bundle):
+    model, tok, size = bundle
+    images = _images(size)
+    S = size
+    reg = torch.zeros(S, S, dtype=torch.bool)
+    reg[: S // 2] = True
+    items = [pointing.PartItem(0, "crown", "a bird with a red crown", "crown", reg),
+             pointing.PartItem(1, "tail", "a bird with a long tail", "tail", ~reg)]
+    objects = torch.stack([reg, torch.zeros(S, S, dtype=torch.bool)])  # image 1 has no bird patch at all
+    res = pointing.pointing_game(model, tok, images, items, ["rollout", "surgery-qqkk"], objects=objects)
+    for method in ("rollout", "surgery-qqkk"):
+        top = pointing.item_maps(model, tok, images, items, method).reshape(2, -1).argmax(-1)
+        gw = model.visual.grid_size[1]
+        on0 = (top[0] // gw) < model.visual.grid_size[0] // 2  # image 0's bird: the top half of the rows
+        assert res[method]["on_object"] == pytest.approx((float(on0) + 0.0) / 2), method
+    assert "on_object" not in pointing.pointing_game(model, tok, images, items, ["rollout"])["rollout"]

@@ -287,7 +287,8 @@ def pointing_section(m: dict) -> list[str]:
     out = [f"Does the hottest patch for a part word fall inside that part? {al.get('n_images')} "
            f"{al.get('split')} images of `{al.get('dataset')}`; score with its 95% Wilson interval, chance, and the "
            "other-parts control (— for caption-independent maps); change: fine-tuned − pretrained, and vs prior: "
-           "the method − the image-agnostic part-location prior, each paired over the same queries (points). "
+           "the method − the image-agnostic part-location prior, each paired over the same queries (points); on bird: how "
+           "often the hottest patch touches the bird at all (object vs background). "
            "Model `baseline`: scores that read no image-text alignment (the prior; a random patch on the bird).", ""]
     rows = []
     for method, by_model in pg.items():
@@ -296,9 +297,9 @@ def pointing_section(m: dict) -> list[str]:
             rows.append([method, model, num(r.get("score"), 3), interval(r.get("score_ci95"), 3),
                          num(r.get("chance"), 3), num(r.get("other_parts"), 3), r.get("n"),
                          num(ch.get("diff"), 1, True), interval(ch.get("ci95"), 1, True), pvalue(ch.get("p")),
-                         num(vp.get("diff"), 1, True), interval(vp.get("ci95"), 1, True)])
+                         num(vp.get("diff"), 1, True), interval(vp.get("ci95"), 1, True), num(r.get("on_object"), 3)])
     out += table(["method", "model", "score", "95% interval", "chance", "other parts", "queries", "change",
-                  "change 95%", "p", "vs prior", "vs prior 95%"], rows)
+                  "change 95%", "p", "vs prior", "vs prior 95%", "on bird"], rows)
     spec = al.get("word_specificity") or {}
     if spec:
         out += ["", f"Word specificity of `{spec.get('method')}`: the same queries with the part noun alone and with a "

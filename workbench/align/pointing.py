@@ -145,6 +145,12 @@ def check_methods(methods) -> list[str]:
     return methods
 
 
+def on_object(top: torch.Tensor, items: list[PartItem], objects: torch.Tensor, grid, min_cover: float = 0.0) -> float:
+    """Share of queries whose hottest patch (``top``, flat index) touches the object of its image."""
+    cover = (patch_cover(objects, tuple(grid)) > min_cover).reshape(len(objects), -1)
+    return cover[[it.index for it in items], top].float().mean().item()
+
+
 def contrast_maps(maps: torch.Tensor, items: list[PartItem]) -> torch.Tensor:
     """Each query's map minus the mean map of the other part queries on its image (unchanged when it is the
     image's only query): what is specific to the named part, not to the bird."""
@@ -170,8 +176,12 @@ def pointing_game(
     batch_size: int = 32,
     min_cover: float = 0.0,
     progress: bool = False,
+    objects: torch.Tensor | None = None,
 ) -> dict[str, dict]:
     """Run the pointing game; ``images[item.index]`` is the (uint8, model-size) image of each item.
+    With ``objects`` (``n_images x S x S`` bool: where the bird is), each entry also has ``on_object``:
+    how often the hottest patch touches the bird at all (object vs background; the one score a
+    caption-independent map such as rollout can be judged by).
 
     Returns ``{method: {score, score_ci95, chance, area, other_parts, word_specific, n, per_part: {part:
     {score, chance, n}}, _hit}}`` (``_hit``: per-query hits, in memory only). ``other_parts`` is a control: how often the same hottest patch lands in one
@@ -206,6 +216,8 @@ def pointing_game(
             "area": res["area"].mean().item(),
             "other_parts": other,
             "word_specific": WORD_SPECIFIC[base],
+            **({"on_object": on_object(res["argmax"], items, objects, maps.shape[-2:], min_cover)}
+               if objects is not None else {}),
             "n": len(items),
             "per_part": per_part,
             "_hit": res["hit"].bool().numpy(),  # per query, for paired comparisons; never written to metrics.json

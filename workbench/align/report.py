@@ -103,6 +103,7 @@ def run_pointing(
     batch_size: int = 32,
     progress: bool = False,
     baselines: dict | None = None,
+    objects: torch.Tensor | None = None,
 ) -> dict:
     """Pointing game for each model in ``bundles``; stored as ``metrics.json["alignment"]``:
     ``{"pointing_game": {method: {"pretrained": {score, chance, area, n, per_part, vs_prior}, "finetuned":
@@ -113,7 +114,8 @@ def run_pointing(
     results: dict[str, dict] = {m: {} for m in methods}
     for name, b in bundles.items():
         model, _, tok = b
-        for method, r in pointing_game(model, tok, images, items, methods, batch_size, progress=progress).items():
+        for method, r in pointing_game(model, tok, images, items, methods, batch_size, progress=progress,
+                                       objects=objects).items():
             results[method][name] = r
     prior = (baselines or {}).get("prior")
     for by_model in results.values():
@@ -185,7 +187,8 @@ def pointing_table(results: dict) -> pd.DataFrame:
             lo, hi = r.get("score_ci95") or (None, None)
             rows.append({"method": method, "model": model, "score": r["score"], "score_lo": lo, "score_hi": hi,
                          "chance": r["chance"], "other_parts": r.get("other_parts"),
-                         "word_specific": r.get("word_specific"), "area": r.get("area"), "n": r["n"],
+                         "word_specific": r.get("word_specific"), "on_object": r.get("on_object"),
+                         "area": r.get("area"), "n": r["n"],
                          "change": (r.get("change") or {}).get("diff"),
                          "change_ci95": (r.get("change") or {}).get("ci95"),
                          "vs_prior": (r.get("vs_prior") or {}).get("diff"),

@@ -32,6 +32,7 @@ class Setup:
     matches: dict[str, list[str]]  # filename -> matched captions of the run
     baselines: dict  # pointing-game scores of the prior and a random bird patch (pointing.baseline_scores)
     finetuned_loss: str | None = None  # the fine-tuned checkpoint's loss (checkpoints/index.json), None without one
+    objects: torch.Tensor | None = None  # n_images x S x S bool: where the bird is (object vs background)
 
     @property
     def parts(self) -> list[str]:
@@ -54,11 +55,11 @@ def prepare(p: Params) -> Setup:
     images = image_cache([ds.root / f for f in files], size, progress=p.progress)
     p["methods"] = methods
     grid = tuple(bundles["pretrained"].model.visual.grid_size)
-    baselines = baseline_scores(items, grid, training_prior(ds, size, grid, p.radius, p.seed),
-                                object_regions(ds, size, files, p.radius))
+    objects = object_regions(ds, size, files, p.radius)
+    baselines = baseline_scores(items, grid, training_prior(ds, size, grid, p.radius, p.seed), objects)
     row = report.finetuned_checkpoint(p.run_dir, p.finetuned_method, p.get("finetuned_shots", "full")) if "finetuned" in bundles else None
     return Setup(ds, bundles, note, items, files, images, report.matched_captions(p.run_dir), baselines,
-                 (row or {}).get("loss"))
+                 (row or {}).get("loss"), objects)
 
 
 def training_prior(ds: Dataset, size: int, grid: tuple[int, int], radius=None, seed: int = 0) -> dict | None:
@@ -125,7 +126,8 @@ def pointing(p: Params, s: Setup) -> tuple[dict, Path]:
         extra["word_specificity"] = report.word_specificity(s.bundles, s.images, s.items, variants,
                                                             batch_size=p.batch_size)
     results = report.run_pointing(p.run_dir, s.bundles, s.images, s.items, p.methods, note=s.note,
-                                  batch_size=p.batch_size, progress=p.progress, baselines=s.baselines, extra=extra)
+                                  batch_size=p.batch_size, progress=p.progress, baselines=s.baselines, extra=extra,
+                                  objects=s.objects)
     fig = plots.plot_pointing(results, title=f"pointing game, {p.dataset} {p.split} ({len(s.items)} part queries)")
     path = plots.save(fig, p.run_dir, "pointing")
     plt.close(fig)
