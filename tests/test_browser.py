@@ -2,9 +2,9 @@
 
 Building a widget in a kernel proves little: a version mismatch between ipywidgets and JupyterLab's
 widget manager only shows in a browser ("Error displaying widget"). This test opens 02_match and
-05_align with ``interactive=True`` on a run folder the earlier stages wrote, runs all cells, checks that
-the widgets render, and that choosing another value in a dropdown changes what they show. Screenshots
-stay in the test's temporary folder. It uses Debian's chromium (``/usr/bin/chromium``, installed by
+05_align with their default ``interactive`` (None: explorers in JupyterLab) on a run folder the earlier
+stages wrote, runs all cells, checks that the widgets render, and that choosing another value in a dropdown
+changes what they show. Screenshots stay in the test's temporary folder. It uses Debian's chromium (``/usr/bin/chromium``, installed by
 ``.ci/run``) through the ``playwright`` package; playwright's own browser download is never used.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A run folder written by describe, match and finetune (tiny random-init CLIP), the two notebooks with
-    ``interactive=True`` pointing at it, and JupyterLab serving them; yields (base URL, folder)."""
+    their default ``interactive`` pointing at it, and JupyterLab serving them; yields (base URL, folder)."""
     root = tmp_path_factory.mktemp("browser")
     run_dir = root / "run"
     common = {**TINY, "run_dir": str(run_dir)}
@@ -56,8 +56,10 @@ def lab(tmp_path_factory):
     kernel = pipeline.ensure_kernel()  # the notebooks' kernel runs this Python
     nbs = root / "lab"
     nbs.mkdir()
-    params = {"02_match": {**common, "interactive": True, "pretrained": None, "n_examples": 2},
-              "05_align": {**common, "interactive": True, "pretrained": None, "max_images": 3, "n_examples": 1}}
+    # no `interactive`: the notebooks' default (None) builds the explorers in JupyterLab, which starts its
+    # kernels with JPY_SESSION_NAME set (workbench.params.interactive_view)
+    params = {"02_match": {**common, "pretrained": None, "n_examples": 2},
+              "05_align": {**common, "pretrained": None, "max_images": 3, "n_examples": 1}}
     for stem, values in params.items():
         pm.execute_notebook(str(notebooks_dir() / f"{stem}.ipynb"), str(nbs / f"{stem}.ipynb"), parameters=values,
                             prepare_only=True, kernel_name=kernel, progress_bar=False)
@@ -171,5 +173,13 @@ def test_widgets_render_and_respond_in_jupyterlab(lab, browser):
         page.screenshot(path=str(shots / "05_align_changed.png"))
         _changes_picture(page, view, lambda: view.locator(".widget-toggle-button", has_text="finetuned").click())
         page.screenshot(path=str(shots / "05_align_finetuned.png"))
+        # the default method reads the caption's sentence; with the word query, another word is another map
+        selects = view.locator(".widget-dropdown select")
+        assert selects.nth(2).input_value() == "surgery-qqkk"  # the default method is shown first
+        _changes_picture(page, view, lambda: view.locator(".widget-toggle-button", has_text="word").click())
+        words = selects.nth(1)
+        assert words.locator("option").count() >= 2
+        _changes_picture(page, view, lambda: words.select_option(index=1))
+        page.screenshot(path=str(shots / "05_align_word.png"))
     finally:
         page.close()

@@ -137,3 +137,22 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path, capsys):
     bad.write_text("base: demo\nseed: 1\n\tmatch: {}\n")  # a tab where YAML wants spaces
     with pytest.raises(C.ConfigError, match=r"my\.yaml, line 3, column 1: YAML syntax error"):
         C.load_source(str(bad))
+
+
+def test_interactive_defaults_to_widgets_in_jupyterlab_only(monkeypatch):
+    """``interactive=None`` (the notebooks' default) builds explorers in a kernel JupyterLab started
+    (JPY_SESSION_NAME) and not headless; a run always passes False unless told otherwise."""
+    from workbench.config import load_schema, resolve, stage_parameters
+    from workbench.params import interactive_view
+
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    assert interactive_view(None) is False and interactive_view(True) is True
+    monkeypatch.setenv("JPY_SESSION_NAME", "/lab/05_align.ipynb")
+    assert interactive_view(None) is True and interactive_view(False) is False
+    schema = load_schema()
+    for stage in ("describe", "match", "align"):
+        assert schema[stage]["interactive"]["default"] == "None", stage
+    cfg = resolve(schema)
+    assert cfg["interactive"] is None
+    assert stage_parameters(cfg, "align", schema)["interactive"] is False  # a run stays static, even from Lab
+    assert stage_parameters(resolve(schema, sets=["interactive=true"]), "align", schema)["interactive"] is True

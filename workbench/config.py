@@ -39,7 +39,7 @@ COMMON: dict[str, tuple[str, Any]] = {
     "val_policy": ("str", "full"),  # how k-shot runs choose checkpoints and probe weight decay (full | k_shot)
     "device": ("str", "auto"),
     "progress": ("bool", True),
-    "interactive": ("bool", False),
+    "interactive": ("Optional[bool]", None),  # None: widgets in JupyterLab, none headless (params.interactive_view)
 }
 # Values a common key may take (checked before any notebook runs; the stages check again).
 CHOICES: dict[str, tuple] = {"val_policy": ("full", "k_shot")}
@@ -357,6 +357,8 @@ def stage_parameters(cfg: dict, stage: str, schema: dict[str, dict[str, dict]]) 
     """The parameters to pass to one stage's notebook (common keys it declares + its section)."""
     declared = schema[stage]
     params = {k: cfg[k] for k in COMMON if k in declared}
+    if "interactive" in params and params["interactive"] is None:
+        params["interactive"] = False  # a run is headless (even when started from a JupyterLab kernel)
     params.update(cfg.get(stage, {}))
     return params
 

@@ -6,6 +6,8 @@ and reaches the code by name. In a notebook: ``p = notebook_params(globals())``;
 """
 from __future__ import annotations
 
+import os
+
 
 class Params(dict):
     """A stage's parameters by name, readable as attributes (``p.epochs``): what a notebook's
@@ -16,6 +18,16 @@ class Params(dict):
             return self[name]
         except KeyError:
             raise AttributeError(f"no parameter {name!r}; parameters: {sorted(self)}") from None
+
+
+def interactive_view(interactive: bool | None) -> bool:
+    """Whether a notebook builds its ipywidgets explorers: ``interactive`` when given; ``None`` (the
+    notebooks' default) means yes in a kernel that a Jupyter server started for a user (JupyterLab or
+    Notebook set ``JPY_SESSION_NAME`` in its environment) and no headless (papermill, nbval; ``workbench
+    run`` passes ``False`` itself, so a run started from a Lab kernel stays static too)."""
+    if interactive is None:
+        return bool(os.environ.get("JPY_SESSION_NAME"))
+    return bool(interactive)
 
 
 def notebook_params(namespace: dict) -> Params:

@@ -135,7 +135,7 @@ def pointing(p: Params, s: Setup) -> tuple[dict, Path]:
 
 
 def explorer(s: Setup):
-    """The interactive explorer over the pointing-game images (``interactive=True``)."""
+    """The interactive explorer over the pointing-game images (05_align: by default in JupyterLab, ``params.interactive_view``)."""
     from .widgets import explorer as build  # ipywidgets: loaded only when a widget is built
 
     caps = [captions(s, i, with_parts=True) for i in range(len(s.files))]

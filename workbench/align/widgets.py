@@ -11,7 +11,7 @@ from .report import pair_maps
 
 def explorer(bundles: dict, images: torch.Tensor, captions: list[list[str]], names: list[str] | None = None,
              classnames: list[str] | None = None):
-    """Interactive overlay viewer (build only when ``interactive=True``).
+    """Interactive overlay viewer (05_align builds it by default in JupyterLab).
 
     ``bundles``: ``{"pretrained": bundle, "finetuned": bundle}``; ``images``: uint8 ``N x 3 x S x S``;
     ``captions[i]``: suggested captions of image i (any text can be typed in the caption box).
