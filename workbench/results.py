@@ -13,7 +13,6 @@ import datetime as _dt
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 from . import __version__
 from .evaluate import METHODS, PAIRS, findings, gist_answers, seed_summary, val_note
-from .io import atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text
 from .runs import METRICS, PARAMS, read_metrics, read_params, unmoved_counts
 
 DEFAULT_RUN = "reports/demo"
@@ -43,11 +42,8 @@ def write_results(run_dir: str | Path = DEFAULT_RUN, out_path: str | Path = DEFA
     for name in FIGURES:
         src = Path(run_dir) / "figures" / name
         if src.is_file():
-            dst = out.parent / "figures" / name
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_suffix(".tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            (out.parent / "figures").mkdir(exist_ok=True)
+            atomic_write_bytes(out.parent / "figures" / name, src.read_bytes())
     atomic_write_text(out, text)
     return out
 
@@ -65,10 +61,10 @@ def render(run_dir: str | Path = DEFAULT_RUN) -> str:
     lines += provenance(run_dir, m, params, header)
     for title, section in SECTIONS:
         lines += ["", f"## {title}", ""] + section(m)
-        if section is pointing_section and (run_dir / "figures" / "align_default.png").is_file():
+        if section is pointing_section and (run_dir / "figures" / FIGURES[0]).is_file():
             lines += ["", f"The default map (`{(m.get('alignment') or {}).get('default_method', 'default')}`) on three "
-                      "birds, three part captions each, the named part outlined (`figures/align_default.png` of the run):",
-                      "", "![default alignment map](figures/align_default.png)"]
+                      f"birds, three part captions each, the named part outlined (`figures/{FIGURES[0]}` of the run):",
+                      "", f"![default alignment map](figures/{FIGURES[0]})"]
     stale = m.get("stale") or {}
     if stale:
         counts = ", ".join(f"{k}: {len(v)}" for k, v in stale.items() if isinstance(v, list))

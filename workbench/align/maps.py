@@ -65,6 +65,10 @@ def _heads(blk, x: torch.Tensor):
     return [t.reshape(B, N, H, E // H).transpose(1, 2) for t in (q, k, v)]
 
 
+# A' of :func:`side_attention`: the sum of softmax(t tᵀ/√d) over these of q, k, v ("identity": none)
+SIDE_ATTENTION = {"kk": "k", "qq": "q", "vv": "v", "qqkk": "qk", "identity": ""}
+
+
 def _self_softmax(t: torch.Tensor) -> torch.Tensor:
     return (t @ t.transpose(-2, -1) / math.sqrt(t.shape[-1])).softmax(-1)
 
@@ -75,14 +79,11 @@ def side_attention(blk, x: torch.Tensor, kind: str) -> torch.Tensor:
     (each token attends to itself)."""
     _check_block(blk)
     q, k, v = _heads(blk, x)
-    if kind == "identity":
-        o = v
-    else:
-        a = {"kk": lambda: _self_softmax(k), "qq": lambda: _self_softmax(q), "vv": lambda: _self_softmax(v),
-             "qqkk": lambda: _self_softmax(q) + _self_softmax(k)}.get(kind)
-        if a is None:
-            raise ValueError(f"unknown side attention {kind!r}; expected kk, qq, vv, qqkk or identity")
-        o = a() @ v
+    if kind not in SIDE_ATTENTION:
+        raise ValueError(f"unknown side attention {kind!r}; expected one of {list(SIDE_ATTENTION)}")
+    qkv = {"q": q, "k": k, "v": v}
+    terms = SIDE_ATTENTION[kind]
+    o = sum(_self_softmax(qkv[t]) for t in terms) @ v if terms else v  # identity: each token keeps its value
     B, H, N, d = o.shape
     return blk.ls_1(blk.attn.out_proj(o.transpose(1, 2).reshape(B, N, H * d)))
 
@@ -203,15 +204,14 @@ def maps(model, tokenizer, images: torch.Tensor, texts: list[str], words: list[s
     texts = [texts] if isinstance(texts, str) else list(texts)
     if images.ndim == 3:
         images = images[None]
-    if len(images) == 1 and len(texts) > 1:
-        images = images.expand(len(texts), *images.shape[1:])
-    if len(images) != len(texts):
+    if len(images) != len(texts) and len(images) != 1:
         raise ValueError(f"{len(images)} images vs {len(texts)} captions: pass equal numbers, or one image")
+    n = len(texts)
     if m.pair is not None:
-        return m.pair(model, tokenizer, images, texts)
-    if m.image is not None:
-        return m.image(model, images)
+        return m.pair(model, tokenizer, images.expand(n, *images.shape[1:]), texts)
+    if m.image is not None:  # one image's map serves all its captions
+        return m.image(model, images).expand(n, *model.visual.grid_size)
     with torch.no_grad():
-        patches = m.dense(model, images)
+        patches = m.dense(model, images)  # once per image, also when it broadcasts
         q = queries(model, tokenizer, texts, words, query or m.query)
-    return score(patches, q, tuple(model.visual.grid_size)).cpu()
+    return score(patches.expand(n, *patches.shape[1:]), q, tuple(model.visual.grid_size)).cpu()

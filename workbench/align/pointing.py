@@ -64,12 +64,18 @@ def point_hits(maps: torch.Tensor, regions: torch.Tensor, min_cover: float = 0.0
     }
 
 
+def queries_by_image(items: list[PartItem]) -> dict[int, list[int]]:
+    """Image index -> the positions in ``items`` of its queries, in order."""
+    out: dict[int, list[int]] = {}
+    for k, it in enumerate(items):
+        out.setdefault(it.index, []).append(k)
+    return out
+
+
 def other_part_hits(items: list[PartItem], top: torch.Tensor, cover: torch.Tensor) -> float | None:
     """Mean over items (with other parts annotated on the same image) of the fraction of those other
     parts whose region the item's hottest patch ``top`` touches; ``cover``: ``N x gh x gw`` bool."""
-    by_image: dict[int, list[int]] = {}
-    for k, it in enumerate(items):
-        by_image.setdefault(it.index, []).append(k)
+    by_image = queries_by_image(items)
     flat = cover.reshape(len(items), -1)
     vals = []
     for k, it in enumerate(items):
@@ -154,9 +160,7 @@ def on_object(top: torch.Tensor, items: list[PartItem], objects: torch.Tensor, g
 def contrast_maps(maps: torch.Tensor, items: list[PartItem]) -> torch.Tensor:
     """Each query's map minus the mean map of the other part queries on its image (unchanged when it is the
     image's only query): what is specific to the named part, not to the bird."""
-    by_image: dict[int, list[int]] = {}
-    for k, it in enumerate(items):
-        by_image.setdefault(it.index, []).append(k)
+    by_image = queries_by_image(items)
     out = maps.clone()
     for ks in by_image.values():
         if len(ks) < 2:
@@ -278,9 +282,7 @@ def baseline_scores(items: list[PartItem], grid: tuple[int, int], prior: dict[st
         if (obj.sum(-1) == 0).any():
             raise ValueError("an image with pointing-game items has an empty object (bird) region")
         expect = (flat * obj).sum(-1) / obj.sum(-1)  # of the bird's patches, the share touching the part
-        by_image: dict[int, list[int]] = {}
-        for k, it in enumerate(items):
-            by_image.setdefault(it.index, []).append(k)
+        by_image = queries_by_image(items)
         vals = [(flat[[j for j in by_image[it.index] if j != k]] * obj[k]).sum(-1).mean().item() / obj[k].sum().item()
                 for k, it in enumerate(items) if len(by_image[it.index]) > 1]
         out["random_bird_patch"] = _baseline_entry(items, expect, chance, area,

@@ -134,15 +134,25 @@ def object_regions(ds, size: int, files: list[str], radius: float | None = None)
     return torch.stack([torch.stack(list(regions[fn].values())).any(0) if fn in regions else empty for fn in files])
 
 
-def part_attributes(part: str, row=None, attribute_part: dict[str, str] | None = None) -> list[str]:
-    """Attribute values of ``part`` in a table row: columns mapped to it by ``attribute_part``
-    (e.g. ``{"crown_color": "crown"}``), else columns named ``<part>_*``."""
-    vals = []
+def _value(val) -> str | None:
+    """An attribute cell as text, None when empty or missing."""
+    return val.strip() if isinstance(val, str) and val.strip() and val.lower() not in ("none", "nan") else None
+
+
+def part_columns(part: str, row=None, attribute_part: dict[str, str] | None = None) -> list[str]:
+    """The columns of a table row that hold a value of ``part``: those mapped to it by ``attribute_part``
+    (e.g. ``{"crown_color": "crown"}``), else those named ``<part>_*``."""
+    cols = []
     for col, val in (row.items() if row is not None else ()):
         owner = attribute_part.get(col) if attribute_part else (part if str(col).startswith(f"{part}_") else None)
-        if owner == part and isinstance(val, str) and val.strip() and val.lower() not in ("none", "nan"):
-            vals.append(val.strip())
-    return vals
+        if owner == part and _value(val) is not None:
+            cols.append(col)
+    return cols
+
+
+def part_attributes(part: str, row=None, attribute_part: dict[str, str] | None = None) -> list[str]:
+    """Attribute values of ``part`` in a table row (:func:`part_columns`)."""
+    return [_value(row[c]) for c in part_columns(part, row, attribute_part)]
 
 
 def part_text(part: str, row=None, template: str = "a bird with {desc}", attribute_part: dict | None = None,
@@ -222,13 +232,12 @@ def query_variants(items: list[PartItem], ds, files: list[str], template: str = 
         noun = (part_nouns or {}).get(it.part) or it.part.replace("_", " ")
         out["bare"].append((k, PartItem(it.index, it.part, part_text(it.part, None, template, attribute_part, noun),
                                         it.word, it.region)))
-        cols = [c for c in row.index if part_attributes(it.part, pd.Series({c: row[c]}), attribute_part)]
+        cols = part_columns(it.part, row, attribute_part)
         wrong = row.copy()
         for c in cols:
             if c not in values:
-                values[c] = sorted({v.strip() for v in ds.table[c] if isinstance(v, str) and v.strip()
-                                    and v.lower() not in ("none", "nan")})
-            others = [v for v in values[c] if v != str(row[c]).strip()]
+                values[c] = sorted({v for v in map(_value, ds.table[c]) if v is not None})
+            others = [v for v in values[c] if v != _value(row[c])]
             if not others:
                 break
             wrong[c] = others[int(rng.integers(len(others)))]

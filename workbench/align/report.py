@@ -31,16 +31,18 @@ def finetuned_checkpoint(run_dir: str | Path, method: str = "gist", shots="full"
 
 
 def load_models(run_dir, model: str, pretrained: str | None, device="auto", method: str = "gist",
-                shots="full") -> tuple[dict, str]:
-    """``{"pretrained": bundle[, "finetuned": bundle]}`` and a note saying what was (not) found; the
-    fine-tuned one is the ``method``/``shots`` run of best validation accuracy."""
+                shots="full") -> tuple[dict, str, dict | None]:
+    """``{"pretrained": bundle[, "finetuned": bundle]}``, a note saying what was (not) found, and the
+    fine-tuned checkpoint's index row (None without one): the ``method``/``shots`` run of best validation
+    accuracy."""
     bundles = {"pretrained": load_clip(model, pretrained, device=device)}
     row = finetuned_checkpoint(run_dir, method, shots)
     if row is None:
         what = "full-shot" if str(shots) == "full" else f"{shots}-shot"
-        return bundles, f"no {method!r} {what} checkpoint in {Path(run_dir) / INDEX}: pretrained only"
+        return bundles, f"no {method!r} {what} checkpoint in {Path(run_dir) / INDEX}: pretrained only", None
     bundles["finetuned"] = load_clip(row.get("model") or model, row["path"], device=device)
-    return bundles, f"fine-tuned: {row['method']} shots={row['shots']} seed={row.get('seed')} epoch={row.get('epoch')} ({row['path']})"
+    note = f"fine-tuned: {row['method']} shots={row['shots']} seed={row.get('seed')} epoch={row.get('epoch')} ({row['path']})"
+    return bundles, note, row
 
 
 def attribute_caption(row, classname: str | None = None, parts: list[str] = (), attribute_part: dict | None = None) -> str:
@@ -104,6 +106,7 @@ def run_pointing(
     progress: bool = False,
     baselines: dict | None = None,
     objects: torch.Tensor | None = None,
+    variants: dict | None = None,
 ) -> dict:
     """Pointing game for each model in ``bundles``; stored as ``metrics.json["alignment"]``:
     ``{"pointing_game": {method: {"pretrained": {score, chance, area, n, per_part, vs_prior}, "finetuned":
@@ -130,28 +133,33 @@ def run_pointing(
                "models": {k: {"model": b.name, "weights": b.pretrained} for k, b in bundles.items()},
                "default_method": map_methods.DEFAULT}
     section.update(extra or {})
+    if variants:
+        named = results.get(map_methods.DEFAULT)  # the default's own hits, when it is one of the methods
+        section["word_specificity"] = word_specificity(bundles, images, items, variants, batch_size=batch_size,
+                                                       named=named)
     update_metrics(run_dir, "alignment", section)
     return results
 
 
 def word_specificity(bundles: dict, images: torch.Tensor, items, variants: dict, method: str = map_methods.DEFAULT,
-                     batch_size: int = 32) -> dict:
+                     batch_size: int = 32, named: dict | None = None) -> dict:
     """Does ``method``'s map follow the words? Per model, the pointing game of the named queries and of each
     control of :func:`~workbench.align.regions.query_variants` (the bare part noun, a wrong attribute value):
     ``{"method", model: {"named": {score, n}, variant: {score, n, vs_named: {diff, ci95, p}}}}``, the
     difference paired over the same queries (points). A map read from the part noun scores the same bare;
-    one read from the attribute value drops, and drops further with a wrong value."""
+    one read from the attribute value drops, and drops further with a wrong value. ``named``: ``{model:
+    entry}`` of ``method`` on ``items`` when already computed (:func:`run_pointing`'s results)."""
     out: dict = {"method": method}
     for name, (model, _, tok) in bundles.items():
-        named = pointing_game(model, tok, images, items, [method], batch_size)[method]
-        by = {"named": {"score": named["score"], "n": named["n"]}}
+        own = (named or {}).get(name) or pointing_game(model, tok, images, items, [method], batch_size)[method]
+        by = {"named": {"score": own["score"], "n": own["n"]}}
         for variant, pairs in variants.items():
             if not pairs:
                 continue
             keep = [k for k, _ in pairs]
             r = pointing_game(model, tok, images, [it for _, it in pairs], [method], batch_size)[method]
-            vs = versus(r, {"_hit": named["_hit"][keep]})
-            by[variant] = {"score": r["score"], "n": r["n"], "named_score": float(named["_hit"][keep].mean()),
+            vs = versus(r, {"_hit": own["_hit"][keep]})
+            by[variant] = {"score": r["score"], "n": r["n"], "named_score": float(own["_hit"][keep].mean()),
                            "vs_named": vs}
         out[name] = by
     return out

@@ -15,7 +15,7 @@ from ..data.images import image_cache
 from ..params import Params
 from ..runs import locked, read_metrics
 from . import maps, plots, report
-from .pointing import PartItem, baseline_scores, check_methods, part_prior
+from .pointing import PartItem, baseline_scores, check_methods, part_prior, queries_by_image
 from .regions import object_regions, part_items, part_regions, query_variants
 
 PRIOR_IMAGES = 1000  # training images the part-location prior averages (a seeded draw when there are more)
@@ -47,7 +47,7 @@ def prepare(p: Params) -> Setup:
     and their part queries. Bad methods or parts fail before any model loads."""
     methods = check_methods(p.methods)
     ds = load_dataset(p.dataset, p.data_root, **p.dataset_options)
-    bundles, note = report.load_models(p.run_dir, p.model, p.pretrained, p.device, p.finetuned_method,
+    bundles, note, row = report.load_models(p.run_dir, p.model, p.pretrained, p.device, p.finetuned_method,
                                        p.get("finetuned_shots", "full"))
     size = image_size(bundles["pretrained"].model)
     items, files = part_items(ds.split(p.split), size, parts=p.parts, max_images=p.max_images, radius=p.radius,
@@ -57,7 +57,6 @@ def prepare(p: Params) -> Setup:
     grid = tuple(bundles["pretrained"].model.visual.grid_size)
     objects = object_regions(ds, size, files, p.radius)
     baselines = baseline_scores(items, grid, training_prior(ds, size, grid, p.radius, p.seed), objects)
-    row = report.finetuned_checkpoint(p.run_dir, p.finetuned_method, p.get("finetuned_shots", "full")) if "finetuned" in bundles else None
     return Setup(ds, bundles, note, items, files, images, report.matched_captions(p.run_dir), baselines,
                  (row or {}).get("loss"), objects)
 
@@ -102,12 +101,9 @@ def default_view(p: Params, s: Setup, n_images: int = 3, n_queries: int = 3) -> 
     ``n_queries`` part queries each, under the fine-tuned model when there is one."""
     name = "finetuned" if "finetuned" in s.bundles else "pretrained"
     model, _, tok = s.bundles[name]
-    by_image: dict[int, list[PartItem]] = {}
-    for it in s.items:
-        by_image.setdefault(it.index, []).append(it)
     rows = []
-    for i, its in list(by_image.items())[:n_images]:
-        its = its[:n_queries]
+    for i, ks in list(queries_by_image(s.items).items())[:n_images]:
+        its = [s.items[k] for k in ks[:n_queries]]
         m = maps.maps(model, tok, s.images[i], [it.text for it in its], [it.word for it in its], method=maps.DEFAULT)
         rows.append((s.images[i], [(it.text, it.word, mp, it.region) for it, mp in zip(its, m)]))
     fig = plots.plot_query_grid(rows, maps.DEFAULT, title=f"{maps.DEFAULT} ({name} weights): the named part outlined")
@@ -121,13 +117,11 @@ def pointing(p: Params, s: Setup) -> tuple[dict, Path]:
     """The pointing game for every model, stored in ``metrics.json["alignment"]``; returns the results
     and the saved figure."""
     extra = {"dataset": p.dataset, "split": p.split, "n_images": len(s.files), "caption_template": p.caption_template}
-    if p.word_specificity:
-        variants = query_variants(s.items, s.ds.split(p.split), s.files, p.caption_template, p.part_nouns, p.seed)
-        extra["word_specificity"] = report.word_specificity(s.bundles, s.images, s.items, variants,
-                                                            batch_size=p.batch_size)
+    variants = (query_variants(s.items, s.ds.split(p.split), s.files, p.caption_template, p.part_nouns, p.seed)
+                if p.word_specificity else None)
     results = report.run_pointing(p.run_dir, s.bundles, s.images, s.items, p.methods, note=s.note,
                                   batch_size=p.batch_size, progress=p.progress, baselines=s.baselines, extra=extra,
-                                  objects=s.objects)
+                                  objects=s.objects, variants=variants)
     fig = plots.plot_pointing(results, title=f"pointing game, {p.dataset} {p.split} ({len(s.items)} part queries)")
     path = plots.save(fig, p.run_dir, "pointing")
     plt.close(fig)
