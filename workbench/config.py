@@ -27,6 +27,7 @@ import yaml
 from .params import Params
 
 PRESET_DIR = Path(__file__).parent / "presets"
+NOT_STAGES = {"compare"}  # numbered notebooks that are not pipeline stages (06_compare: `workbench compare`)
 _STAGE_RE = re.compile(r"^(\d\d)_([a-z0-9_]+)\.ipynb$")
 
 # Keys shared by all stages: name -> (type, default). A stage gets those its notebook declares.
@@ -184,7 +185,8 @@ def notebooks_dir() -> Path:
 def discover_stages(nb_dir: str | Path | None = None) -> dict[str, Path]:
     """Stage name -> notebook, in pipeline order (``NN_<stage>.ipynb``)."""
     nb_dir = Path(nb_dir) if nb_dir else notebooks_dir()
-    found = sorted(p for p in nb_dir.glob("*.ipynb") if _STAGE_RE.match(p.name))
+    found = sorted(p for p in nb_dir.glob("*.ipynb") if _STAGE_RE.match(p.name)
+                   and _STAGE_RE.match(p.name).group(2) not in NOT_STAGES)
     if not found:
         raise FileNotFoundError(f"no stage notebooks (NN_<stage>.ipynb) in {nb_dir}; set WORKBENCH_NOTEBOOKS to "
                                 "the folder that holds them")

@@ -29,6 +29,7 @@ from papermill.exceptions import PapermillExecutionError
 
 from . import __version__
 from . import config as C
+from . import reuse as reuse_mod
 from .data import load_dataset
 from .htmlreport import export_html
 from .io import atomic_write_text
@@ -277,17 +278,23 @@ def check_dataset(cfg: dict):
     return load_dataset(cfg["dataset"], cfg.get("data_root"), **(cfg.get("dataset_options") or {}))
 
 
-def execute(p: RunPlan, log=print) -> Path:
+def execute(p: RunPlan, log=print, reuse: list | None = None) -> Path:
     """Write ``params.yaml`` and run the planned stages in order, holding the run folder's lock (its
     stage kernels inherit it); raises :class:`StageFailed`, :class:`StageInterrupted` (Ctrl-C, once the
-    stage's kernel is shut down), or :class:`RunBusyError` at once."""
+    stage's kernel is shut down), or :class:`RunBusyError` at once.
+
+    Each finished stage is recorded in ``stages.json`` (:mod:`workbench.reuse`). With ``reuse`` (run
+    folders, or folders of them such as a sweep; ``[]``: this run's own folder only), a stage whose
+    key one of them holds, this run's own folder first, is taken from there instead of run."""
+    pool = None if reuse is None else list(reuse)
     with run_lock(p.run_dir), _Interrupts() as ctrl_c:
         header = (f"# Resolved configuration of run {p.name!r}: workbench {__version__}, "
                   f"commit {_git_commit()}, {_dt.datetime.now().isoformat(timespec='seconds')}\n")
         atomic_write_text(p.run_dir / PARAMS, header + C.dump(p.config))
+        data_sha = reuse_mod.dataset_sha(p.config)
         for stage, nb in p.stages.items():
             try:
-                _run_stage(p, stage, nb, log)
+                _run_stage(p, stage, nb, log, pool, data_sha)
             except (Exception, KeyboardInterrupt):
                 if ctrl_c.count:  # the cell stopped by the interrupt, a kernel killed by a second one or
                     raise StageInterrupted(stage) from None  # interrupted while it started
@@ -297,12 +304,46 @@ def execute(p: RunPlan, log=print) -> Path:
     return p.run_dir
 
 
-def _run_stage(p: RunPlan, stage: str, nb: Path, log) -> None:
+def _run_stage(p: RunPlan, stage: str, nb: Path, log, pool: list | None, data_sha: str | None) -> None:
     params = {"run_dir": str(p.run_dir), **C.stage_parameters(p.config, stage, p.schema)}
-    log(f"[{stage}] {nb.name} -> {p.run_dir / nb.name}")
     t0 = time.perf_counter()
+    inputs = reuse_mod.stage_inputs(p.run_dir, stage, nb, params, list(p.schema), data_sha)
+    key = reuse_mod.stage_key(inputs)
+    found = None if pool is None else _adopt(p, stage, key, pool, log)
+    if pool is None:
+        _compute_stage(p, stage, nb, params, key, inputs, log)
+    elif found is None:
+        with reuse_mod.key_lock(key):  # a run computing the same stage right now finishes it first
+            found = _adopt(p, stage, key, pool, log)
+            if found is None:
+                _compute_stage(p, stage, nb, params, key, inputs, log)
+    if found is None:
+        dt = time.perf_counter() - t0
+        update_metrics(p.run_dir, "timing", {f"{stage}_s": round(dt, 2)})
+        log(f"[{stage}] done in {dt:.1f} s")
+    elif found != "kept":  # a reused stage's timing is the computation's, in the folder it came from
+        update_metrics(p.run_dir, "timing", {f"{stage}_s": found})
+
+
+def _adopt(p: RunPlan, stage: str, key: str, pool: list, log) -> str | float | None:
+    """Take ``stage`` from a donor: "kept" (this run's own, unchanged), the donor's seconds, or None."""
+    found = reuse_mod.find_donor(key, p.run_dir, stage, reuse_mod.candidate_dirs(pool))
+    if found is None:
+        return None
+    donor, record = found
+    if donor == p.run_dir.resolve():
+        log(f"[{stage}] unchanged (key {key}): kept from this run's last computation")
+        reuse_mod.note(p.run_dir, stage, "unchanged")
+        return "kept"
+    reuse_mod.adopt(p.run_dir, stage, donor, record, key)
+    log(f"[{stage}] reused from {donor} (key {key}: same settings and inputs)")
+    return float(record.get("seconds") or 0.0)
+
+
+def _compute_stage(p: RunPlan, stage: str, nb: Path, params: dict, key: str, inputs: dict, log) -> None:
+    log(f"[{stage}] {nb.name} -> {p.run_dir / nb.name}")
+    reuse_mod.forget(p.run_dir, stage)  # until it finishes, its old record is no donor
+    recorder = reuse_mod.StageRecorder(p.run_dir, stage, key, inputs)
     with relay(prefix=f"[{stage}] "):  # the kernel's progress bars, on this terminal instead of in the notebook
         run_notebook(nb, p.run_dir / nb.name, params, cwd=p.run_dir, stage=stage)
-    dt = time.perf_counter() - t0
-    update_metrics(p.run_dir, "timing", {f"{stage}_s": round(dt, 2)})
-    log(f"[{stage}] done in {dt:.1f} s")
+    recorder.finish()

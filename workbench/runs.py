@@ -27,6 +27,7 @@ METRICS = "metrics.json"
 DESCRIPTIONS = "descriptions.jsonl"
 MATCHES = "matches.jsonl"
 TRAIN_LOG = "train_log.jsonl"
+OUTCOMES = "test_outcomes.json"  # per-image top-1 correctness of every accuracy row: paired comparisons across runs
 INDEX = "checkpoints/index.json"
 CHECKPOINTS = "checkpoints"  # one folder per fine-tuning run (run_name), beside INDEX
 
@@ -36,6 +37,7 @@ WRITERS = {
     MATCHES: "match stage (02_match)",
     TRAIN_LOG: "fine-tuning stage (03_finetune)",
     INDEX: "fine-tuning stage (03_finetune)",
+    OUTCOMES: "evaluate stage (04_evaluate)",
 }
 # Methods whose fine-tuned checkpoints a run directory can hold: GIST, FLYP-style class names, and the
 # controls that bracket GIST (caption sources of workbench.finetune.sources).
@@ -206,6 +208,39 @@ def write_matches(run_dir: str | Path, records: Sequence[dict]) -> Path:
     path = Path(run_dir) / MATCHES
     write_jsonl(path, records)
     return path
+
+
+# ----------------------------------------------------------------------------- test outcomes
+def write_outcomes(run_dir: str | Path, rows: Sequence[dict], filenames: Sequence[str]) -> Path:
+    """``test_outcomes.json``: for each accuracy row with per-image results (``_test``: positions in the
+    dataset table and top-1 correctness), its key (method, shots, seed, identity) and correctness as a
+    string of 0/1; the test images are listed once, by file name (``filenames``: the table's column), so two
+    runs' rows pair image by image."""
+    test, out = None, []
+    for r in rows:
+        t = r.get("_test")
+        if t is None:
+            continue
+        files = [str(filenames[int(i)]) for i in t["rows"]]
+        if test is None:
+            test = files
+        elif files != test:
+            raise ValueError(f"row {r['method']}/{r['shots']}/{r['seed']} was scored on other test images than the rest")
+        out.append({"method": r["method"], "shots": r["shots"], "seed": r.get("seed"), "identity": r.get("identity"),
+                    "correct": "".join("1" if c else "0" for c in t["correct"])})
+    path = Path(run_dir) / OUTCOMES
+    write_json(path, {"version": 1, "test": test or [], "rows": out})
+    return path
+
+
+def read_outcomes(run_dir: str | Path) -> dict:
+    """``test_outcomes.json`` with each row's ``correct`` as a bool array."""
+    import numpy as np
+
+    data = read_json(stage_file(run_dir, OUTCOMES))
+    for r in data["rows"]:
+        r["correct"] = np.frombuffer(r["correct"].encode(), dtype=np.uint8) == ord("1")
+    return data
 
 
 # ----------------------------------------------------------------------------- checkpoints

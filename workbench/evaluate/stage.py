@@ -9,7 +9,7 @@ from ..clip import load_clip
 from ..data import Dataset, DrawSpec, load_dataset, parse_shots
 from ..identity import dataset_identity, digest, weights_identity, with_version
 from ..params import Params
-from ..runs import DESCRIPTIONS, locked, read_index, read_metrics, run_name, run_warnings, update_metrics
+from ..runs import DESCRIPTIONS, locked, read_index, read_metrics, run_name, run_warnings, update_metrics, write_outcomes
 from .compare import finetuned_rows, probe_rows, zero_shot_rows
 from .draws import check_draws, dataset_features
 from .paired import comparisons
@@ -96,8 +96,11 @@ def tuned_rows(p: Params, s: Setup) -> tuple[list[dict], list[str]]:
 
 @locked
 def record(p: Params, rows: list[dict]):
-    """Store the rows in ``metrics.json["accuracy"]`` and the figures; return the figures."""
+    """Store the rows in ``metrics.json["accuracy"]``, their per-image outcomes in ``test_outcomes.json``
+    (for comparisons across runs, `workbench compare`) and the figures; return the figures."""
     update_metrics(p.run_dir, "accuracy", rows)
+    ds = load_dataset(p.dataset, p.data_root, **(p.dataset_options or {}))
+    write_outcomes(p.run_dir, rows, ds.table["filename"].tolist())
     figures = Path(p.run_dir) / "figures"
     return plot_accuracy(rows, figures / "evaluate_accuracy.png"), plot_sweep(rows, figures / "evaluate_probe_sweep.png")
 
