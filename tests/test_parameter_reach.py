@@ -99,7 +99,7 @@ CASES: dict[str, dict[str, Case]] = {
     "describe": {
         # descriptions depend on the class names (and the dataset's prompt domain), not on the pixels
         "dataset": case("cub", {"dataset": "gist", "data_root": At("cub_root"), "dataset_options": {}, **OPENAI}),
-        "data_root": case(At("other_root")), "dataset_options": case(OTHER), "seed": case(1),
+        "data_root": case(At("other_root")), "dataset_options": case(OTHER), "sampling_seed": case(1),
         "backend": case("transformers", OPENAI), "llm": case("other-llm", OPENAI), "domain": case("flowers", OPENAI),
         "domain_noun": case("mushroom", {**OPENAI, "domain": "generic"}), "per_class": case(3),
         "api_base": case("http://127.0.0.1:10/v1", OPENAI), "temperature": case(0.2, OPENAI),
@@ -110,7 +110,7 @@ CASES: dict[str, dict[str, Case]] = {
         "model": case("wb-reach"),
     },
     "match": {
-        **DATA, "model": case("wb-reach", RANDOM), "pretrained": case(None), "k": case(3), "center": case(True),
+        **{k: v for k, v in DATA.items() if k != "seed"}, "examples_seed": case(1), "model": case("wb-reach", RANDOM), "pretrained": case(None), "k": case(3), "center": case(True),
         "summarize": case("extractive"), "summarize_options": case({"target_tokens": 8}, {"summarize": "extractive"}),
         "skip_bad_images": case(True, {"data_root": At("bad_root")}, base_raises=True), "split": case("val"),
         "n_examples": case(3), "import_captions": case(At("captions_top5")), "export_captions": case(False),

@@ -37,7 +37,7 @@ def run(p: Params, ds: Dataset | None = None) -> DescribeResult:
     ds = ds if ds is not None else load_dataset(p.dataset, p.data_root, **p.dataset_options)
     return generate_descriptions(
         ds, backend_from_params(p), domain=p.domain or domain_for_dataset(p.dataset), noun=p.domain_noun,
-        n_per_class=p.per_class, run_dir=p.run_dir, seed=p.seed, max_attempts=p.max_attempts, progress=p.progress,
+        n_per_class=p.per_class, run_dir=p.run_dir, seed=p.sampling_seed, max_attempts=p.max_attempts, progress=p.progress,
     )
 
 
