@@ -366,3 +366,15 @@ def test_track_without_mlflow_says_how_to_install_it(nb_dir, tmp_path, monkeypat
                    "--track", "mlflow"])
     assert rc == 2 and "pip install 'gist-workbench[track]'" in capsys.readouterr().err
     assert not (tmp_path / "reports" / "t").exists()
+
+
+def test_the_run_seed_does_not_reach_describe_or_match():
+    """A seed grid shares one describe and one match: those stages have seeds of their own."""
+    from workbench import config as C
+
+    schema = C.load_schema()
+    a, b = (C.resolve(schema, [C.load_source("demo")], [f"seed={s}"]) for s in (0, 1))
+    for stage in ("describe", "match"):
+        assert C.stage_parameters(a, stage, schema) == C.stage_parameters(b, stage, schema)
+    for stage in ("finetune", "evaluate", "align"):
+        assert C.stage_parameters(a, stage, schema) != C.stage_parameters(b, stage, schema)
