@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import nbformat
 import pytest
 import yaml
 from nbutil import MINIMAL, make_notebook
@@ -32,6 +33,9 @@ def nb_dir(tmp_path, monkeypatch):
     d = tmp_path / "notebooks"
     make_notebook(d / "01_prep.ipynb", PARAMS + "size: int = 3  # items\n",
                   COUNT.format(stage="prep") +
+                  "paid = pathlib.Path('describe_responses.jsonl')  # as describe's LLM answers\n"
+                  "pathlib.Path('prep_had_answers.txt').write_text(str(paid.exists()))\n"
+                  "with paid.open('a') as f:\n    f.write('{\"paid\": 1}\\n')\n"
                   "pathlib.Path('prep.json').write_text(json.dumps({'items': [seed * 10 + i for i in range(size)]}))")
     make_notebook(d / "02_train.ipynb", PARAMS + "lr: float = 0.1  # rate\nfail: bool = False  # raise\n"
                   "sleep: float = 0.0  # seconds\n",
@@ -238,7 +242,7 @@ def test_stage_key_follows_inputs_not_neutral_settings(nb_dir, tmp_path):
     pipeline.execute(p, log=lambda *_: None)
     rec = R.read_records(p.run_dir)
     assert set(rec) == {"prep", "train", "report"}
-    assert set(rec["train"]["inputs"]["upstream"]) == {"prep.json"}  # prep's data, not its notebook or figures
+    assert set(rec["train"]["inputs"]["upstream"]) == {"prep.json", "prep_had_answers.txt", "describe_responses.jsonl"}  # not its notebook
     assert "progress" not in rec["train"]["inputs"]["params"] and rec["train"]["inputs"]["params"]["lr"] == 0.1
     params = {"run_dir": "x", "dataset": "synthetic", "seed": 3, "progress": False, "lr": 0.1, "fail": False, "sleep": 0.0}
 
@@ -378,3 +382,17 @@ def test_the_run_seed_does_not_reach_describe_or_match():
         assert C.stage_parameters(a, stage, schema) == C.stage_parameters(b, stage, schema)
     for stage in ("finetune", "evaluate", "align"):
         assert C.stage_parameters(a, stage, schema) != C.stage_parameters(b, stage, schema)
+
+
+def test_a_stage_recomputed_for_new_code_keeps_the_paid_answers(nb_dir, tmp_path):
+    """Other code (here: an edited notebook) computes prep again, but the answers it paid for come along."""
+    reports = tmp_path / "reports"
+    assert cli.main(["run", MINIMAL, "--name", "old", "--reports", str(reports)]) == 0
+    nb = nbformat.read(nb_dir / "01_prep.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("an edit"))
+    nbformat.write(nb, nb_dir / "01_prep.ipynb")
+    assert cli.main(["run", MINIMAL, "--name", "new", "--reports", str(reports), "--reuse", str(reports / "old")]) == 0
+    assert ran(tmp_path, "prep") == ["new", "old"]  # computed again: the notebook changed
+    assert (reports / "new" / "prep_had_answers.txt").read_text() == "True"
+    assert len((reports / "new" / "describe_responses.jsonl").read_text().splitlines()) == 2
+    assert len((reports / "old" / "describe_responses.jsonl").read_text().splitlines()) == 1  # a copy, not a link

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from . import config as C
 from . import pipeline
-from .cache import cache_root, cache_usage, clear_cache
 from .reuse import candidate_dirs as reuse_candidates
 from .runs import RunBusyError, read_metrics, run_lock
 
@@ -135,6 +134,8 @@ def _params(args) -> int:
 
 
 def _cache(args) -> int:
+    from .cache import cache_root, cache_usage, clear_cache  # torch: only this command needs it
+
     if args.clear:
         try:
             freed = clear_cache(args.clear)

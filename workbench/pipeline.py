@@ -31,7 +31,6 @@ from . import __version__
 from . import config as C
 from . import reuse as reuse_mod
 from .data import load_dataset
-from .htmlreport import export_html
 from .io import atomic_write_text
 from .progress import relay
 from .runs import PARAMS, run_lock, update_metrics
@@ -176,6 +175,8 @@ def _kernel_manager_class():
 def run_notebook(src: str | Path, out: str | Path, parameters: dict, cwd: str | Path,
                  stage: str | None = None, html: bool = True) -> Path:
     """Execute one notebook with papermill (kernel of this interpreter), save it and an HTML copy."""
+    from .htmlreport import export_html  # here: it reads the stages' packages (torch, open_clip), which a
+    # `workbench run` whose stages are all reused never needs
     out = Path(out)
     try:
         pm.execute_notebook(
@@ -316,6 +317,8 @@ def _run_stage(p: RunPlan, stage: str, nb: Path, log, pool: list | None, data_sh
         with reuse_mod.key_lock(key):  # a run computing the same stage right now finishes it first
             found = _adopt(p, stage, key, pool, log)
             if found is None:
+                for f in reuse_mod.prime(p.run_dir, stage, inputs, reuse_mod.candidate_dirs(pool)):
+                    log(f"[{stage}] paid answers copied from {f} (the same settings, other code)")
                 _compute_stage(p, stage, nb, params, key, inputs, log)
     if found is None:
         dt = time.perf_counter() - t0

@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import config as C
-from .cache import cache_root
 from .identity import digest, file_sha256, table_sha256, weights_identity
-from .io import atomic_write_text, read_json
+from .io import atomic_write_text, cache_root, read_json
 from .runlock import LOCK
 from .runs import METRICS, PARAMS
 
@@ -47,6 +46,10 @@ RECORD = "stages.json"
 _RUNNER_FILES = {PARAMS, METRICS, RECORD, LOCK}
 # sections of metrics.json that are not one stage's (the runner's timings, rows moved aside)
 _SHARED_SECTIONS = {"timing", "stale"}
+# Files of paid answers keyed by request (describe's LLM responses): when a stage must be computed again
+# only because the code or the notebook changed, they are copied from the run that paid for them first,
+# so no request is paid twice (a request the new code no longer sends is never replayed).
+PAID_FILES = ("describe_responses.jsonl",)
 LINK_SUFFIXES = (".safetensors",)  # written only by atomic replacement (finetune/checkpoint.py): safe to share
 VERSION = 1
 
@@ -167,6 +170,28 @@ def find_donor(key: str, run_dir: Path, stage: str, candidates: Iterable[Path]) 
         if rec and rec.get("key") == key and intact(d, rec):
             return d, rec
     return None
+
+
+def _same_but_code(a: dict, b: dict) -> bool:
+    skip = ("code_sha256", "notebook_sha256")
+    return {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
+
+
+def prime(run_dir: Path, stage: str, inputs: dict, candidates: Iterable[Path]) -> list[str]:
+    """Before ``stage`` is computed: copy each paid-answer file (:data:`PAID_FILES`) this run lacks from a
+    folder whose record of ``stage`` had the same inputs but other code; returns the files copied."""
+    copied = []
+    for d in candidates:
+        if d == Path(run_dir).resolve():
+            continue
+        rec = read_records(d).get(stage) or {}
+        if not rec.get("inputs") or not _same_but_code(rec["inputs"], inputs):
+            continue
+        for name in PAID_FILES:
+            if (d / name).is_file() and not (Path(run_dir) / name).exists():
+                _place(d / name, Path(run_dir) / name)
+                copied.append(str(d / name))
+    return copied
 
 
 @contextlib.contextmanager
