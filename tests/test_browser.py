@@ -49,16 +49,17 @@ def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     run_dir = root / "run"
     common = {**TINY, "run_dir": str(run_dir)}
-    describe.run(stage_params("describe", **common, per_class=3))
-    match.run(stage_params("match", **common, pretrained=None, n_examples=2))
-    finetune.run(stage_params("finetune", **{k: v for k, v in common.items() if k != "seed"}, pretrained=None,
+    unseeded = {k: v for k, v in common.items() if k != "seed"}  # describe and match have seeds of their own
+    describe.run(stage_params("describe", **unseeded, per_class=3))
+    match.run(stage_params("match", **unseeded, pretrained=None, n_examples=2))
+    finetune.run(stage_params("finetune", **unseeded, pretrained=None,
                               methods=["gist"], shots=["full"], seeds=[0], epochs=1, batch_size=16))
     kernel = pipeline.ensure_kernel()  # the notebooks' kernel runs this Python
     nbs = root / "lab"
     nbs.mkdir()
     # no `interactive`: the notebooks' default (None) builds the explorers in JupyterLab, which starts its
     # kernels with JPY_SESSION_NAME set (workbench.params.interactive_view)
-    params = {"02_match": {**common, "pretrained": None, "n_examples": 2},
+    params = {"02_match": {**unseeded, "pretrained": None, "n_examples": 2},
               "05_align": {**common, "pretrained": None, "max_images": 3, "n_examples": 1}}
     for stem, values in params.items():
         pm.execute_notebook(str(notebooks_dir() / f"{stem}.ipynb"), str(nbs / f"{stem}.ipynb"), parameters=values,
