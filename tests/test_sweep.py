@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 import yaml
 from nbutil import MINIMAL, make_notebook
@@ -260,7 +261,8 @@ def test_stage_key_follows_inputs_not_neutral_settings(nb_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- workbench compare
-def _fake_run(root: Path, name: str, lr: float, correct: dict, val: dict, test=("a.jpg", "b.jpg", "c.jpg", "d.jpg")):
+def _fake_run(root: Path, name: str, lr: float, correct: dict, val: dict, test=("a.jpg", "b.jpg", "c.jpg", "d.jpg"),
+              identity: dict | None = None):
     """A run folder as the evaluate stage leaves it: params.yaml, accuracy rows, test_outcomes.json."""
     from workbench.io import write_json
 
@@ -272,7 +274,8 @@ def _fake_run(root: Path, name: str, lr: float, correct: dict, val: dict, test=(
     for (method, seed), c in correct.items():
         rows.append({"method": method, "shots": 1, "seed": seed, "top1": 100 * sum(c) / len(c), "ci95": [0, 100],
                      "val_top1": val[method], "n_test": len(c)})
-        outs.append({"method": method, "shots": 1, "seed": seed, "correct": "".join(map(str, c))})
+        outs.append({"method": method, "shots": 1, "seed": seed, "correct": "".join(map(str, c)),
+                     "identity": (identity or {}).get(method, f"{name}-{method}-{seed}")})
     write_json(d / "metrics.json", {"accuracy": rows})
     write_json(d / "test_outcomes.json", {"version": 1, "test": list(test), "rows": outs})
     return d
@@ -282,22 +285,26 @@ def test_compare_tables_against_hand_computation(tmp_path):
     from workbench import compare
 
     sw = tmp_path / "sw"
-    _fake_run(sw, "lr1", 1e-5, {("gist", 0): [1, 1, 0, 0], ("gist", 1): [1, 0, 0, 0]}, {"gist": 60.0})
-    _fake_run(sw, "lr3", 3e-5, {("gist", 0): [1, 1, 1, 0], ("gist", 1): [1, 1, 0, 1]}, {"gist": 50.0})
+    zs = {("zero-shot", 0): [1, 0, 0, 0]}  # the same computation in both runs (same identity): never paired
+    _fake_run(sw, "lr1", 1e-5, {("gist", 0): [1, 1, 0, 0], ("gist", 1): [1, 0, 0, 0], **zs}, {"gist": 60.0, "zero-shot": None},
+              identity={"zero-shot": "zs"})
+    _fake_run(sw, "lr3", 3e-5, {("gist", 0): [1, 1, 1, 0], ("gist", 1): [1, 1, 0, 1], **zs}, {"gist": 50.0, "zero-shot": None},
+              identity={"zero-shot": "zs"})
     runs = compare.load_runs([sw])
     assert [r.name for r in runs] == ["lr1", "lr3"]
     assert compare.differing_settings(runs) == ["finetune.lr"]  # epochs, seed, progress are the same
     table = compare.accuracy_table(runs)
-    assert list(table.columns[:2]) == ["run", "finetune.lr"] and len(table) == 4
-    best = compare.best_on_validation(table)
+    assert list(table.columns[:2]) == ["run", "finetune.lr"] and len(table) == 6
+    best = compare.best_on_validation(table).set_index("method")
     # lr1 has the better validation score though lr3 is better on test: the choice is validation's
-    assert best.loc[0, "best_run"] == "lr1" and best.loc[0, "test_top1"] == pytest.approx((50 + 25) / 2)
+    assert best.loc["gist", "best_run"] == "lr1" and best.loc["gist", "test_top1"] == pytest.approx((50 + 25) / 2)
+    assert pd.isna(best.loc["zero-shot", "best_run"]) and "nothing to choose" in best.loc["zero-shot", "note"]
     pairs = compare.paired_runs(runs, n_boot=500)
     assert len(pairs) == 1 and pairs.loc[0, "a"] == "lr1" and pairs.loc[0, "seeds"] == 2
     assert pairs.loc[0, "diff"] == pytest.approx((50 + 25) / 2 - (75 + 75) / 2)
     assert pairs.loc[0, "p_holm"] == pytest.approx(pairs.loc[0, "p"])  # one comparison: Holm changes nothing
     by = compare.accuracy_by_setting(runs, "finetune.lr")
-    assert by.set_index("run").loc["lr3", "top1"] == pytest.approx(75.0)
+    assert by[by.method == "gist"].set_index("run").loc["lr3", "top1"] == pytest.approx(75.0)
 
 
 def test_compare_refuses_pairs_on_different_test_images(tmp_path, capsys):

@@ -123,6 +123,10 @@ def _outcomes(run: RunData) -> dict:
     return {(o["method"], str(o["shots"]), o["seed"]): o["correct"] for o in run.outcomes["rows"]}
 
 
+def _identities(run: RunData) -> dict:
+    return {(o["method"], str(o["shots"]), o["seed"]): o.get("identity") for o in run.outcomes["rows"]}
+
+
 def check_same_test(runs: list[RunData]) -> None:
     """Paired comparisons need the same test images in every run: refuse, naming the runs, when not."""
     missing = [r.name for r in runs if r.outcomes is None]
@@ -142,17 +146,21 @@ def check_same_test(runs: list[RunData]) -> None:
 def paired_runs(runs: list[RunData], n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Every pair of runs, for each method and shots both evaluated: the difference in top-1 (first minus
     second) on the same test images and the seeds both ran, its 95% interval and p (the evaluate stage's
-    paired statistics), and p after Holm's correction over all rows of this table."""
+    paired statistics), and p after Holm's correction over all rows of this table. A method whose rows have
+    the same identity in both runs (the same computation: a zero-shot or a probe the swept setting does not
+    reach) is not compared: its difference is 0 by construction and would only dilute the correction."""
     if len(runs) < 2:
         return pd.DataFrame(columns=["a", "b", "method", "shots", "diff", "ci_lo", "ci_hi", "p", "p_holm", "seeds", "n_test"])
     check_same_test(runs)
     out = []
     for ra, rb in itertools.combinations(runs, 2):
         oa, ob = _outcomes(ra), _outcomes(rb)
+        ia, ib = _identities(ra), _identities(rb)
         for method, shots in dict.fromkeys((m, s) for m, s, _ in oa):
             seeds = sorted({sd for m, s, sd in oa if (m, s) == (method, shots)} &
                            {sd for m, s, sd in ob if (m, s) == (method, shots)}, key=str)
-            if not seeds:
+            if not seeds or all(ia[(method, shots, sd)] is not None and ia[(method, shots, sd)] == ib[(method, shots, sd)]
+                                for sd in seeds):
                 continue
             xa = np.stack([oa[(method, shots, sd)] for sd in seeds])
             xb = np.stack([ob[(method, shots, sd)] for sd in seeds])

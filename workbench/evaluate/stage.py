@@ -7,9 +7,19 @@ from pathlib import Path
 
 from ..clip import load_clip
 from ..data import Dataset, DrawSpec, load_dataset, parse_shots
-from ..identity import dataset_identity, digest, weights_identity, with_version
+from ..identity import dataset_identity, descriptions_sha256, digest, weights_identity, with_version
 from ..params import Params
-from ..runs import DESCRIPTIONS, locked, read_index, read_metrics, run_name, run_warnings, update_metrics, write_outcomes
+from ..runs import (
+    DESCRIPTIONS,
+    locked,
+    read_descriptions,
+    read_index,
+    read_metrics,
+    run_name,
+    run_warnings,
+    update_metrics,
+    write_outcomes,
+)
 from .compare import finetuned_rows, probe_rows, zero_shot_rows
 from .draws import check_draws, dataset_features
 from .paired import comparisons
@@ -67,7 +77,8 @@ def stamp(p: Params, s: Setup, rows: list[dict], made_by: dict | str) -> list[di
         **dataset_identity(s.ds, p.dataset, p.data_root, p.dataset_options),
         "shot_files": s.spec.shot_files, "base_seed": s.spec.base_seed, "weight_decays": list(p.weight_decays),
         "use_trainval": p.use_trainval, "bootstrap_n": p.bootstrap_n, "templates": s.templates,
-        "descriptions": str(s.descriptions) if s.descriptions else None,
+        # their content, not their path: a row made from the same descriptions in another run folder is the same row
+        "descriptions": descriptions_sha256(read_descriptions(s.descriptions)) if s.descriptions else None,
     })
     for r in rows:
         weights = r.get("checkpoint_identity") or made_by
