@@ -250,7 +250,7 @@ def test_stage_key_follows_inputs_not_neutral_settings(nb_dir, tmp_path):
 
     def key():
         return R.stage_key(R.stage_inputs(p.run_dir, "train", nb_dir / "02_train.ipynb", params, list(p.schema),
-                                          R.dataset_sha(p.config)))
+                                          pipeline.dataset_sha(p.config)))
 
     assert key() == rec["train"]["key"]  # progress and run_dir are not inputs
     params["lr"] = 0.2

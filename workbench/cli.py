@@ -44,13 +44,13 @@ def _run(args) -> int:
 
 def _execute(plan: pipeline.RunPlan, reuse: list | None = None) -> int:
     try:
-        pipeline.check_dataset(plan.config)
+        ds = pipeline.check_dataset(plan.config)
     except (C.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"workbench run: {e}", file=sys.stderr)
         return 2
     print(f"run {plan.name!r}: stages {list(plan.stages)} -> {plan.run_dir}")
     try:
-        pipeline.execute(plan, reuse=reuse)
+        pipeline.execute(plan, reuse=reuse, dataset=ds)
     except pipeline.StageFailed as e:
         print(f"workbench run: {e}", file=sys.stderr)
         return 1

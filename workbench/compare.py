@@ -49,11 +49,12 @@ def run_folders(paths) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_settings(d: dict, prefix: str = "") -> dict:
+    """``params.yaml`` as ``{"finetune.lr": value}`` (dict-valued settings such as ``dataset_options`` kept whole)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict) and v and k not in ("dataset_options", "shot_files"):
-            out |= _flat(v, f"{prefix}{k}.")
+            out |= flat_settings(v, f"{prefix}{k}.")
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -68,7 +69,7 @@ def load_runs(paths) -> list[RunData]:
     for name, f in zip(names, folders):
         params, _ = read_params(f)
         outcomes = read_outcomes(f) if (f / OUTCOMES).is_file() else None
-        runs.append(RunData(name, f, _flat(params), read_metrics(f), outcomes))
+        runs.append(RunData(name, f, flat_settings(params), read_metrics(f), outcomes))
     return runs
 
 

@@ -31,6 +31,7 @@ from . import __version__
 from . import config as C
 from . import reuse as reuse_mod
 from .data import load_dataset
+from .identity import table_sha256
 from .io import atomic_write_text
 from .progress import relay
 from .runs import PARAMS, run_lock, update_metrics
@@ -279,20 +280,21 @@ def check_dataset(cfg: dict):
     return load_dataset(cfg["dataset"], cfg.get("data_root"), **(cfg.get("dataset_options") or {}))
 
 
-def execute(p: RunPlan, log=print, reuse: list | None = None) -> Path:
+def execute(p: RunPlan, log=print, reuse: list | None = None, dataset=None) -> Path:
     """Write ``params.yaml`` and run the planned stages in order, holding the run folder's lock (its
     stage kernels inherit it); raises :class:`StageFailed`, :class:`StageInterrupted` (Ctrl-C, once the
     stage's kernel is shut down), or :class:`RunBusyError` at once.
 
     Each finished stage is recorded in ``stages.json`` (:mod:`workbench.reuse`). With ``reuse`` (run
     folders, or folders of them such as a sweep; ``[]``: this run's own folder only), a stage whose
-    key one of them holds, this run's own folder first, is taken from there instead of run."""
+    key one of them holds, this run's own folder first, is taken from there instead of run. ``dataset``:
+    the configured dataset when the caller has loaded it already (:func:`check_dataset`)."""
     pool = None if reuse is None else list(reuse)
     with run_lock(p.run_dir), _Interrupts() as ctrl_c:
         header = (f"# Resolved configuration of run {p.name!r}: workbench {__version__}, "
                   f"commit {_git_commit()}, {_dt.datetime.now().isoformat(timespec='seconds')}\n")
         atomic_write_text(p.run_dir / PARAMS, header + C.dump(p.config))
-        data_sha = reuse_mod.dataset_sha(p.config)
+        data_sha = table_sha256((dataset or check_dataset(p.config)).table)
         for stage, nb in p.stages.items():
             try:
                 _run_stage(p, stage, nb, log, pool, data_sha)
@@ -305,11 +307,21 @@ def execute(p: RunPlan, log=print, reuse: list | None = None) -> Path:
     return p.run_dir
 
 
-def _run_stage(p: RunPlan, stage: str, nb: Path, log, pool: list | None, data_sha: str | None) -> None:
+def dataset_sha(cfg: dict) -> str:
+    """The digest of the configured dataset's table (:func:`identity.table_sha256`), a stage key's input."""
+    return table_sha256(check_dataset(cfg).table)
+
+
+def stage_key(p: RunPlan, stage: str, nb: Path, data_sha: str) -> tuple[dict, dict, str]:
+    """``(notebook parameters, key inputs, key)`` of ``stage`` in the run folder as it is now."""
     params = {"run_dir": str(p.run_dir), **C.stage_parameters(p.config, stage, p.schema)}
-    t0 = time.perf_counter()
     inputs = reuse_mod.stage_inputs(p.run_dir, stage, nb, params, list(p.schema), data_sha)
-    key = reuse_mod.stage_key(inputs)
+    return params, inputs, reuse_mod.stage_key(inputs)
+
+
+def _run_stage(p: RunPlan, stage: str, nb: Path, log, pool: list | None, data_sha: str) -> None:
+    t0 = time.perf_counter()
+    params, inputs, key = stage_key(p, stage, nb, data_sha)
     found = None if pool is None else _adopt(p, stage, key, pool, log)
     if pool is None:
         _compute_stage(p, stage, nb, params, key, inputs, log)

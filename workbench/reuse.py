@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import config as C
-from .identity import digest, file_sha256, table_sha256, weights_identity
+from .identity import digest, file_sha256, weights_identity
 from .io import atomic_write_text, cache_root, read_json
 from .runlock import LOCK
 from .runs import METRICS, PARAMS
@@ -55,8 +55,7 @@ VERSION = 1
 
 
 def _is_runner_file(rel: str) -> bool:
-    name = rel.rsplit("/", 1)[-1]
-    return rel in _RUNNER_FILES or ".broken-" in name or name.startswith(".")
+    return rel in _RUNNER_FILES or ".broken-" in rel.rsplit("/", 1)[-1]
 
 
 def snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
@@ -312,10 +311,3 @@ def forget(run_dir: Path, stage: str) -> None:
     if stage in records:
         records[stage] = {**records[stage], "key": None}
         _write_records(run_dir, records)
-
-
-def dataset_sha(cfg: dict) -> str | None:
-    from .data import load_dataset
-
-    ds = load_dataset(cfg["dataset"], cfg.get("data_root"), **(cfg.get("dataset_options") or {}))
-    return table_sha256(ds.table)

@@ -5,41 +5,31 @@ members configure alike runs once.
 ``reports/<sweep>/base.yaml`` is the configuration every member starts from (the target's, less its
 ``grid:`` section) and ``sweep.json`` the sweep's state: its grid, and per member its settings, state
 (pending, running, done, failed, with the error), timings and how each stage was obtained. Only the
-process that holds the sweep folder's lock writes it. Members run as separate processes (``local``: N at
-a time, one GPU set each; ``slurm``: one job each through submitit); a member's result does not depend on
-where it ran, since it is the same command either way.
+process that holds the sweep folder's lock writes it. Members run as separate processes
+(:mod:`workbench.executors`); a member's result does not depend on where it ran, since it is the same
+command either way.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import itertools
 import json
-import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import config as C
 from . import pipeline
 from . import reuse as R
+from .executors import LOGS, LocalExecutor, SubmititExecutor, SweepError, _now, make_executor  # noqa: F401
 from .io import atomic_write_text, read_json
-from .runlock import LOCK_ENV
 
 SWEEP = "sweep.json"
 BASE = "base.yaml"
-LOGS = "logs"
-STATES = ("pending", "running", "done", "failed")
-
-
-class SweepError(ValueError):
-    """A sweep that cannot start: bad grid, bad value, busy folder; the message names the problem."""
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -152,7 +142,6 @@ class Member:
     name: str
     settings: dict  # grid key -> value
     sets: list[str]  # the --set items that make it
-    record: dict = field(default_factory=dict)
 
 
 def expand(grid: dict[str, list], sets: list[str]) -> list[Member]:
@@ -219,10 +208,6 @@ def plan_sweep(target: str, grid_items: list[str] = (), sets: list[str] = (), na
     return Sweep(name, folder, target, base, grid, list(sets), list(stages) if stages else None, members, list(reuse))
 
 
-def _now() -> str:
-    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
 def load_state(folder: Path) -> dict:
     path = Path(folder) / SWEEP
     return read_json(path) if path.is_file() else {}
@@ -275,13 +260,12 @@ def up_to_date(sweep: Sweep, m: Member, nb_dir: str | Path | None = None) -> boo
         return False
     plan = pipeline.plan(str(sweep.folder / BASE), m.sets, name=m.name, stages=sweep.stages,
                          reports=sweep.folder, nb_dir=nb_dir)
-    data_sha = R.dataset_sha(plan.config)
+    data_sha = pipeline.dataset_sha(plan.config)
     for stage, nb in plan.stages.items():
         rec = records.get(stage)
         if not rec or not rec.get("key") or not R.intact(run_dir, rec):
             return False
-        params = {"run_dir": str(run_dir), **C.stage_parameters(plan.config, stage, plan.schema)}
-        if R.stage_key(R.stage_inputs(run_dir, stage, nb, params, list(plan.schema), data_sha)) != rec["key"]:
+        if pipeline.stage_key(plan, stage, nb, data_sha)[2] != rec["key"]:
             return False
     return True
 
@@ -304,192 +288,6 @@ def _error_of(log_path: Path) -> str:
         return "no log"
     errs = [ln for ln in lines if ln.startswith("workbench run:") and "warning:" not in ln]
     return "\n".join(errs[-5:] or lines[-20:])
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGINT when the sweep process dies (kill -9 included), so a member stops as after
-    Ctrl-C (its stage kernel shut down, its lock released) instead of running on unwatched (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    os.setpgrp()  # Ctrl-C at the terminal reaches the sweep, which passes it on once
-
-
-class LocalExecutor:
-    """Members as child processes, ``jobs`` at a time; with GPUs, each child sees ``gpus_per_job`` of them."""
-
-    def __init__(self, jobs: int = 1, gpus_per_job: int = 0, gpus: list[str] | None = None):
-        if jobs < 1:
-            raise SweepError(f"--jobs {jobs}: must be at least 1")
-        self.jobs, self.gpus_per_job = jobs, gpus_per_job
-        self.gpus = gpus if gpus is not None else _visible_gpus()
-        if gpus_per_job and len(self.gpus) < gpus_per_job:
-            raise SweepError(f"--gpus-per-job {gpus_per_job}: this machine shows {len(self.gpus)} GPU(s)")
-        self.procs: set[subprocess.Popen] = set()
-        self.free = list(self.gpus)
-        self.cv = threading.Condition()
-
-    def _take(self) -> list[str] | None:
-        per = self.gpus_per_job or (1 if self.gpus and self.jobs > 1 else 0)
-        if not per:
-            return None
-        with self.cv:
-            self.cv.wait_for(lambda: len(self.free) >= per)
-            got, self.free = self.free[:per], self.free[per:]
-            return got
-
-    def _give(self, got: list[str] | None) -> None:
-        if got:
-            with self.cv:
-                self.free += got
-                self.cv.notify_all()
-
-    def run(self, cmd: list[str], log_path: Path, on_start=None) -> int:
-        got = self._take()
-        env = {k: v for k, v in os.environ.items() if k != LOCK_ENV}
-        if got is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(got)
-        try:
-            with open(log_path, "ab") as log:
-                log.write(f"\n=== {_now()} {' '.join(cmd)}\n".encode())
-                log.flush()
-                p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-                self.procs.add(p)
-                if on_start:
-                    on_start({"pid": p.pid, "command": cmd, "gpus": got})
-                try:
-                    return p.wait()
-                finally:
-                    self.procs.discard(p)
-        finally:
-            self._give(got)
-
-    def interrupt(self) -> None:
-        for p in list(self.procs):
-            try:
-                os.killpg(p.pid, signal.SIGINT)
-            except OSError:
-                pass
-
-    @property
-    def jobs_at_once(self) -> int:
-        return self.jobs
-
-    def map(self, fn, items) -> None:
-        """``fn`` on each item, ``jobs_at_once`` at a time; Ctrl-C starts no more and passes it to the running ones."""
-        pool = ThreadPoolExecutor(max_workers=self.jobs_at_once)
-        futures = [pool.submit(fn, it) for it in items]
-        try:
-            for f in futures:
-                f.result()
-        except KeyboardInterrupt:
-            for f in futures:
-                f.cancel()
-            self.interrupt()
-            pool.shutdown(wait=True)
-            raise
-        pool.shutdown(wait=True)
-
-
-def _run_member(cmd: list[str], log_path: str) -> int:
-    """A member's command in a submitit job (SLURM or submitit's local executor): the same child process
-    the local executor starts, so a member's result does not depend on the executor."""
-    env = {k: v for k, v in os.environ.items() if k != LOCK_ENV}
-    with open(log_path, "ab") as log:
-        log.write(f"\n=== {_now()} job {os.environ.get('SLURM_JOB_ID') or os.getpid()}: {' '.join(cmd)}\n".encode())
-        log.flush()
-        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-
-
-class SubmititExecutor:
-    """One SLURM job per member through submitit (``cluster="local"``: submitit's local executor, which runs
-    the same jobs as local processes; the tests use it). Job logs go to ``<sweep>/logs/submitit/``; each
-    member's job id, command and resources are recorded in ``sweep.json``."""
-
-    def __init__(self, folder: Path, partition: str | None = None, time_min: int = 240, gpus_per_job: int = 0,
-                 cpus: int = 8, mem_gb: int = 64, account: str | None = None, options: dict | None = None,
-                 cluster: str = "slurm"):
-        try:
-            import submitit
-        except ImportError:
-            raise SweepError("--executor slurm needs submitit: pip install 'gist-workbench[slurm]' "
-                             "(or pip install submitit)") from None
-        self.submitit = submitit
-        self.folder, self.cluster = Path(folder) / LOGS / "submitit", cluster
-        self.resources = {"timeout_min": time_min, "gpus_per_node": gpus_per_job, "cpus_per_task": cpus,
-                          "mem_gb": mem_gb, "tasks_per_node": 1, "nodes": 1}
-        if cluster == "slurm":
-            extra = dict(options or {})
-            if account:
-                extra["account"] = account
-            self.resources |= {"slurm_partition": partition, "slurm_additional_parameters": extra} if partition \
-                else {"slurm_additional_parameters": extra}
-        self.jobs: dict[str, Any] = {}
-        self.lock = threading.Lock()
-
-    def run(self, cmd: list[str], log_path: Path, on_start=None) -> int:
-        ex = self.submitit.AutoExecutor(folder=str(self.folder), cluster=self.cluster)
-        name = Path(log_path).stem
-        ex.update_parameters(name=f"wb-{name}", **{k: v for k, v in self.resources.items()
-                                                    if self.cluster == "slurm" or not k.startswith("slurm_")})
-        job = ex.submit(_run_member, cmd, str(log_path))
-        with self.lock:
-            self.jobs[name] = job
-        if on_start:
-            on_start({"job_id": str(job.job_id), "command": cmd, "resources": self.resources, "cluster": self.cluster})
-        try:
-            return int(job.result())
-        except self.submitit.core.utils.UncompletedJobError as e:  # killed, timed out, preempted
-            with open(log_path, "a", encoding="utf-8") as log:
-                log.write(f"workbench run: job {job.job_id} did not complete: {e}\n")
-            return 1
-        finally:
-            with self.lock:
-                self.jobs.pop(name, None)
-
-    def interrupt(self) -> None:
-        for job in list(self.jobs.values()):
-            try:
-                job.cancel()
-            except Exception:  # already finished or gone: nothing to cancel
-                pass
-
-    def map(self, fn, items) -> None:
-        LocalExecutor.map(self, fn, items)
-
-    @property
-    def jobs_at_once(self) -> int:
-        return 256
-
-
-def make_executor(args) -> LocalExecutor | SubmititExecutor:
-    """The executor ``workbench sweep``'s options ask for."""
-    if args.executor == "local":
-        return LocalExecutor(args.jobs, args.gpus_per_job)
-    options = {}
-    for item in args.slurm_option or []:
-        k, _, v = item.partition("=")
-        if not k or not _:
-            raise SweepError(f"--slurm-option {item!r}: expected KEY=VALUE (an sbatch option without its dashes)")
-        options[k.strip().lstrip("-")] = v
-    folder = Path(args.reports).resolve() / (args.name or "")
-    return SubmititExecutor(folder, args.slurm_partition, args.slurm_time, args.gpus_per_job, args.slurm_cpus,
-                            args.slurm_mem_gb, args.slurm_account, options,
-                            cluster="local" if args.slurm_local else "slurm")
-
-
-def _visible_gpus() -> list[str]:
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g for g in env.split(",") if g.strip()]
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [str(i) for i, ln in enumerate(out.splitlines()) if ln.startswith("GPU ")]
 
 
 def run_sweep(sweep: Sweep, executor, retry_failed: bool = False, log=print, tracker=None) -> int:
@@ -526,11 +324,11 @@ def run_sweep(sweep: Sweep, executor, retry_failed: bool = False, log=print, tra
                               on_start=lambda info: state.update(m.name, job=info))
             dt = round(time.time() - t0, 1)
             stages = how_stages(sweep.folder / m.name)
+            err = None if rc in (0, 128 + signal.SIGINT) else _error_of(sweep.folder / LOGS / f"{m.name}.log")
             if tracker is not None and rc != 128 + signal.SIGINT:
                 try:
                     rid = tracker.log_member(sweep.folder / m.name, m.name, sweep.name, m.settings,
-                                             "done" if rc == 0 else "failed", None if rc == 0 else _error_of(
-                                                 sweep.folder / LOGS / f"{m.name}.log"))
+                                             "done" if rc == 0 else "failed", err)
                     state.update(m.name, tracking={"run_id": rid, "uri": tracker.uri})
                 except Exception as e:  # tracking is a copy of what the folder holds: never fail a member for it
                     log(f"[{m.name}] tracking failed: {type(e).__name__}: {e}")
@@ -541,7 +339,6 @@ def run_sweep(sweep: Sweep, executor, retry_failed: bool = False, log=print, tra
                 state.update(m.name, state="pending", error="interrupted", seconds=dt, stages=stages)
                 log(f"[{m.name}] interrupted")
             else:
-                err = _error_of(sweep.folder / LOGS / f"{m.name}.log")
                 state.update(m.name, state="failed", finished=_now(), seconds=dt, error=err, stages=stages)
                 log(f"[{m.name}] FAILED (exit {rc}): {err.splitlines()[-1] if err else ''} "
                     f"(log: {sweep.folder / LOGS / (m.name + '.log')})")

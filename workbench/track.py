@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from .compare import flat_settings
 from .runs import METRICS, PARAMS, read_metrics, read_params
 
 TRACKERS = ("mlflow",)
@@ -16,16 +17,6 @@ TRACKERS = ("mlflow",)
 
 class TrackingError(ValueError):
     """A tracker that cannot be used; the message says how to fix it."""
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def member_metrics(metrics: dict) -> dict[str, float]:
@@ -71,7 +62,7 @@ class MlflowTracker:
             "workbench.run_dir": str(run_dir)})
         rid = run.info.run_id
         params, header = read_params(run_dir)
-        flat = {**_flat(params), **{f"grid.{k}": v for k, v in settings.items()}}
+        flat = {**flat_settings(params), **{f"grid.{k}": v for k, v in settings.items()}}
         ps = [Param(k[:250], json.dumps(v, default=str)[:6000] if not isinstance(v, str) else v[:6000])
               for k, v in flat.items()]
         ms = [Metric(k, v, 0, 0) for k, v in member_metrics(read_metrics(run_dir)).items()]
